@@ -1,0 +1,230 @@
+// The rotation-batch operator on CUDA.
+//
+// Small images (CIFAR): one block per source image stages its shifted, flipped view in
+// shared memory once, then writes all R turned, normalised outputs with coalesced 16-byte
+// stores. Images too large for shared memory: one block per 32x32 output tile stages the
+// part of the view that tile reads (a tile for quarter turns, its rotated bounding box for
+// bilinear turns), then writes the tile.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "rotation_batch.h"
+
+namespace rot_kernel {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxStagedBytes = 48 * 1024;  // shared memory a block gets without opting in
+constexpr int kTile = 32;                   // output tile of the large-image path
+constexpr int kBox = 52;  // staged box: a 32-tile turned by 45 deg spans at most 48
+
+template <typename in_t>
+struct Images {
+  const in_t* data;
+  int64_t sN, sC, sH, sW;
+};
+
+struct PerImage {
+  const int64_t* index;   // null: image b
+  const int64_t* shifts;  // null: no shift
+  const bool* flips;      // null: no flip
+};
+
+// View pixel (c, y, x) of source image n, read from global memory: 0 outside the image.
+template <typename in_t>
+__device__ __forceinline__ float load_view(const Images<in_t>& img, int64_t n, int c, int y,
+                                           int x, int64_t dy, int64_t dx, bool flip, int H,
+                                           int W) {
+  const ViewRow v = view_row(y, dy, dx, flip, H, W);
+  if (x < v.x_lo || x >= v.x_hi) return 0.f;
+  const int64_t sx = v.sx0 + static_cast<int64_t>(x) * v.step;
+  return static_cast<float>(img.data[n * img.sN + c * img.sC + v.sy * img.sH + sx * img.sW]);
+}
+
+// (c, i, j) of element e of one output image in its memory format.
+__device__ __forceinline__ void unflatten(int64_t e, const Params& p, bool channels_last,
+                                          int& c, int& i, int& j) {
+  if (channels_last) {
+    c = static_cast<int>(e % p.C);
+    const int64_t pixel = e / p.C;
+    j = static_cast<int>(pixel % p.W);
+    i = static_cast<int>(pixel / p.W);
+  } else {
+    j = static_cast<int>(e % p.W);
+    const int64_t row = e / p.W;
+    i = static_cast<int>(row % p.H);
+    c = static_cast<int>(row / p.H);
+  }
+}
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// One block per source image; VEC outputs per 16-byte store (1 when the image size does
+// not divide).
+template <typename in_t, typename out_t, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    staged_kernel(Images<in_t> img, PerImage per, Params p, bool channels_last, out_t* out) {
+  extern __shared__ float view[];  // C planes of H rows with pitch W + 1: column reads of
+                                   // 90/270-degree turns then fall in distinct banks
+  __shared__ float mean[kMaxChannels], inv_std[kMaxChannels];
+  const int64_t b = blockIdx.x;
+  const int64_t n = per.index ? per.index[b] : b;
+  const int64_t dy = per.shifts ? per.shifts[2 * b] : 0;
+  const int64_t dx = per.shifts ? per.shifts[2 * b + 1] : 0;
+  const bool flip = per.flips ? per.flips[b] : false;
+  const int H = p.H, W = p.W, pitch = W + 1;
+  const int64_t CHW = static_cast<int64_t>(p.C) * H * W;
+
+  for (int c = threadIdx.x; c < p.C; c += blockDim.x) {
+    mean[c] = p.mean[c];
+    inv_std[c] = p.inv_std[c];
+  }
+  for (int64_t e = threadIdx.x; e < CHW; e += blockDim.x) {
+    const int x = static_cast<int>(e % W);
+    const int64_t row = e / W;
+    const int y = static_cast<int>(row % H), c = static_cast<int>(row / H);
+    view[row * pitch + x] = load_view(img, n, c, y, x, dy, dx, flip, H, W);
+  }
+  __syncthreads();
+
+  const auto load = [&](int c, int y, int x) { return view[(c * H + y) * pitch + x]; };
+  for (int r = 0; r < p.R; ++r) {
+    auto* dst = reinterpret_cast<Pack<out_t, VEC>*>(out + (b * p.R + r) * CHW);
+    for (int64_t v = threadIdx.x; v < CHW / VEC; v += blockDim.x) {
+      Pack<out_t, VEC> pack;
+#pragma unroll
+      for (int u = 0; u < VEC; ++u) {
+        int c, i, j;
+        unflatten(v * VEC + u, p, channels_last, c, i, j);
+        pack.v[u] = static_cast<out_t>((turned_value(p, r, c, i, j, load) - mean[c]) * inv_std[c]);
+      }
+      dst[v] = pack;
+    }
+  }
+}
+
+// Rows [y_lo, y_hi] and columns [x_lo, x_hi] of the view that output tile (ti, tj) of
+// rotation r reads, clipped to the view.
+__device__ void source_box(const Params& p, int r, int ti, int tj, int& y_lo, int& y_hi,
+                           int& x_lo, int& x_hi) {
+  const int i1 = min(ti + kTile, p.H) - 1, j1 = min(tj + kTile, p.W) - 1;
+  float ylo = 1e30f, yhi = -1e30f, xlo = 1e30f, xhi = -1e30f;
+  for (int corner = 0; corner < 4; ++corner) {
+    const int i = corner & 1 ? i1 : ti, j = corner & 2 ? j1 : tj;
+    float y, x;
+    if (p.quarter[r] >= 0) {
+      const Line l = quarter_turn_row(p.quarter[r], i, p.H, p.W);
+      y = static_cast<float>(l.y0 + j * l.sy);
+      x = static_cast<float>(l.x0 + j * l.sx);
+    } else {
+      turned_point(p.cos_a[r], p.sin_a[r], i, j, p.W, y, x);
+    }
+    ylo = fminf(ylo, y), yhi = fmaxf(yhi, y), xlo = fminf(xlo, x), xhi = fmaxf(xhi, x);
+  }
+  // Bilinear reads reach one pixel past the floor; one more each side absorbs rounding.
+  y_lo = max(0, static_cast<int>(floorf(ylo)) - 1);
+  x_lo = max(0, static_cast<int>(floorf(xlo)) - 1);
+  y_hi = min(p.H - 1, static_cast<int>(floorf(yhi)) + 2);
+  x_hi = min(p.W - 1, static_cast<int>(floorf(xhi)) + 2);
+}
+
+// Grid: (output image b*R + r, output tile, channel); block: kTile x 8 threads.
+template <typename in_t, typename out_t>
+__global__ void __launch_bounds__(kTile * 8)
+    tiled_kernel(Images<in_t> img, PerImage per, Params p, bool channels_last, out_t* out) {
+  __shared__ float box[kBox][kBox + 1];
+  const int64_t o = blockIdx.x;
+  const int64_t b = o / p.R;
+  const int r = static_cast<int>(o % p.R), c = blockIdx.z;
+  const int tiles_w = (p.W + kTile - 1) / kTile;
+  const int ti = (blockIdx.y / tiles_w) * kTile, tj = (blockIdx.y % tiles_w) * kTile;
+  const int64_t n = per.index ? per.index[b] : b;
+  const int64_t dy = per.shifts ? per.shifts[2 * b] : 0;
+  const int64_t dx = per.shifts ? per.shifts[2 * b + 1] : 0;
+  const bool flip = per.flips ? per.flips[b] : false;
+
+  int y_lo, y_hi, x_lo, x_hi;
+  source_box(p, r, ti, tj, y_lo, y_hi, x_lo, x_hi);
+  for (int y = y_lo + threadIdx.y; y <= y_hi && y - y_lo < kBox; y += blockDim.y)
+    for (int x = x_lo + threadIdx.x; x <= x_hi && x - x_lo < kBox; x += blockDim.x)
+      box[y - y_lo][x - x_lo] = load_view(img, n, c, y, x, dy, dx, flip, p.H, p.W);
+  __syncthreads();
+
+  const auto load = [&](int, int y, int x) { return box[y - y_lo][x - x_lo]; };
+  const int j = tj + threadIdx.x;
+  if (j >= p.W) return;
+  const int64_t HW = static_cast<int64_t>(p.H) * p.W;
+  out_t* dst = out + o * p.C * HW;
+  for (int i = ti + threadIdx.y; i < min(ti + kTile, p.H); i += blockDim.y) {
+    const float v = (turned_value(p, r, c, i, j, load) - p.mean[c]) * p.inv_std[c];
+    const int64_t at = channels_last ? (static_cast<int64_t>(i) * p.W + j) * p.C + c
+                                     : c * HW + static_cast<int64_t>(i) * p.W + j;
+    dst[at] = static_cast<out_t>(v);
+  }
+}
+
+template <typename in_t, typename out_t>
+void launch(const at::Tensor& images, Batch& batch, bool channels_last) {
+  const Params& p = batch.p;
+  const Images<in_t> img{images.data_ptr<in_t>(), images.stride(0), images.stride(1),
+                         images.stride(2), images.stride(3)};
+  const PerImage per{batch.index.defined() ? batch.index.data_ptr<int64_t>() : nullptr,
+                     batch.shifts.defined() ? batch.shifts.data_ptr<int64_t>() : nullptr,
+                     batch.flips.defined() ? batch.flips.data_ptr<bool>() : nullptr};
+  out_t* out = batch.out.data_ptr<out_t>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t CHW = static_cast<int64_t>(p.C) * p.H * p.W;
+  const int64_t staged_bytes = static_cast<int64_t>(p.C) * p.H * (p.W + 1) * sizeof(float);
+  constexpr int VEC = 16 / sizeof(out_t);
+
+  if (staged_bytes <= kMaxStagedBytes) {
+    const dim3 grid(static_cast<unsigned>(batch.B));
+    if (CHW % VEC == 0)
+      staged_kernel<in_t, out_t, VEC><<<grid, kThreads, staged_bytes, stream>>>(img, per, p, channels_last, out);
+    else
+      staged_kernel<in_t, out_t, 1><<<grid, kThreads, staged_bytes, stream>>>(img, per, p, channels_last, out);
+  } else {
+    const int tiles = ((p.H + kTile - 1) / kTile) * ((p.W + kTile - 1) / kTile);
+    TORCH_CHECK(tiles <= 65535, "images: ", p.H, "x", p.W, " is too large for the CUDA kernel");
+    const dim3 grid(static_cast<unsigned>(batch.B * p.R), tiles, p.C);
+    tiled_kernel<in_t, out_t><<<grid, dim3(kTile, 8), 0, stream>>>(img, per, p, channels_last, out);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> rotation_batch_cuda(
+    const at::Tensor& images, const std::optional<at::Tensor>& index,
+    const std::optional<at::Tensor>& shifts, const std::optional<at::Tensor>& flips,
+    at::ArrayRef<double> mean, at::ArrayRef<double> std, at::IntArrayRef rotations,
+    at::ScalarType out_dtype, bool channels_last) {
+  const c10::cuda::CUDAGuard guard(images.device());
+  Batch batch = prepare_batch(images, index, shifts, flips, mean, std, rotations, out_dtype,
+                              channels_last);
+  TORCH_CHECK(batch.B <= 0x7fffffff / batch.p.R, "index: at most 2^31 / R images per batch");
+  if (batch.out.numel() == 0) return {batch.out, batch.labels};
+  const auto with_out = [&](auto in_tag) {
+    using in_t = decltype(in_tag);
+    switch (out_dtype) {
+      case at::kFloat: return launch<in_t, float>(images, batch, channels_last);
+      case at::kBFloat16: return launch<in_t, at::BFloat16>(images, batch, channels_last);
+      default: return launch<in_t, at::Half>(images, batch, channels_last);
+    }
+  };
+  if (images.scalar_type() == at::kByte)
+    with_out(uint8_t{});
+  else
+    with_out(float{});
+  return {batch.out, batch.labels};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rot_kernel, CUDA, m) { m.impl("rotation_batch", &rotation_batch_cuda); }
+
+}  // namespace rot_kernel

@@ -1,0 +1,357 @@
+"""rot_kernel.rotation_batch against the plain-torch reference, on fresh random inputs.
+
+Every output is poisoned before the op writes it: with deterministic algorithms on, torch
+fills each new tensor (ours included) with NaN, so an element the kernel skips fails the
+comparison. Inputs are random per test (seeded by the test's id; set ROT_TEST_SEED for
+other draws). CUDA cases run where a GPU is present and skip elsewhere.
+"""
+import os
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+
+import rot_kernel
+from rot_kernel import reference
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))]
+OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ROTATION_SETS = {"four": (0, 90, 180, 270), "half": (0, 180), "sideways": (90, 270),
+                 "eight": tuple(range(0, 360, 45)), "none": (0,)}
+CIFAR_MEAN, CIFAR_STD = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs():
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture
+def gen(request):
+    seed = zlib.crc32(request.node.nodeid.encode()) + int(os.environ.get("ROT_TEST_SEED", "0"))
+    return torch.Generator().manual_seed(seed)
+
+
+def make_images(gen, N, C, H, W, dtype, device, layout="contiguous"):
+    """uint8 in [0, 255] or float32 in [0, 1), in the asked memory layout."""
+    shape = (N, C, H, 2 * W + 1) if layout == "strided" else (N, C, H, W)
+    if dtype == torch.uint8:
+        x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    else:
+        x = torch.rand(shape, generator=gen)
+    x = x.to(device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # every other column of a wider image: no unit stride
+        x = x[..., 1::2]
+    elif layout == "broadcast":  # one image seen N times through a stride-0 dimension
+        x = x[:1].expand(N, C, H, W)
+    return x
+
+
+def make_batch(gen, N, B, H, W, device, max_shift=4):
+    index = torch.randint(0, N, (B,), generator=gen).to(device)
+    shifts = torch.randint(-max_shift, max_shift + 1, (B, 2), generator=gen).to(device)
+    flips = (torch.rand(B, generator=gen) < 0.5).to(device)
+    return index, shifts, flips
+
+
+def normalisation(images):
+    if images.dtype == torch.uint8:
+        return dict(mean=CIFAR_MEAN[:images.shape[1]], std=CIFAR_STD[:images.shape[1]])
+    return dict(mean=[0.5] * images.shape[1], std=[0.25] * images.shape[1])
+
+
+def check_against_reference(images, index, shifts, flips, **kw):
+    got, labels = rot_kernel.rotation_batch(images, index, shifts, flips, **kw)
+    want, want_labels = reference.rotation_batch(images, index, shifts, flips, **kw)
+    fmt = torch.channels_last if kw.get("channels_last") else torch.contiguous_format
+    assert got.shape == want.shape and got.dtype == want.dtype and got.device == images.device
+    assert got.is_contiguous(memory_format=fmt)
+    assert torch.equal(labels, want_labels)
+    bilinear = any(r % 90 for r in kw.get("rotations", (0,)))
+    if got.dtype == torch.float32:  # quarter turns: float rounding of the normalisation only
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-4 if bilinear else 1e-5)
+    else:  # one rounding step of the output dtype
+        torch.testing.assert_close(got.float(), want.float(), **({"rtol": 1.6e-2, "atol": 1e-2}
+                                   if got.dtype == torch.bfloat16 else {"rtol": 1e-3, "atol": 2e-3}))
+    return got
+
+
+def test_compiled_kernels_are_in_use():
+    # Every comparison below would compare the reference with itself otherwise.
+    assert rot_kernel.backend() != "reference"
+    assert "cpu" in rot_kernel.backend()
+
+
+def test_poison_is_on():
+    assert torch.empty(64).isnan().all()
+    assert torch.empty(64, dtype=torch.bfloat16).isnan().all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size", [1, 2, 7, 32, 33, 64])
+@pytest.mark.parametrize("rotations", ROTATION_SETS.values(), ids=ROTATION_SETS.keys())
+@pytest.mark.parametrize("in_dtype", [torch.uint8, torch.float32], ids=["u8", "f32"])
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_matches_reference(gen, device, size, rotations, in_dtype, out_dtype, channels_last):
+    images = make_images(gen, 11, 3, size, size, in_dtype, device)
+    index, shifts, flips = make_batch(gen, 11, 7, size, size, device, max_shift=size + 1)
+    check_against_reference(images, index, shifts, flips, rotations=rotations, out_dtype=out_dtype,
+                            channels_last=channels_last, **normalisation(images))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["channels_last", "strided", "broadcast"])
+@pytest.mark.parametrize("in_dtype", [torch.uint8, torch.float32], ids=["u8", "f32"])
+@pytest.mark.parametrize("rotations", ROTATION_SETS.values(), ids=ROTATION_SETS.keys())
+def test_any_input_layout(gen, device, layout, in_dtype, rotations):
+    images = make_images(gen, 9, 3, 15, 15, in_dtype, device, layout)
+    index, shifts, flips = make_batch(gen, 9, 6, 15, 15, device)
+    check_against_reference(images, index, shifts, flips, rotations=rotations, **normalisation(images))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B", [0, 1, 7, 128])
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=["f32", "bf16", "f16"])
+def test_batch_sizes(gen, device, B, out_dtype):
+    images = make_images(gen, 200, 3, 32, 32, torch.uint8, device)
+    index, shifts, flips = make_batch(gen, 200, B, 32, 32, device)
+    got = check_against_reference(images, index, shifts, flips, out_dtype=out_dtype, **normalisation(images))
+    assert got.shape == (4 * B, 3, 32, 32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_shifts_at_and_beyond_the_edges(gen, device, channels_last):
+    H = W = 9
+    edges = [-H - 3, -H, -H + 1, -1, 0, 1, H - 1, H, H + 3, 2**40]
+    shifts = torch.tensor([(dy, dx) for dy in edges for dx in edges], device=device)
+    B = len(shifts)
+    images = make_images(gen, B, 3, H, W, torch.uint8, device)
+    index = torch.arange(B, device=device)
+    for flip in (False, True):
+        flips = torch.full((B,), flip, device=device)
+        got = check_against_reference(images, index, shifts, flips, rotations=ROTATION_SETS["eight"],
+                                      channels_last=channels_last, **normalisation(images))
+        # A shift of the whole size or more leaves nothing: every pixel is -mean/std.
+        gone = (shifts.abs() >= H).any(1).repeat_interleave(8)
+        blank = (-torch.tensor(CIFAR_MEAN) / torch.tensor(CIFAR_STD)).to(device)[:, None, None]
+        torch.testing.assert_close(got[gone], blank.expand_as(got[gone]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("H,W", [(5, 9), (32, 17), (1, 40)])
+@pytest.mark.parametrize("rotations", [(0, 180), (0,), (180,)])
+def test_non_square_images(gen, device, H, W, rotations):
+    images = make_images(gen, 6, 3, H, W, torch.uint8, device)
+    index, shifts, flips = make_batch(gen, 6, 5, H, W, device)
+    for channels_last in (False, True):
+        check_against_reference(images, index, shifts, flips, rotations=rotations,
+                                channels_last=channels_last, **normalisation(images))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C", [1, 4, 64])
+def test_channel_counts(gen, device, C):
+    images = make_images(gen, 5, C, 12, 12, torch.uint8, device)
+    index, shifts, flips = make_batch(gen, 5, 4, 12, 12, device)
+    # std of realistic size: bilinear turns differ from grid_sample by float rounding of the
+    # sample position (a few 1e-6 px), times the image's slope (up to 255 / std per px).
+    mean = (torch.rand(C, generator=gen) * 255).tolist()
+    std = (torch.rand(C, generator=gen) * 60 + 30).tolist()
+    for rotations in ROTATION_SETS.values():
+        check_against_reference(images, index, shifts, flips, mean=mean, std=std, rotations=rotations)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_images_use_every_rotation(gen, device):
+    # On CUDA this is the tiled path (the image does not fit in shared memory).
+    images = make_images(gen, 3, 3, 131, 131, torch.uint8, device)
+    index, shifts, flips = make_batch(gen, 3, 2, 131, 131, device, max_shift=20)
+    for channels_last in (False, True):
+        check_against_reference(images, index, shifts, flips, rotations=ROTATION_SETS["eight"],
+                                channels_last=channels_last, **normalisation(images))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=["f32", "bf16", "f16"])
+def test_quarter_turns_are_exact(gen, device, out_dtype):
+    # Without normalisation a quarter turn moves values and does nothing else: torch.rot90
+    # of each chosen image, bit for bit, independent of the reference's own code.
+    images = make_images(gen, 10, 3, 17, 17, torch.uint8, device)
+    index = torch.randint(0, 10, (6,), generator=gen).to(device)
+    got, labels = rot_kernel.rotation_batch(images, index, out_dtype=out_dtype)
+    want = torch.stack([torch.rot90(images[n], k, dims=(-2, -1)) for n in index.tolist() for k in range(4)])
+    assert torch.equal(got, want.to(out_dtype))
+    assert labels.tolist() == [0, 1, 2, 3] * 6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_defaults_take_every_image_in_order(gen, device):
+    images = make_images(gen, 5, 3, 8, 8, torch.float32, device)
+    got, labels = rot_kernel.rotation_batch(images, rotations=(0,))
+    assert torch.equal(got, images)
+    assert torch.equal(labels, torch.zeros(5, dtype=torch.int64, device=device))
+    shifts = torch.zeros(5, 2, dtype=torch.int32, device=device)  # any integer dtype
+    check_against_reference(images, None, shifts, None, rotations=(90,))
+    check_against_reference(images, None, None, torch.ones(5, dtype=torch.bool, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_16_bit_stores_round_like_torch(gen, device, out_dtype):
+    # Random float bit patterns (normals, subnormals, infinities, NaNs) and the rounding
+    # edges of both formats, passed through unchanged (mean 0, std 1): each output must
+    # have the bits of torch's own conversion, NaN for NaN.
+    edges = [0, 0x7F800000, 0x7F800001, 0x7FC00000, 0x7FFFFFFF, 0x477FE000, 0x477FEFFF,
+             0x477FF000, 0x477FF001, 0x38800000, 0x387FFFFF, 0x33000000, 0x33000001,
+             0x32FFFFFF, 1, 0x00800000, 0x3F808000, 0x3F818000, 0x7F7F8000, 0x7F7FFFFF]
+    edges = torch.tensor(edges + [e | 0x80000000 for e in edges], dtype=torch.int64)
+    noise = torch.randint(0, 2**32, (1 << 16,), generator=gen, dtype=torch.int64)
+    bits = torch.cat([edges, noise, torch.zeros(-(len(edges) + len(noise)) % 16, dtype=torch.int64)])
+    images = bits.to(torch.int32).view(torch.float32).reshape(-1, 1, 4, 4).to(device)
+    got, _ = rot_kernel.rotation_batch(images, rotations=(0,), out_dtype=out_dtype)
+    want = images.to(out_dtype)
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def bad_cases():
+    img = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    wide = torch.zeros(4, 3, 8, 10, dtype=torch.uint8)
+    idx = torch.tensor([0, 1])
+    return {
+        "index out of range": (dict(images=img, index=torch.tensor([0, 4])), IndexError, "index"),
+        "negative index": (dict(images=img, index=torch.tensor([-1, 0])), IndexError, "index"),
+        "float index": (dict(images=img, index=torch.tensor([0.0])), TypeError, "index"),
+        "2-D index": (dict(images=img, index=torch.zeros(2, 1, dtype=torch.long)), ValueError, "index"),
+        "quarter turn of wide images": (dict(images=wide, rotations=(0, 90)), ValueError, "square"),
+        "45 degrees of wide images": (dict(images=wide, rotations=(45,)), ValueError, "square"),
+        "3-D images": (dict(images=img[0]), ValueError, "images"),
+        "int32 images": (dict(images=img.int()), TypeError, "images"),
+        "float64 images": (dict(images=img.double()), TypeError, "images"),
+        "too many channels": (dict(images=torch.zeros(1, 65, 2, 2)), ValueError, "channels"),
+        "index on another device": (dict(images=img, index=idx.to("meta")), RuntimeError, "index"),
+        "shifts on another device": (dict(images=img, index=idx, shifts=torch.zeros(2, 2, dtype=torch.long, device="meta")), RuntimeError, "shifts"),
+        "shifts of the wrong shape": (dict(images=img, index=idx, shifts=torch.zeros(2, 3, dtype=torch.long)), ValueError, "shifts"),
+        "float shifts": (dict(images=img, index=idx, shifts=torch.zeros(2, 2)), TypeError, "shifts"),
+        "flips of the wrong shape": (dict(images=img, index=idx, flips=torch.zeros(3, dtype=torch.bool)), ValueError, "flips"),
+        "integer flips": (dict(images=img, index=idx, flips=torch.zeros(2, dtype=torch.long)), TypeError, "flips"),
+        "mean of the wrong length": (dict(images=img, mean=(1.0, 2.0)), ValueError, "mean"),
+        "std of the wrong length": (dict(images=img, std=(1.0,) * 4), ValueError, "std"),
+        "zero std": (dict(images=img, std=(1.0, 0.0, 1.0)), ValueError, "std"),
+        "negative std": (dict(images=img, std=(1.0, -2.0, 1.0)), ValueError, "std"),
+        "nan mean": (dict(images=img, mean=(0.0, float("nan"), 0.0)), ValueError, "mean"),
+        "no rotations": (dict(images=img, rotations=()), ValueError, "rotations"),
+        "repeated rotation": (dict(images=img, rotations=(0, 90, 0)), ValueError, "rotations"),
+        "rotation of 30": (dict(images=img, rotations=(0, 30)), ValueError, "rotations"),
+        "rotation of 360": (dict(images=img, rotations=(360,)), ValueError, "rotations"),
+        "negative rotation": (dict(images=img, rotations=(-90,)), ValueError, "rotations"),
+        "fractional rotation": (dict(images=img, rotations=(45.5,)), ValueError, "rotations"),
+        "float64 output": (dict(images=img, out_dtype=torch.float64), TypeError, "out_dtype"),
+    }
+
+
+BAD = bad_cases()
+
+
+@pytest.mark.parametrize("implementation", [rot_kernel.rotation_batch, reference.rotation_batch],
+                         ids=["fused", "reference"])
+@pytest.mark.parametrize("case", BAD.keys())
+def test_bad_arguments_raise_clear_errors(implementation, case):
+    kwargs, error, word = BAD[case]
+    kwargs = dict(kwargs)
+    images = kwargs.pop("images")
+    args = [images] + [kwargs.pop(k, None) for k in ("index", "shifts", "flips")]
+    with pytest.raises(error, match=word):
+        implementation(*args, **kwargs)
+
+
+# The op's own checks, for callers that skip the Python wrapper (torch.ops directly).
+OP_CASES = ["index out of range", "negative index", "float index", "quarter turn of wide images",
+            "3-D images", "int32 images", "too many channels", "shifts of the wrong shape",
+            "float shifts", "integer flips", "flips of the wrong shape", "mean of the wrong length",
+            "zero std", "nan mean", "no rotations", "repeated rotation", "rotation of 30",
+            "negative rotation", "float64 output", "index on another device"]
+
+
+@pytest.mark.parametrize("case", OP_CASES)
+def test_op_checks_its_arguments(case):
+    kwargs, error, word = BAD[case]
+    kwargs = dict(kwargs)
+    images = kwargs["images"]
+    C = images.shape[1] if images.dim() == 4 else 3
+    args = (images, kwargs.get("index"), kwargs.get("shifts"), kwargs.get("flips"),
+            list(kwargs.get("mean", [0.0] * C)), list(kwargs.get("std", [1.0] * C)),
+            list(kwargs.get("rotations", (0, 90, 180, 270))), kwargs.get("out_dtype", torch.float32), False)
+    with pytest.raises((error, RuntimeError), match=word):
+        torch.ops.rot_kernel.rotation_batch.default(*args)
+
+
+# ----------------------------------------------------------------------------- torch.library
+
+def test_opcheck(gen):
+    images = make_images(gen, 6, 3, 10, 10, torch.uint8, "cpu")
+    index, shifts, flips = make_batch(gen, 6, 4, 10, 10, "cpu")
+    samples = [
+        (images, index, shifts, flips, [1.0, 2.0, 3.0], [2.0, 3.0, 4.0], [0, 90, 180, 270], torch.float32, False),
+        (images.float(), None, None, None, [0.0] * 3, [1.0] * 3, [45, 180], torch.bfloat16, True),
+        (images, index[:0], shifts[:0], flips[:0], [0.0] * 3, [1.0] * 3, [0], torch.float16, False),
+    ]
+    torch.use_deterministic_algorithms(False)  # opcheck compares repeated runs itself
+    for args in samples:
+        torch.library.opcheck(torch.ops.rot_kernel.rotation_batch.default, args)
+
+
+def test_torch_compile_fullgraph(gen):
+    images = make_images(gen, 20, 3, 16, 16, torch.uint8, "cpu")
+    index, shifts, flips = make_batch(gen, 20, 8, 16, 16, "cpu")
+
+    def step(images, index, shifts, flips):
+        batch, labels = rot_kernel.rotation_batch(images, index, shifts, flips, mean=CIFAR_MEAN,
+                                                  std=CIFAR_STD, out_dtype=torch.bfloat16)
+        return batch.float().mean(dim=(1, 2, 3)), labels
+
+    torch.use_deterministic_algorithms(False)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got, want = compiled(images, index, shifts, flips), step(images, index, shifts, flips)
+    torch.testing.assert_close(got, want)
+
+
+def test_falls_back_to_the_reference_without_a_compiler(tmp_path):
+    # A copy of the package without its prebuilt library, a compiler that always fails and
+    # an empty build cache: import must still work, say so once, and give right answers.
+    package = tmp_path / "rot_kernel"
+    package.mkdir()
+    source = os.path.dirname(rot_kernel.__file__)
+    for name in ("__init__.py", "reference.py"):
+        (package / name).write_text(open(os.path.join(source, name)).read())
+    (package / "csrc").symlink_to(os.path.join(source, "csrc"))
+    script = ("import sys, warnings, torch\n"
+              # an editable install's finder would hand this copy the real package's _C
+              "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in str(f)]\n"
+              "with warnings.catch_warnings(record=True) as caught:\n"
+              "    warnings.simplefilter('always')\n"
+              "    import rot_kernel\n"
+              "    x = torch.randint(0, 256, (3, 3, 5, 5), dtype=torch.uint8)\n"
+              "    a, _ = rot_kernel.rotation_batch(x)\n"
+              "    b, _ = rot_kernel.rotation_batch(x)\n"
+              "print(rot_kernel.backend(), sum('could not be built' in str(w.message) for w in caught))\n"
+              "assert torch.equal(a, rot_kernel.reference.rotation_batch(x)[0])\n")
+    env = dict(os.environ, CXX="false", CC="false", TORCH_EXTENSIONS_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["reference", "1"]
