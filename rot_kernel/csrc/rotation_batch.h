@@ -125,4 +125,20 @@ Batch prepare_batch(const at::Tensor& images, const std::optional<at::Tensor>& i
                     at::ArrayRef<double> std, at::IntArrayRef rotations,
                     at::ScalarType out_dtype, bool channels_last);
 
+// Calls f(in_t{}, out_t{}) with the C++ types of the images' and the output's dtypes.
+template <typename F>
+void dispatch_dtypes(at::ScalarType in, at::ScalarType out, const F& f) {
+  const auto with_out = [&](auto in_tag) {
+    switch (out) {
+      case at::kFloat: return f(in_tag, float{});
+      case at::kBFloat16: return f(in_tag, at::BFloat16{});
+      default: return f(in_tag, at::Half{});
+    }
+  };
+  if (in == at::kByte)
+    with_out(uint8_t{});
+  else
+    with_out(float{});
+}
+
 }  // namespace rot_kernel

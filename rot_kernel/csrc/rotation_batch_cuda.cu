@@ -208,18 +208,9 @@ std::tuple<at::Tensor, at::Tensor> rotation_batch_cuda(
                               channels_last);
   TORCH_CHECK(batch.B <= 0x7fffffff / batch.p.R, "index: at most 2^31 / R images per batch");
   if (batch.out.numel() == 0) return {batch.out, batch.labels};
-  const auto with_out = [&](auto in_tag) {
-    using in_t = decltype(in_tag);
-    switch (out_dtype) {
-      case at::kFloat: return launch<in_t, float>(images, batch, channels_last);
-      case at::kBFloat16: return launch<in_t, at::BFloat16>(images, batch, channels_last);
-      default: return launch<in_t, at::Half>(images, batch, channels_last);
-    }
-  };
-  if (images.scalar_type() == at::kByte)
-    with_out(uint8_t{});
-  else
-    with_out(float{});
+  dispatch_dtypes(images.scalar_type(), out_dtype, [&](auto in_tag, auto out_tag) {
+    launch<decltype(in_tag), decltype(out_tag)>(images, batch, channels_last);
+  });
   return {batch.out, batch.labels};
 }
 
