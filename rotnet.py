@@ -53,9 +53,11 @@ class DataError(Exception):
 class _CifarUnpickler(pickle.Unpickler):
     # CIFAR batches hold numpy arrays, lists and strings; anything else is not CIFAR and
     # may be code, so it is refused rather than run.
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+    # (_frombuffer: how protocol 5 stores arrays; it refuses object arrays.)
+    ALLOWED = {(numpy_module, name) for numpy_module in ("numpy.core.multiarray", "numpy._core.multiarray")
+               for name in ("_reconstruct", "scalar")}
+    ALLOWED |= {("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -96,7 +98,8 @@ def unpack(archive, dest):
         raise DataError(f"{archive} is damaged ({type(err).__name__}: {err}); delete it and download it again") from None
 
 
-def download(dest, url=CIFAR_URL, md5=CIFAR_MD5):
+def download(dest, url=None, md5=None):
+    url, md5 = url or CIFAR_URL, md5 or CIFAR_MD5  # read at call time: a mirror can be set
     os.makedirs(dest, exist_ok=True)
     path = os.path.join(dest, os.path.basename(url))
     print(f"downloading {url} to {path}", file=sys.stderr)
