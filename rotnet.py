@@ -219,8 +219,10 @@ def load_model(path, device="cpu"):
     checkpoint of the original implementation ({'epoch', 'network'})."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{path}: refused, it is not a plain weights file ({err})") from None
+    except pickle.UnpicklingError as err:  # weights_only found something that is not data
+        raise ValueError(f"{path}: refused, it is not a plain weights file ({str(err).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0]})") from None
     if isinstance(saved, dict) and "network" in saved:
         state = from_original(saved["network"])
         blocks = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
@@ -246,13 +248,15 @@ def make_optimizer(params, lr, epochs, fractions=MILESTONES):
     return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones(epochs, fractions), gamma=LR_DECAY)
 
 
-def epoch_draws(n, epoch, seed, device):
-    """The epoch's permutation, shifts and flips: a function of (seed, epoch) alone, so a
-    resumed run draws exactly what the uninterrupted one did."""
+def epoch_draws(n, epoch, seed, device, size=None):
+    """The epoch's order of n images (size draws: the images cycled in fresh orders, for a
+    small labelled set), shifts and flips: a function of (seed, epoch) alone, so a resumed
+    run draws exactly what the uninterrupted one did."""
+    size = size or n
     g = torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
-    perm = torch.randperm(n, generator=g, device=device)
-    shifts = torch.randint(-PAD, PAD + 1, (n, 2), generator=g, device=device)
-    flips = torch.rand(n, generator=g, device=device) < 0.5
+    perm = torch.cat([torch.randperm(n, generator=g, device=device) for _ in range(-(-size // n))])[:size]
+    shifts = torch.randint(-PAD, PAD + 1, (size, 2), generator=g, device=device)
+    flips = torch.rand(size, generator=g, device=device) < 0.5
     return perm, shifts, flips
 
 
@@ -329,22 +333,21 @@ class Context:
 
 
 def train_epoch(ctx, model, opt, images, targets, epoch, seed, batch_size, rotations=(0,),
-                forward=None, desc=""):
-    """One epoch over images; targets are class labels (rotations=(0,)) or None (the
-    rotation label is the target). Returns (mean loss, accuracy in %)."""
-    forward = forward or model
+                epoch_size=None, desc=""):
+    """One epoch over images (or epoch_size draws of them); targets are class labels
+    (rotations=(0,)) or None (the rotation is the label). Returns (mean loss, accuracy %)."""
     model.train()
-    perm, shifts, flips = epoch_draws(len(images), epoch, seed, ctx.device)
+    perm, shifts, flips = epoch_draws(len(images), epoch, seed, ctx.device, epoch_size)
     loss_sum = torch.zeros((), device=ctx.device)
     correct = torch.zeros((), device=ctx.device, dtype=torch.int64)
     seen = 0
-    steps = list(batches(len(images), batch_size, ctx.rank, ctx.world))
+    steps = list(batches(len(perm), batch_size, ctx.rank, ctx.world))
     for s in tqdm(steps, desc=desc, leave=False, disable=not ctx.main or None, file=sys.stderr):
         x, y = ctx.batch(images, perm[s], shifts[s], flips[s], rotations)
         if targets is not None:
             y = targets[perm[s]].repeat_interleave(len(rotations))
         with ctx.autocast():
-            logits = forward(x)
+            logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -394,7 +397,7 @@ def start_run(ctx, out, config, resume):
     ckpt = None
     if resume and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    elif resume and ctx.main:
+    elif resume and ctx.main and os.path.isdir(out):
         print(f"no checkpoint in {out}: starting from the beginning", file=sys.stderr)
     if ctx.main:
         os.makedirs(out, exist_ok=True)
@@ -421,7 +424,7 @@ def log_epoch(ctx, out, metrics):
 
 
 def fit(ctx, out, config, model, opt, sched, epochs, run_epoch, evaluate_fn, eval_every=1,
-        resume=False, extra_state=None):
+        resume=False, extra_state=None, after_epoch=None):
     """The loop every script shares: one metrics line and one atomic checkpoint per epoch,
     --resume. run_epoch(epoch) -> (loss, accuracy, images seen); evaluate_fn() -> test
     accuracy. Returns the last epoch's metrics."""
@@ -447,6 +450,8 @@ def fit(ctx, out, config, model, opt, sched, epochs, run_epoch, evaluate_fn, eva
             atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                              epoch=epoch, rng=rng_states(), metrics=metrics, **(extra_state or {})),
                         os.path.join(out, "checkpoint.pt"))
+            if after_epoch:
+                after_epoch(epoch, metrics)
     return metrics
 
 
@@ -477,13 +482,20 @@ def pretrain(args, ctx=None):
         net.eval()
         return evaluate(ctx, net, test_x, rotations=rotations)
 
-    metrics = fit(ctx, args.out, config, model, opt, sched, args.epochs, run_epoch, test,
-                  args.eval_every, args.resume, extra_state=dict(model_config=model.config))
-    if ctx.main:
-        path = os.path.join(args.out, "model.pt")
+    def save_model(name, metrics):
         atomic_save(dict(model=model.state_dict(), model_config=model.config, rotations=list(rotations),
-                         metrics=metrics), path)
-        print(f"wrote {path}", file=sys.stderr)
+                         metrics=metrics), os.path.join(args.out, name))
+
+    def snapshot(epoch, metrics):  # --save-every: the models of Figure 5(a)
+        if args.save_every and epoch % args.save_every == 0:
+            save_model(f"model_epoch{epoch:03d}.pt", metrics)
+
+    metrics = fit(ctx, args.out, config, model, opt, sched, args.epochs, run_epoch, test,
+                  args.eval_every, args.resume, extra_state=dict(model_config=model.config),
+                  after_epoch=snapshot)
+    if ctx.main:
+        save_model("model.pt", metrics)
+        print(f"wrote {os.path.join(args.out, 'model.pt')}", file=sys.stderr)
     return metrics
 
 
@@ -564,14 +576,16 @@ def parse_args(argv=None):
     ap.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 is the paper's NIN)")
     ap.add_argument("--rotations", type=rotation_list, default=(0, 90, 180, 270),
                     help="degrees, comma-separated: 0,90,180,270 (default), 0,180, 90,270 or the eight multiples of 45")
+    ap.add_argument("--save-every", type=int, default=0, metavar="N",
+                    help="also keep the model of every N-th epoch (model_epochNNN.pt)")
     ap.add_argument("--benchmark", action="store_true", help="time training steps on random data and exit")
     ap.add_argument("--steps", type=int, default=100, help="with --benchmark: steps to time")
     args = ap.parse_args(argv)
     for name in ("epochs", "batch_size", "eval_every", "steps"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.width <= 0:
-        ap.error("--width must be positive")
+    if args.width <= 0 or args.save_every < 0:
+        ap.error("--width must be positive and --save-every at least 0")
     if not (1 <= len(args.rotations) <= 8 and len(set(args.rotations)) == len(args.rotations)
             and all(0 <= r < 360 and r % 45 == 0 for r in args.rotations)):
         ap.error(f"--rotations: unique multiples of 45 in [0, 360), got {list(args.rotations)}")

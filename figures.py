@@ -1,0 +1,313 @@
+"""The paper's figures from this project's runs: attention maps (Figure 3), first-layer
+filters (Figure 4), training curves, and rotation vs object accuracy through pretraining
+(Figure 5a).
+
+    python figures.py attention --rotnet runs/rotnet/model.pt --supervised runs/probe/checkpoint.pt
+    python figures.py filters   --rotnet runs/rotnet/model.pt --supervised runs/probe/checkpoint.pt
+    python figures.py curves runs/rotnet runs/probe
+    python figures.py rotation-vs-object runs/rotnet --probe-epochs 20   # trains one probe per snapshot
+
+Each command writes one PNG into --out (default runs/figures) and prints its path.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display, the same output on every machine
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import probe  # noqa: E402
+import rot_kernel  # noqa: E402
+import rotnet  # noqa: E402
+
+# ----------------------------------------------------------------------------- settings
+DPI = 100                      # with the sizes below (inches): PNG pixels = inches x 100
+ATTENTION_CELL = 1.2           # inches per image panel of Figure 3
+ATTENTION_HEADER = 0.8         # inches above the panels for the titles
+FILTERS_SIZE = (12.0, 5.0)     # Figure 4: two 4:3 grids and their titles, little white
+CURVES_SIZE = (12.0, 4.6)
+FIGURE5A_SIZE = (7.0, 4.6)
+HEATMAP, HEATMAP_ALPHA = "jet", 0.5
+PROBE_BLOCK = 2                # Figure 5(a): the non-linear classifier on ConvB2
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+SNAPSHOT = re.compile(r"model_epoch(\d+)\.pt$")
+
+
+class FigureError(Exception):
+    """A missing or unusable input: the message is the whole story."""
+
+
+def need(path, what):
+    if not os.path.exists(path):
+        raise FigureError(f"{path}: no such {what}")
+    return path
+
+
+def resolve_device(device):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FigureError("--device cuda but no CUDA device is available")
+    return device
+
+
+def load(path, device="cpu"):
+    return rotnet.load_model(need(path, "checkpoint"), device)
+
+
+def save(fig, out, name):
+    # No bbox_inches="tight": it would crop, and the pixel size would depend on the content.
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, name)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    print(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- Figure 3: attention
+@torch.no_grad()
+def attention_maps(model, images, power=2.0):
+    """For uint8 images [n, 3, 32, 32]: mean over channels of |output of block k|^power for
+    every block k, upsampled (bilinear) to 32x32 and scaled to [0, 1] per map -> [n, K, 32, 32].
+    The model sees the images as in testing (normalised, rotation 0); put it in eval mode."""
+    device = next(model.parameters()).device
+    images = images.to(device)
+    x, _ = rot_kernel.rotation_batch(images, torch.arange(len(images), device=device),
+                                     mean=rotnet.CIFAR_MEAN, std=rotnet.CIFAR_STD, rotations=(0,))
+    maps = []
+    for k in range(1, len(model.blocks) + 1):
+        a = model.features(x, k).float().abs().pow(power).mean(1, keepdim=True)
+        a = F.interpolate(a, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        lo = a.amin(dim=(2, 3), keepdim=True)
+        hi = a.amax(dim=(2, 3), keepdim=True)
+        maps.append((a - lo) / (hi - lo).clamp_min(1e-12))  # a flat map stays 0, not NaN
+    return torch.cat(maps, 1).cpu()
+
+
+def pick_images(labels, n):
+    """The first test image of each class in turn (then the rest in order): varied and fixed."""
+    firsts = [int((labels == c).nonzero()[0]) for c in range(len(CLASSES)) if (labels == c).any()]
+    chosen = set(firsts)
+    return (firsts + [i for i in range(len(labels)) if i not in chosen])[:n]
+
+
+def attention_figure(rotnet_path, supervised_path, data, out, images=6, power=2.0, device="cpu"):
+    nets = [("RotNet", load(rotnet_path, device)), ("Supervised", load(supervised_path, device))]
+    _, _, test_x, test_y = rotnet.load_cifar(data)
+    index = pick_images(test_y, images)
+    pictures = test_x[index]
+    maps = [(name, attention_maps(net, pictures, power)) for name, net in nets]
+    columns = 1 + sum(m.shape[1] for _, m in maps)
+    fig, axes = plt.subplots(len(index), columns, squeeze=False,
+                             figsize=(columns * ATTENTION_CELL, len(index) * ATTENTION_CELL + ATTENTION_HEADER))
+    for row, i in enumerate(index):
+        rgb = pictures[row].permute(1, 2, 0).numpy()
+        axes[row, 0].imshow(rgb, interpolation="nearest")
+        axes[row, 0].set_ylabel(CLASSES[int(test_y[i])], fontsize=9)
+        col = 1
+        for name, m in maps:
+            for k in range(m.shape[1]):
+                ax = axes[row, col]
+                ax.imshow(rgb, interpolation="nearest")
+                ax.imshow(m[row, k].numpy(), cmap=HEATMAP, alpha=HEATMAP_ALPHA, vmin=0, vmax=1,
+                          interpolation="bilinear")
+                if row == 0:
+                    ax.set_title(f"{name}\nConvB{k + 1}", fontsize=9)
+                col += 1
+    axes[0, 0].set_title("image", fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"Attention maps: mean over channels of |activation|$^{{{power:g}}}$ of each block's output, "
+                 "scaled to [0, 1] per map", fontsize=10)
+    fig.subplots_adjust(left=0.3 / (columns * ATTENTION_CELL), right=0.99, bottom=0.01, wspace=0.05, hspace=0.05,
+                        top=1 - ATTENTION_HEADER / (len(index) * ATTENTION_CELL + ATTENTION_HEADER))
+    return save(fig, out, "attention.png")
+
+
+# ----------------------------------------------------------------------------- Figure 4: filters
+def filter_grid(weight, gap=1):
+    """First-layer weights [C, 3, k, k] -> one RGB image of k x k tiles, each filter scaled to
+    [0, 1] on its own (their scales differ a lot), on a white background."""
+    w = weight.detach().float().cpu()
+    lo = w.amin(dim=(1, 2, 3), keepdim=True)
+    hi = w.amax(dim=(1, 2, 3), keepdim=True)
+    w = ((w - lo) / (hi - lo).clamp_min(1e-12)).permute(0, 2, 3, 1).numpy()
+    n, k = len(w), w.shape[1]
+    cols = math.ceil(math.sqrt(n * 4 / 3))  # a 4:3 grid: 192 filters -> 16 x 12
+    rows = math.ceil(n / cols)
+    grid = np.ones((rows * (k + gap) + gap, cols * (k + gap) + gap, 3))
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[gap + r * (k + gap):gap + r * (k + gap) + k, gap + c * (k + gap):gap + c * (k + gap) + k] = w[i]
+    return grid
+
+
+def filters_figure(rotnet_path, supervised_path, out):
+    fig, axes = plt.subplots(1, 2, figsize=FILTERS_SIZE, layout="constrained")
+    for ax, (name, path) in zip(axes, [("RotNet", rotnet_path), ("Supervised NIN", supervised_path)]):
+        weight = load(path).blocks[0][0].conv.weight
+        ax.imshow(filter_grid(weight), interpolation="nearest")
+        ax.set_title(f"{name}: {weight.shape[0]} first-layer filters "
+                     f"({weight.shape[2]}x{weight.shape[3]}x{weight.shape[1]})", fontsize=11)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("First-layer filters, each scaled to [0, 1] on its own", fontsize=12)
+    return save(fig, out, "filters.png")
+
+
+# ----------------------------------------------------------------------------- training curves
+def read_metrics(run_dir):
+    path = need(os.path.join(run_dir, "metrics.jsonl"), "metrics file (is it a run folder?)")
+    with open(path) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    if not lines:
+        raise FigureError(f"{path} is empty: the run has not finished an epoch yet")
+    return lines
+
+
+def curves_figure(run_dirs, out):
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=CURVES_SIZE, layout="constrained")
+    for i, run in enumerate(run_dirs):
+        metrics = read_metrics(run)
+        label, color = os.path.basename(os.path.normpath(run)), f"C{i % 10}"
+        epochs = [m["epoch"] for m in metrics]
+        ax_loss.plot(epochs, [m["train_loss"] for m in metrics], color=color, label=label)
+        ax_acc.plot(epochs, [m["train_acc"] for m in metrics], color=color, label=f"{label} train")
+        tested = [m for m in metrics if m.get("test_acc") is not None]  # --eval-every leaves gaps
+        ax_acc.plot([m["epoch"] for m in tested], [m["test_acc"] for m in tested], color=color, ls="--",
+                    marker="o" if len(tested) < 30 else None, ms=3, label=f"{label} test")
+    ax_loss.set(title="Training loss", xlabel="epoch", ylabel="cross-entropy")
+    ax_acc.set(title="Accuracy (rotation for RotNet runs, object class for probes)", xlabel="epoch",
+               ylabel="accuracy (%)")
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return save(fig, out, "curves.png")
+
+
+# ----------------------------------------------------------------------------- Figure 5(a)
+def snapshots(run_dir):
+    """(epoch, path) of every model_epochNNN.pt in the run, by epoch."""
+    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(run_dir, "model_epoch*.pt"))
+             if (m := SNAPSHOT.search(os.path.basename(p)))]
+    if not found:
+        raise FigureError(f"{run_dir}: no model_epochNNN.pt; pretrain with `rotnet.py --save-every N`")
+    return sorted(found)
+
+
+def rotation_accuracy(path, test_x, device):
+    """A snapshot's rotation accuracy on the test set, for epochs that --eval-every skipped."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    ctx = rotnet.Context(device, amp=False)
+    return rotnet.evaluate(ctx, load(path, ctx.device), test_x.to(ctx.device),
+                           rotations=tuple(saved.get("rotations", (0, 90, 180, 270))))
+
+
+def object_accuracy(path, epoch, run_dir, data, probe_epochs, device):
+    """Test accuracy of the non-linear probe on ConvB2 of one snapshot, trained unless its
+    results.json is there (an interrupted probe resumes)."""
+    out = os.path.join(run_dir, "figure5a_probes", f"epoch{epoch:03d}")
+    results = os.path.join(out, "results.json")
+    if not os.path.exists(results):
+        flags = ["--checkpoint", path, "--block", str(PROBE_BLOCK), "--classifier", "nonlinear", "--data", data,
+                 "--device", device, "--out", out, "--resume"]
+        probe.probe(probe.parse_args(flags + (["--epochs", str(probe_epochs)] if probe_epochs else [])))
+    with open(results) as f:
+        return json.load(f)["test_acc"]
+
+
+def rotation_vs_object_figure(run_dir, data, out, probe_epochs=None, device="cpu"):
+    metrics = {m["epoch"]: m for m in read_metrics(run_dir)}
+    test_x = None
+    rows = []
+    for epoch, path in snapshots(run_dir):
+        rot = metrics.get(epoch, {}).get("test_acc")
+        if rot is None:
+            test_x = test_x if test_x is not None else rotnet.load_cifar(data)[2]
+            rot = rotation_accuracy(path, test_x, device)
+        rows.append((epoch, rot, object_accuracy(path, epoch, run_dir, data, probe_epochs, device)))
+    print("epoch  rotation %  object %")
+    for epoch, rot, obj in rows:
+        print(f"{epoch:5d}  {rot:10.2f}  {obj:8.2f}")
+    epochs, rot, obj = zip(*rows)
+    fig, ax = plt.subplots(figsize=FIGURE5A_SIZE, layout="constrained")
+    ax.plot(epochs, rot, "o-", label="rotation prediction (test)")
+    ax.plot(epochs, obj, "s-", label=f"object classification (non-linear probe on ConvB{PROBE_BLOCK})")
+    ax.set(title=f"Rotation vs object accuracy through pretraining ({os.path.basename(os.path.normpath(run_dir))})",
+           xlabel="pretraining epoch", ylabel="test accuracy (%)")
+    ax.set_ylim(0, 100)  # both accuracies on one fixed scale, comparable between runs
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="best")
+    return save(fig, out, "rotation_vs_object.png")
+
+
+# ----------------------------------------------------------------------------- command line
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def command(name, help):
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--out", default="runs/figures", help="folder for the PNG")
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the models run")
+        return p
+
+    def networks(p):
+        p.add_argument("--rotnet", required=True, help="a RotNet model.pt, checkpoint.pt or original checkpoint")
+        p.add_argument("--supervised", required=True, help="a supervised NIN (probe.py --supervised: checkpoint.pt)")
+
+    p = command("attention", "Figure 3: attention maps of every block of both networks on a few test images")
+    networks(p)
+    p.add_argument("--data", default="./data", help="CIFAR-10 folder (the test images come from it)")
+    p.add_argument("--images", type=int, default=6, help="how many test images (rows)")
+    p.add_argument("--power", type=float, default=2.0, help="p in mean over channels of |activation|^p")
+    p = command("filters", "Figure 4: the first-layer 5x5 filters of both networks")
+    networks(p)
+    p = command("curves", "training curves (loss, train and test accuracy) of runs, from their metrics.jsonl")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p = command("rotation-vs-object",
+                "Figure 5(a): rotation and object accuracy of every model_epochNNN.pt of a run "
+                "(rotnet.py --save-every N). Trains one non-linear probe on ConvB2 PER SNAPSHOT, in "
+                "RUN_DIR/figure5a_probes/epochNNN, and reuses those already finished.")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--data", default="./data", help="CIFAR-10 folder")
+    p.add_argument("--probe-epochs", type=int, default=None,
+                   help="epochs of each probe (default: probe.py's full schedule, 100)")
+    args = ap.parse_args(argv)
+    if getattr(args, "images", 1) < 1 or (getattr(args, "probe_epochs", None) or 1) < 1:
+        ap.error("--images and --probe-epochs must be at least 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        if args.command == "attention":
+            attention_figure(args.rotnet, args.supervised, args.data, args.out, args.images, args.power, device)
+        elif args.command == "filters":
+            filters_figure(args.rotnet, args.supervised, args.out)
+        elif args.command == "curves":
+            curves_figure(args.runs, args.out)
+        else:
+            rotation_vs_object_figure(args.run, args.data, args.out, args.probe_epochs, device)
+    except (FigureError, rotnet.DataError, ValueError) as err:  # load_model says ValueError
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""figures.py: the attention maps themselves (shape, range, where they peak), and every figure
+as a PNG of the promised pixel size that is not blank, from tiny untrained models and a few
+images written by the tests. Figure 5(a) trains two one-epoch probes, then reuses them.
+"""
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import matplotlib.image
+import pytest
+import torch
+import torch.nn as nn
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+import figures  # noqa: E402
+import rotnet  # noqa: E402
+from test_rotnet import assert_one_line_error, write_cifar  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- helpers
+def save_nin(path, blocks, num_classes, seed=0, **extra):
+    torch.manual_seed(seed)
+    model = rotnet.NIN(blocks, num_classes, width=0.125)
+    torch.save(dict(model=model.state_dict(), model_config=model.config, **extra), path)
+    return str(path)
+
+
+def write_metrics(run, rows):
+    os.makedirs(run, exist_ok=True)
+    with open(os.path.join(run, "metrics.jsonl"), "w") as f:
+        for epoch, test_acc in rows:
+            f.write(json.dumps(dict(epoch=epoch, lr=0.1, train_loss=2.0 / epoch, train_acc=20.0 + 10 * epoch,
+                                    test_acc=test_acc, seconds=1.0, images_per_s=100.0)) + "\n")
+    return str(run)
+
+
+def png_size(path):
+    """(width, height) from the IHDR chunk, the first thing after the signature."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", path
+    return struct.unpack(">II", head[16:24])
+
+
+def assert_png(path, inches):
+    """A PNG of figsize inches x DPI pixels that shows something."""
+    assert os.path.getsize(path) > 0
+    assert png_size(path) == tuple(round(v * figures.DPI) for v in inches)
+    pixels = matplotlib.image.imread(path)
+    assert pixels.shape[:2] == png_size(path)[::-1]
+    assert pixels[..., :3].var() > 0
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cifar")
+    write_cifar(folder, 20, 30)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory):
+    """A 4-block RotNet and a 3-block supervised NIN, as their scripts save them."""
+    folder = tmp_path_factory.mktemp("nets")
+    return save_nin(folder / "rotnet.pt", 4, 4), save_nin(folder / "supervised.pt", 3, 10, seed=1)
+
+
+# ----------------------------------------------------------------------------- attention maps
+def test_attention_maps_shape_and_range():
+    model = rotnet.NIN(4, 4, width=0.125).eval()
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    maps = figures.attention_maps(model, images)
+    assert maps.shape == (3, 4, 32, 32)
+    assert torch.allclose(maps.amin(dim=(2, 3)), torch.zeros(3, 4))
+    assert torch.allclose(maps.amax(dim=(2, 3)), torch.ones(3, 4))
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0, 3.0])
+def test_attention_maps_are_the_channel_mean_of_each_block(power):
+    torch.manual_seed(0)
+    model = rotnet.NIN(3, 10, width=0.125).eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    mean = torch.tensor(rotnet.CIFAR_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(rotnet.CIFAR_STD).view(1, 3, 1, 1)
+    x = (images.float() - mean) / std
+    maps = figures.attention_maps(model, images, power)
+    for k in range(1, 4):
+        with torch.no_grad():
+            a = model.features(x, k).abs().pow(power).mean(1, keepdim=True)
+        a = torch.nn.functional.interpolate(a, size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+        lo, hi = a.amin(dim=(1, 2), keepdim=True), a.amax(dim=(1, 2), keepdim=True)
+        a = (a - lo) / (hi - lo)
+        torch.testing.assert_close(maps[:, k - 1], a, atol=1e-5, rtol=1e-5)
+
+
+class PassThrough(nn.Module):
+    """Two 'blocks' whose output is the normalised image itself, then its 2x2 average: the
+    attention must peak where the image departs from the mean colour."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Identity(), nn.AvgPool2d(2)])
+        self.anchor = nn.Parameter(torch.zeros(1))  # attention_maps finds the device here
+
+    def features(self, x, k):
+        for block in self.blocks[:k]:
+            x = block(x)
+        return x
+
+
+def test_attention_peaks_where_the_activation_is():
+    grey = torch.tensor([round(m) for m in rotnet.CIFAR_MEAN], dtype=torch.uint8).view(3, 1, 1)
+    images = grey.expand(3, 3, 32, 32).clone()
+    images[0, :, 4:8, 20:24] = 255   # a bright patch up on the right
+    images[1, :, 24:28, 2:6] = 0     # a dark one down on the left
+    images[2] = 200                  # flat: no place stands out
+    maps = figures.attention_maps(PassThrough(), images)
+    assert maps.shape == (3, 2, 32, 32)
+    for k in range(2):
+        for i, (rows, cols) in enumerate([(range(4, 8), range(20, 24)), (range(24, 28), range(2, 6))]):
+            r, c = divmod(int(maps[i, k].argmax()), 32)
+            assert r in rows and c in cols, (i, k, r, c)
+            assert maps[i, k, r, c] == 1 and maps[i, k, 14:18, 14:18].max() < 0.01  # the middle is calm
+    assert torch.equal(maps[2], torch.zeros(2, 32, 32))  # a flat map is 0, not NaN
+
+
+# ----------------------------------------------------------------------------- the figures
+def test_attention_figure(nets, cifar, tmp_path):
+    path = figures.attention_figure(*nets, cifar, str(tmp_path), images=3, power=2, device="cpu")
+    assert path == str(tmp_path / "attention.png")
+    columns = 1 + 4 + 3  # the image, RotNet ConvB1-4, supervised ConvB1-3
+    assert_png(path, (columns * figures.ATTENTION_CELL, 3 * figures.ATTENTION_CELL + figures.ATTENTION_HEADER))
+
+
+def test_filter_grid_scales_each_filter_on_its_own():
+    weight = torch.randn(24, 3, 5, 5) * torch.logspace(-3, 3, 24).view(24, 1, 1, 1)
+    grid = figures.filter_grid(weight)
+    assert grid.shape == (4 * 6 + 1, 6 * 6 + 1, 3)  # 24 filters: 6 columns, 4 rows, 1-pixel gaps
+    tiles = [grid[1 + r * 6:1 + r * 6 + 5, 1 + c * 6:1 + c * 6 + 5] for r in range(4) for c in range(6)]
+    for tile in tiles:
+        assert tile.min() == 0 and tile.max() == 1
+
+
+def test_filters_figure(nets, tmp_path):
+    assert_png(figures.filters_figure(*nets, str(tmp_path)), figures.FILTERS_SIZE)
+
+
+def test_curves_figure(tmp_path):
+    a = write_metrics(tmp_path / "rotnet_a", [(1, 30.0), (2, 40.0), (3, 50.0)])
+    b = write_metrics(tmp_path / "probe_b", [(1, None), (2, 35.0), (3, None), (4, 60.0)])  # --eval-every 2
+    assert_png(figures.curves_figure([a, b], str(tmp_path / "figs")), figures.CURVES_SIZE)
+
+
+def test_rotation_vs_object(cifar, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    write_metrics(run, [(1, None), (2, 47.5), (3, 50.0)])  # epoch 1 untested: figures.py tests it
+    for epoch in (1, 2):
+        save_nin(run / f"model_epoch{epoch:03d}.pt", 4, 4, seed=epoch, rotations=[0, 90, 180, 270])
+    save_nin(run / "model.pt", 4, 4)  # the final model is not a snapshot
+    out = str(tmp_path / "figs")
+    args = ["rotation-vs-object", str(run), "--data", cifar, "--probe-epochs", "1", "--device", "cpu", "--out", out]
+    figures.main(args)
+    assert_png(os.path.join(out, "rotation_vs_object.png"), figures.FIGURE5A_SIZE)
+    table = capsys.readouterr().out.split("epoch  rotation %  object %\n")[1].splitlines()
+    rows = [line.split() for line in table[:2]]
+    assert [r[0] for r in rows] == ["1", "2"] and rows[1][1] == "47.50"
+    assert 0 <= float(rows[0][1]) <= 100
+    probes = [json.load(open(run / "figure5a_probes" / f"epoch{e:03d}" / "results.json")) for e in (1, 2)]
+    assert [(p["block"], p["classifier"], p["epochs"]) for p in probes] == [(2, "nonlinear", 1)] * 2
+    assert [float(r[2]) for r in rows] == [round(p["test_acc"], 2) for p in probes]
+
+    def no_training(*_, **__):
+        raise AssertionError("a finished probe was trained again")
+
+    monkeypatch.setattr(figures.probe, "probe", no_training)
+    os.remove(os.path.join(out, "rotation_vs_object.png"))
+    figures.main(args)  # every probe has its results.json: nothing is trained
+    assert_png(os.path.join(out, "rotation_vs_object.png"), figures.FIGURE5A_SIZE)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_missing_checkpoint_is_one_line(tmp_path):
+    missing = tmp_path / "missing.pt"
+    proc = subprocess.run([sys.executable, "figures.py", "filters", "--rotnet", str(missing), "--supervised",
+                           str(missing), "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert_one_line_error(proc, "error:", "missing.pt")
+
+
+@pytest.mark.parametrize("case", ["no metrics", "no snapshots", "no data"])
+def test_other_missing_inputs_stop_with_one_message(case, nets, tmp_path):
+    if case == "no metrics":
+        argv, needle = ["curves", str(tmp_path)], "metrics.jsonl"
+    elif case == "no snapshots":
+        argv, needle = ["rotation-vs-object", write_metrics(tmp_path / "run", [(1, 50.0)])], "--save-every"
+    else:
+        argv, needle = ["attention", "--rotnet", nets[0], "--supervised", nets[1], "--data", str(tmp_path)], "CIFAR-10"
+    with pytest.raises(SystemExit) as stop:
+        figures.main(argv + ["--out", str(tmp_path / "figs"), "--device", "cpu"])
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and needle in message and "\n" not in message
+    assert not os.path.exists(tmp_path / "figs")

@@ -1,0 +1,140 @@
+"""probe.py: the classifiers on NIN features, one probe end to end (on this project's model
+and on an original-format checkpoint), and whole tables at a tiny scale. CPU only, tiny
+models, data written by the tests.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+import probe  # noqa: E402
+import rotnet  # noqa: E402
+# CIFAR files and original checkpoint names are made the same way as for rotnet.py's tests.
+from test_rotnet import assert_one_line_error, metrics_of, to_original_names, write_cifar  # noqa: E402
+
+FEATURES = {1: (96, 16, 16), 2: (192, 8, 8), 3: (192, 8, 8), 4: (192, 8, 8)}
+
+
+def run_probe(*args, check=True):
+    proc = subprocess.run([sys.executable, "probe.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def save_model(path, blocks=4, width=0.125, seed=0):
+    """A model.pt as rotnet.py writes it (untrained: probing does not care)."""
+    torch.manual_seed(seed)
+    model = rotnet.NIN(blocks, 4, width)
+    torch.save(dict(model=model.state_dict(), model_config=model.config), path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cifar")
+    write_cifar(folder, 40, 60)
+    return folder
+
+
+def expected_parameters(kind, C, H, W, classes=10):
+    D = C * H * W
+    if kind == "linear":
+        return D * classes + classes
+    if kind == "nonlinear":
+        return D * 200 + 2 * 200 + 200 * 200 + 2 * 200 + 200 * classes + classes
+    return 9 * C * 192 + 2 * 192 * 192 + 3 * 2 * 192 + 192 * classes + classes  # conv
+
+
+@pytest.mark.parametrize("kind", ["linear", "nonlinear", "conv"])
+@pytest.mark.parametrize("block", [1, 2, 3, 4])
+def test_classifier_shapes_and_parameter_counts(kind, block):
+    extractor = rotnet.NIN(4, 4, 1.0)
+    assert probe.feature_shape(extractor, block) == FEATURES[block]
+    classifier = probe.make_classifier(kind, FEATURES[block])
+    assert sum(p.numel() for p in classifier.parameters()) == expected_parameters(kind, *FEATURES[block])
+    model = probe.Probe(extractor, block, classifier).eval()
+    assert model(torch.zeros(3, 3, 32, 32)).shape == (3, 10)
+
+
+def test_linear_layers_use_the_original_initialisation():
+    torch.manual_seed(0)
+    classifier = probe.make_classifier("nonlinear", (192, 8, 8))
+    first, last = classifier[1], classifier[-1]
+    assert abs(first.weight.std().item() - (2 / 200) ** 0.5) < 0.01
+    assert abs(last.weight.std().item() - (2 / 10) ** 0.5) < 0.05
+    assert torch.equal(last.bias, torch.zeros(10))
+
+
+def test_a_frozen_extractor_stays_in_eval_mode_and_gets_no_gradients():
+    extractor = rotnet.NIN(4, 4, 0.125)
+    model = probe.Probe(extractor, 2, probe.make_classifier("conv", probe.feature_shape(extractor, 2))).train()
+    assert not extractor.training and model.classifier.training
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert all(p.grad is None for p in extractor.parameters())
+    assert all(p.grad is not None for p in model.classifier.parameters())
+    tuned = probe.Probe(extractor, 2, probe.make_classifier("conv", (24, 8, 8)), finetune=True).train()
+    assert extractor.training
+    tuned(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None for p in extractor.blocks[:2].parameters())  # blocks 3, 4: unused
+
+
+def test_a_probe_writes_every_file(cifar, tmp_path):
+    save_model(tmp_path / "model.pt")
+    out = tmp_path / "probe"
+    run_probe("--checkpoint", tmp_path / "model.pt", "--block", 2, "--classifier", "nonlinear", "--data", cifar,
+              "--epochs", 2, "--device", "cpu", "--out", out, "--batch-size", 32)
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "config.json", "metrics.jsonl", "results.json"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["block"] == 2 and results["classifier"] == "nonlinear"
+    assert results["checkpoint"] == str(tmp_path / "model.pt") and 0 <= results["test_acc"] <= 100
+    assert [m["epoch"] for m in metrics_of(out)] == [1, 2]
+    assert {"epoch", "lr", "train_loss", "train_acc", "test_acc"} <= set(metrics_of(out)[0])
+
+
+@pytest.mark.parametrize("classifier", ["conv", "linear"])
+def test_probing_an_original_format_checkpoint(cifar, tmp_path, classifier):
+    model = save_model(tmp_path / "ours.pt", blocks=3)
+    original = dict(epoch=200, network=to_original_names(model.state_dict(), 3))
+    torch.save(original, tmp_path / "original.pth")
+    out = tmp_path / "probe"
+    run_probe("--checkpoint", tmp_path / "original.pth", "--block", 3, "--classifier", classifier,
+              "--data", cifar, "--epochs", 1, "--device", "cpu", "--out", out, "--batch-size", 32, "--finetune")
+    assert json.loads((out / "results.json").read_text())["finetune"] is True
+
+
+def test_bad_arguments(cifar, tmp_path):
+    proc = run_probe("--data", cifar, "--device", "cpu", check=False)
+    assert proc.returncode == 2 and "--checkpoint" in proc.stderr
+    save_model(tmp_path / "model.pt", blocks=3)
+    proc = run_probe("--checkpoint", tmp_path / "model.pt", "--block", 4, "--data", cifar, "--device", "cpu",
+                     "--out", tmp_path / "o", check=False)
+    assert_one_line_error(proc, "--block 4")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    proc = run_probe("--checkpoint", tmp_path / "junk.pt", "--data", cifar, "--device", "cpu",
+                     "--out", tmp_path / "o", check=False)
+    assert_one_line_error(proc, "junk.pt")
+
+
+@pytest.mark.parametrize("table", [1, 3])
+def test_a_whole_table_at_a_tiny_scale(cifar, tmp_path, table):
+    # One pretraining epoch per RotNet and one epoch per probe: the plumbing, not the numbers.
+    flags = ["--table", table, "--data", cifar, "--out", tmp_path, "--epochs-scale", 0.005, "--width", 0.125,
+             "--device", "cpu", "--batch-size", 32]
+    first = run_probe(*flags)
+    paper = {1: ["85.45", "89.76", "50.37"], 3: ["92.80", "72.50", "92.17"]}[table]
+    assert all(f"({p})" in first.stdout for p in paper), first.stdout
+    saved = json.loads((tmp_path / "table.json").read_text())
+    assert len(saved["rows"]) == {1: 3, 3: 6}[table]
+    assert all(0 <= acc <= 100 for row in saved["rows"] for acc in row["ours"])
+    assert (tmp_path / "table.md").read_text().strip() in first.stdout
+    # A second call reuses every finished run: no training, the same table.
+    again = run_probe(*flags)
+    assert "epoch 1" not in again.stdout and json.loads((tmp_path / "table.json").read_text()) == saved

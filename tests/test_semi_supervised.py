@@ -1,0 +1,69 @@
+"""semi_supervised.py: the labelled subset and one tiny run end to end (CPU, tiny models)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+import rotnet  # noqa: E402
+import semi_supervised  # noqa: E402
+from test_rotnet import write_cifar  # noqa: E402
+
+
+def test_the_subset_is_the_first_k_of_each_class():
+    labels = torch.tensor([3, 1, 3, 0, 1, 3, 2, 0, 1, 2] * 10 + list(range(4, 10)) * 5)
+    chosen = semi_supervised.labelled_subset(labels, 2)
+    for c in range(10):
+        members = (labels == c).nonzero().flatten()
+        assert torch.equal(chosen[labels[chosen] == c], members[:2])  # the original choice
+    assert len(chosen) == 20 and torch.equal(chosen, chosen.sort().values)
+
+
+def test_a_seeded_subset_is_random_but_still_k_per_class():
+    labels = torch.arange(1000) % 10
+    a = semi_supervised.labelled_subset(labels, 7, seed=1)
+    assert torch.equal(torch.bincount(labels[a], minlength=10), torch.full((10,), 7))
+    assert torch.equal(a, semi_supervised.labelled_subset(labels, 7, seed=1))
+    assert not torch.equal(a, semi_supervised.labelled_subset(labels, 7, seed=2))
+    assert not torch.equal(a, semi_supervised.labelled_subset(labels, 7))
+
+
+def test_too_few_images_of_a_class_is_a_clear_error():
+    with pytest.raises(SystemExit, match="class 9 has only 0"):
+        semi_supervised.labelled_subset(torch.arange(90) % 9, 5)
+
+
+def test_one_tiny_run_writes_both_arms_and_the_figure(tmp_path):
+    write_cifar(tmp_path / "data", 30, 50)
+    torch.manual_seed(0)
+    model = rotnet.NIN(4, 4, 0.125)
+    torch.save(dict(model=model.state_dict(), model_config=model.config), tmp_path / "model.pt")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "semi_supervised.py", "--per-class", "3", "--checkpoint", tmp_path / "model.pt",
+           "--data", tmp_path / "data", "--epochs", "1", "--epoch-size", "96", "--width", "0.125",
+           "--batch-size", "32", "--device", "cpu", "--out", out]
+    proc = subprocess.run(list(map(str, cmd)), cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["per_class"] for r in rows] == [3]
+    assert all(0 <= rows[0][arm] <= 100 for arm in ("rotnet_conv", "supervised"))
+    assert "K=3: RotNet + conv" in proc.stdout and (out / "semi_supervised.md").exists()
+    png = (out / "semi_supervised.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    for arm in ("K3_rotnet_conv", "K3_supervised"):  # one folder per arm and K, one epoch each
+        metrics = [json.loads(line) for line in (out / arm / "metrics.jsonl").read_text().splitlines()]
+        assert len(metrics) == 1
+
+
+def test_an_epoch_cycles_a_small_set_in_fresh_orders():
+    perm, shifts, flips = rotnet.epoch_draws(30, epoch=1, seed=0, device="cpu", size=96)
+    assert perm.shape == (96,) and shifts.shape == (96, 2) and flips.shape == (96,)
+    for start in (0, 30, 60):  # three whole passes, each a permutation of its own
+        assert torch.equal(perm[start:start + 30].sort().values, torch.arange(30))
+    assert not torch.equal(perm[:30], perm[30:60])
