@@ -263,11 +263,10 @@ def epoch_draws(n, epoch, seed, device, size=None):
 def batches(n, batch_size, rank=0, world=1):
     """Slices of one epoch: this rank's share of each global batch of batch_size."""
     for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        if stop - start < world:  # too small to give every rank an image
+        size = min(batch_size, n - start)
+        if size < world:  # too small to give every rank an image
             break
-        share = torch.arange(start, stop).tensor_split(world)[rank]
-        yield slice(int(share[0]), int(share[-1]) + 1)
+        yield slice(start + rank * size // world, start + (rank + 1) * size // world)
 
 
 def keep_freed_memory():
