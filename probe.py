@@ -97,6 +97,11 @@ def feature_shape(extractor, block):
 
 
 # ----------------------------------------------------------------------------- one probe
+def schedule_epochs(args, kind):
+    """--epochs, else the classifier's own schedule shrunk by --epochs-scale."""
+    return args.epochs or max(1, round(SCHEDULES[kind][0] * args.epochs_scale))
+
+
 def train_classifier(args, model, kind, out, describe, subset=None, epoch_size=None):
     """Trains model (a Probe or a NIN) on CIFAR-10 labels (of the training images in subset,
     epoch_size draws an epoch, if given); writes results.json and returns it."""
@@ -105,8 +110,7 @@ def train_classifier(args, model, kind, out, describe, subset=None, epoch_size=N
     if subset is not None:
         train_x, train_y = train_x[subset], train_y[subset]
     train_x, train_y, test_x, test_y = (t.to(ctx.device) for t in (train_x, train_y, test_x, test_y))
-    default_epochs, fractions = SCHEDULES[kind]
-    epochs = args.epochs or max(1, round(default_epochs * args.epochs_scale))
+    epochs, fractions = schedule_epochs(args, kind), SCHEDULES[kind][1]
     net = ctx.prepare(model)
     opt, sched = rotnet.make_optimizer([p for p in net.parameters() if p.requires_grad], args.lr, epochs, fractions)
     config = dict(vars(args), epochs=epochs, milestones=rotnet.milestones(epochs, fractions), **describe)
@@ -157,12 +161,25 @@ def probe(args, out=None):
 
 
 # ----------------------------------------------------------------------------- tables
+def check_reusable(out, **wanted):
+    """A run in out (finished or stopped) is reused only if it was made with these settings."""
+    path = os.path.join(out, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        differ = [f"{k} {saved.get(k)} there, {v} here" for k, v in wanted.items() if saved.get(k) != v]
+        if differ:
+            raise SystemExit(f"error: {out} was made with other settings ({'; '.join(differ)}): "
+                             "give this run another --out")
+
+
 def pretrained(args, blocks, rotations=FOUR):
     """model.pt of a RotNet pretrained with these settings in --out, trained if missing."""
     out = os.path.join(args.out, f"rotnet_{blocks}blocks_rot{'-'.join(map(str, rotations))}")
     path = os.path.join(out, "model.pt")
+    epochs = max(1, round(PRETRAIN_EPOCHS * args.epochs_scale))
+    check_reusable(out, epochs=epochs, width=args.width, seed=args.seed)
     if not os.path.exists(path):
-        epochs = max(1, round(PRETRAIN_EPOCHS * args.epochs_scale))
         flags = ["--data", args.data, "--epochs", str(epochs), "--batch-size", str(args.batch_size),
                  "--blocks", str(blocks), "--width", str(args.width), "--rotations", ",".join(map(str, rotations)),
                  "--seed", str(args.seed), "--device", args.device, "--out", out, "--resume",
@@ -171,14 +188,23 @@ def pretrained(args, blocks, rotations=FOUR):
     return path
 
 
-def probed(args, name, **settings):
-    """results.json of one probe in --out, run if missing (or resumed if interrupted)."""
+def probed(args, **settings):
+    """Test accuracy of one probe, run in --out if missing (resumed if interrupted). Its
+    folder is named after its settings, so the tables share the runs they have in common."""
+    p = dict(supervised=False, init="checkpoint", checkpoint=None, block=2, classifier="nonlinear",
+             finetune=False, blocks=4, resume=True)
+    p.update(settings)
+    if p["supervised"]:
+        name = "supervised_nin"
+    else:
+        source = f"random_{p['blocks']}blocks" if p["init"] == "random" else os.path.basename(os.path.dirname(p["checkpoint"]))
+        name = f"{source}_convb{p['block']}_{p['classifier']}" + ("_finetuned" if p["finetune"] else "")
     out = os.path.join(args.out, name)
     path = os.path.join(out, "results.json")
+    check_reusable(out, epochs=schedule_epochs(args, "supervised" if p["supervised"] else p["classifier"]),
+                   seed=args.seed)
     if not os.path.exists(path):
-        defaults = dict(supervised=False, init="checkpoint", checkpoint=None, block=2, classifier="nonlinear",
-                        finetune=False, blocks=4, epochs=None, resume=True)
-        probe(argparse.Namespace(**dict(vars(args), **dict(defaults, **settings))), out)
+        probe(argparse.Namespace(**dict(vars(args), **p)), out)
     with open(path) as f:
         return json.load(f)["test_acc"]
 
@@ -187,7 +213,7 @@ def table1(args):
     rows = []
     for blocks, paper in PAPER_TABLE1.items():
         model = pretrained(args, blocks)
-        ours = [probed(args, f"table1_{blocks}blocks_convb{k}", checkpoint=model, block=k) for k in range(1, blocks + 1)]
+        ours = [probed(args, checkpoint=model, block=k) for k in range(1, blocks + 1)]
         rows.append((f"RotNet, {blocks} blocks", ours, paper))
     return ["ConvB1", "ConvB2", "ConvB3", "ConvB4", "ConvB5"], rows
 
@@ -195,22 +221,20 @@ def table1(args):
 def table2(args):
     rows = []
     for rotations, paper in PAPER_TABLE2.items():
-        model = pretrained(args, 4, rotations)
-        ours = probed(args, f"table2_rot{'-'.join(map(str, rotations))}", checkpoint=model, block=2)
+        ours = probed(args, checkpoint=pretrained(args, 4, rotations), block=2)
         rows.append((f"{len(rotations)}: " + ", ".join(f"{r}°" for r in rotations), [ours], [paper]))
     return ["accuracy"], rows
 
 
 def table3(args):
     model = pretrained(args, 4)
-    runs = {"Supervised NIN": ("supervised", dict(supervised=True)),
-            "Random Init. + conv": ("random_conv", dict(init="random", classifier="conv")),
-            "RotNet + non-linear": ("nonlinear", dict(checkpoint=model)),
-            "RotNet + conv": ("conv", dict(checkpoint=model, classifier="conv")),
-            "RotNet + non-linear (fine-tuned)": ("nonlinear_finetuned", dict(checkpoint=model, finetune=True)),
-            "RotNet + conv (fine-tuned)": ("conv_finetuned", dict(checkpoint=model, classifier="conv", finetune=True))}
-    rows = [(method, [probed(args, f"table3_{name}", **settings)], [PAPER_TABLE3[method]])
-            for method, (name, settings) in runs.items()]
+    runs = {"Supervised NIN": dict(supervised=True),
+            "Random Init. + conv": dict(init="random", classifier="conv"),
+            "RotNet + non-linear": dict(checkpoint=model),
+            "RotNet + conv": dict(checkpoint=model, classifier="conv"),
+            "RotNet + non-linear (fine-tuned)": dict(checkpoint=model, finetune=True),
+            "RotNet + conv (fine-tuned)": dict(checkpoint=model, classifier="conv", finetune=True)}
+    rows = [(method, [probed(args, **settings)], [PAPER_TABLE3[method]]) for method, settings in runs.items()]
     return ["accuracy"], rows
 
 
@@ -227,9 +251,10 @@ def run_table(args):
     columns, rows = {1: table1, 2: table2, 3: table3}[args.table](args)
     text = format_table(args.table, columns, rows)
     print(text)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
+    # table1.md, table2.md, ...: the tables share one --out and its pretrained RotNets
+    with open(os.path.join(args.out, f"table{args.table}.md"), "w") as f:
         f.write(text)
-    with open(os.path.join(args.out, "table.json"), "w") as f:
+    with open(os.path.join(args.out, f"table{args.table}.json"), "w") as f:
         json.dump(dict(table=args.table, columns=columns, epochs_scale=args.epochs_scale, width=args.width,
                        rows=[dict(name=n, ours=o, paper=p) for n, o, p in rows]), f, indent=1)
 

@@ -44,16 +44,18 @@ def run_arm(args, arm, per_class, subset, checkpoint):
     """One arm for one K, in its own folder: reused when finished, resumed when stopped."""
     out = os.path.join(args.out, f"K{per_class}_{arm}")
     path = os.path.join(out, "results.json")
+    kind = "conv" if arm == "rotnet_conv" else "supervised"
+    probe.check_reusable(out, epochs=probe.schedule_epochs(args, kind), seed=args.seed,
+                         epoch_size=args.epoch_size, subset_seed=args.subset_seed)
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)["test_acc"]
     torch.manual_seed(args.seed)
     if arm == "rotnet_conv":
         extractor = rotnet.load_model(checkpoint)
-        classifier = probe.make_classifier("conv", probe.feature_shape(extractor, BLOCK))
-        model, kind = probe.Probe(extractor, BLOCK, classifier), "conv"
+        model = probe.Probe(extractor, BLOCK, probe.make_classifier("conv", probe.feature_shape(extractor, BLOCK)))
     else:
-        model, kind = rotnet.NIN(blocks=3, num_classes=10, width=args.width), "supervised"
+        model = rotnet.NIN(blocks=3, num_classes=10, width=args.width)
     describe = dict(arm=arm, per_class=per_class, classifier=kind, block=BLOCK if kind == "conv" else None,
                     checkpoint=checkpoint if kind == "conv" else None, subset_seed=args.subset_seed)
     run_args = argparse.Namespace(**dict(vars(args), resume=True))

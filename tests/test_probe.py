@@ -131,10 +131,13 @@ def test_a_whole_table_at_a_tiny_scale(cifar, tmp_path, table):
     first = run_probe(*flags)
     paper = {1: ["85.45", "89.76", "50.37"], 3: ["92.80", "72.50", "92.17"]}[table]
     assert all(f"({p})" in first.stdout for p in paper), first.stdout
-    saved = json.loads((tmp_path / "table.json").read_text())
+    saved = json.loads((tmp_path / f"table{table}.json").read_text())
     assert len(saved["rows"]) == {1: 3, 3: 6}[table]
     assert all(0 <= acc <= 100 for row in saved["rows"] for acc in row["ours"])
-    assert (tmp_path / "table.md").read_text().strip() in first.stdout
+    assert (tmp_path / f"table{table}.md").read_text().strip() in first.stdout
     # A second call reuses every finished run: no training, the same table.
     again = run_probe(*flags)
-    assert "epoch 1" not in again.stdout and json.loads((tmp_path / "table.json").read_text()) == saved
+    assert "epoch 1" not in again.stdout and json.loads((tmp_path / f"table{table}.json").read_text()) == saved
+    # Runs made at another scale are not silently taken for this one.
+    other = run_probe(*[0.01 if f == 0.005 else f for f in flags], check=False)
+    assert_one_line_error(other, "other settings", "epochs")
