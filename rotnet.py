@@ -485,9 +485,10 @@ def pretrain(args, ctx=None):
         atomic_save(dict(model=model.state_dict(), model_config=model.config, rotations=list(rotations),
                          metrics=metrics), os.path.join(args.out, name))
 
-    def snapshot(epoch, metrics):  # --save-every: the models of Figure 5(a)
-        if args.save_every and epoch % args.save_every == 0:
-            save_model(f"model_epoch{epoch:03d}.pt", metrics)
+    def snapshot(epoch, metrics):  # --save-every: the models of Figure 5(a), each with its
+        if args.save_every and epoch % args.save_every == 0:  # rotation accuracy
+            save_model(f"model_epoch{epoch:03d}.pt",
+                       metrics if metrics["test_acc"] is not None else dict(metrics, test_acc=test()))
 
     metrics = fit(ctx, args.out, config, model, opt, sched, args.epochs, run_epoch, test,
                   args.eval_every, args.resume, extra_state=dict(model_config=model.config),

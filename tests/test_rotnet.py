@@ -445,6 +445,18 @@ def test_cli_other_rotation_sets(cifar, tmp_path, rotations):
     assert torch.load(out / "model.pt", weights_only=True)["rotations"] == [int(r) for r in rotations.split(",")]
 
 
+def test_cli_save_every_keeps_tested_snapshots(cifar, tmp_path):
+    # The snapshots of Figure 5(a) carry their rotation accuracy, also on epochs that
+    # --eval-every skips.
+    out = tmp_path / "out"
+    run_cli(*tiny_run_flags(cifar, out, "--epochs", "2", "--save-every", "1", "--eval-every", "2"))
+    assert [m["test_acc"] is None for m in metrics_of(out)] == [True, False]
+    for epoch in (1, 2):
+        saved = torch.load(out / f"model_epoch{epoch:03d}.pt", weights_only=True)
+        assert saved["metrics"]["epoch"] == epoch and 0 <= saved["metrics"]["test_acc"] <= 100
+        rotnet.load_model(out / f"model_epoch{epoch:03d}.pt")
+
+
 def test_cli_resume_after_kill_equals_an_uninterrupted_run(cifar, tmp_path):
     flags = lambda out: tiny_run_flags(cifar, out, "--epochs", "4", "--eval-every", "1", "--seed", "3")
     out_a, out_b = tmp_path / "a", tmp_path / "b"

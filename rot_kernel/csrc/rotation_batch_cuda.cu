@@ -20,8 +20,8 @@ constexpr int kThreads = 256;
 // A block gets 48 KiB of shared memory without opting in; the staged kernel's own tables
 // of mean and 1/std take part of it.
 constexpr int kMaxStagedBytes = 48 * 1024 - 2 * kMaxChannels * sizeof(float);
-constexpr int kTile = 32;                   // output tile of the large-image path
-constexpr int kBox = 52;  // staged box: a 32-tile turned by 45 deg spans at most 48
+constexpr int kTile = 32;  // output tile of the large-image path
+constexpr int kBox = 52;   // staged box: a 32-tile turned by 45 deg spans at most 48
 
 template <typename in_t>
 struct Images {
