@@ -289,6 +289,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         run_table(args) if args.table else probe(args)
+        rotnet.wait_for_ranks()
     except rotnet.DataError as err:
         sys.exit(f"error: {err}")
     finally:

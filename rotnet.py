@@ -12,6 +12,7 @@ A run writes config.json, metrics.jsonl, checkpoint.pt (each epoch) and model.pt
 """
 import argparse
 import ctypes
+import gc
 import glob
 import hashlib
 import json
@@ -592,10 +593,20 @@ def parse_args(argv=None):
     return args
 
 
+def wait_for_ranks():
+    """Lets the ranks of a finished run leave together. A DDP model that only the garbage
+    collector would free (its hooks make cycles) and a peer still at work (rank 0 writing
+    files) both make gloo abort the process at teardown."""
+    if dist.is_initialized():
+        gc.collect()
+        dist.barrier()
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         benchmark(args) if args.benchmark else pretrain(args)
+        wait_for_ranks()
     except DataError as err:
         sys.exit(f"error: {err}")
     finally:

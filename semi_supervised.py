@@ -95,28 +95,44 @@ def markdown(rows):
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def sweep(args):
+    """Both arms for every K; rank 0 writes the results, the table and the figure."""
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    checkpoint = args.checkpoint or probe.pretrained(args, 4)
     try:
-        checkpoint = args.checkpoint or probe.pretrained(args, 4)
         rotnet.load_model(checkpoint)  # an unreadable checkpoint stops here, not after a run
-        labels = rotnet.load_cifar(args.data, args.download)[1]
-    except (rotnet.DataError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    labels = rotnet.load_cifar(args.data, args.download)[1]
     rows = []
     for k in args.per_class:
         subset = labelled_subset(labels, k, args.subset_seed)
         row = dict(per_class=k, rotnet_conv=run_arm(args, "rotnet_conv", k, subset, checkpoint),
                    supervised=run_arm(args, "supervised", k, subset, checkpoint))
         rows.append(row)
-        print(f"K={k}: RotNet + conv {row['rotnet_conv']:.2f} %, supervised {row['supervised']:.2f} %, "
-              f"gap {row['rotnet_conv'] - row['supervised']:+.2f}", flush=True)
+        if main_rank:
+            print(f"K={k}: RotNet + conv {row['rotnet_conv']:.2f} %, supervised {row['supervised']:.2f} %, "
+                  f"gap {row['rotnet_conv'] - row['supervised']:+.2f}", flush=True)
+    if not main_rank:
+        return
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(dict(rows=rows, checkpoint=checkpoint, epoch_size=args.epoch_size), f, indent=1)
     with open(os.path.join(args.out, "semi_supervised.md"), "w") as f:
         f.write(markdown(rows))
     plot(rows, os.path.join(args.out, "semi_supervised.png"))
     print(markdown(rows) + f"\nwrote {args.out}/results.json, semi_supervised.md, semi_supervised.png")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        sweep(args)
+        rotnet.wait_for_ranks()
+    except rotnet.DataError as err:
+        sys.exit(f"error: {err}")
+    finally:
+        if rotnet.dist.is_initialized():
+            rotnet.dist.destroy_process_group()
 
 
 def per_class_list(text):
