@@ -14,7 +14,6 @@ in --out, probes, and prints our numbers beside the paper's.
 import argparse
 import json
 import os
-import sys
 
 import torch
 import torch.nn as nn
@@ -287,14 +286,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        run_table(args) if args.table else probe(args)
-        rotnet.wait_for_ranks()
-    except rotnet.DataError as err:
-        sys.exit(f"error: {err}")
-    finally:
-        if rotnet.dist.is_initialized():
-            rotnet.dist.destroy_process_group()
+    rotnet.run_job(run_table if args.table else probe, args)
 
 
 if __name__ == "__main__":

@@ -593,25 +593,26 @@ def parse_args(argv=None):
     return args
 
 
-def wait_for_ranks():
-    """Lets the ranks of a finished run leave together. A DDP model that only the garbage
-    collector would free (its hooks make cycles) and a peer still at work (rank 0 writing
-    files) both make gloo abort the process at teardown."""
-    if dist.is_initialized():
-        gc.collect()
-        dist.barrier()
-
-
-def main(argv=None):
-    args = parse_args(argv)
+def run_job(job, args):
+    """Every script's main: run the job, turn a data problem into one line, end the ranks.
+    The ranks of a finished run leave together: a DDP model that only the garbage collector
+    would free (its hooks make cycles) and a peer still at work (rank 0 writing files) both
+    make gloo abort the process at teardown."""
     try:
-        benchmark(args) if args.benchmark else pretrain(args)
-        wait_for_ranks()
+        job(args)
+        if dist.is_initialized():
+            gc.collect()
+            dist.barrier()
     except DataError as err:
         sys.exit(f"error: {err}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run_job(benchmark if args.benchmark else pretrain, args)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ samples, cycling the small set, so small K still gets the full number of steps.
 import argparse
 import json
 import os
-import sys
 
 import torch
 
@@ -125,14 +124,7 @@ def sweep(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        sweep(args)
-        rotnet.wait_for_ranks()
-    except rotnet.DataError as err:
-        sys.exit(f"error: {err}")
-    finally:
-        if rotnet.dist.is_initialized():
-            rotnet.dist.destroy_process_group()
+    rotnet.run_job(sweep, args)
 
 
 def per_class_list(text):
