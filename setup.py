@@ -11,7 +11,8 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 CSRC = "rot_kernel/csrc"
 # The same flags as the just-in-time build in rot_kernel/__init__.py, which says why.
-CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off"]
+NVCC_FLAGS = ["-O3", "-fmad=false"]
 WITH_CUDA = torch.version.cuda is not None and CUDA_HOME is not None
 
 Extension = CUDAExtension if WITH_CUDA else CppExtension
@@ -24,7 +25,7 @@ setup(
     packages=["rot_kernel"],
     package_data={"rot_kernel": ["csrc/*"]},
     ext_modules=[Extension("rot_kernel._C", sources,
-                           extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3"]},
+                           extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
                            extra_link_args=["-fopenmp"])],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.9",

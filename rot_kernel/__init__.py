@@ -2,13 +2,15 @@
 
     batch, labels = rotation_batch(images, index, shifts, flips, mean=..., std=...)
 
-turns uint8 (or float32) images [N, C, H, W] into the normalised, shifted, flipped and
-rotated training batch [B*R, C, H, W] in one pass; see rotation_batch's docstring.
+turns uint8 (or float32) images [N, C, H, W] into the cropped (or resized-cropped), flipped,
+rotated and normalised training batch [B*R, C, h, w] in one pass; see rotation_batch's
+docstring.
 
 The compiled operator comes from `pip install --no-build-isolation -e .` (rot_kernel._C),
 else from a just-in-time build cached under TORCH_EXTENSIONS_DIR; if neither works the
 plain-torch reference stands in, with one warning.
 """
+import math
 import os
 import sys
 import warnings
@@ -17,14 +19,17 @@ import torch
 
 from . import reference
 
-__all__ = ["rotation_batch", "backend", "reference"]
+__all__ = ["rotation_batch", "resized_crop_boxes", "backend", "reference"]
 
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _JIT_NAME = "rot_kernel_jit"
 # -fopenmp: at::parallel_for is serial without it; -fno-trapping-math: lets the compiler
 # vectorise the float16 store (nothing here reads floating-point exception flags).
+# -ffp-contract=off (C++) and -fmad=false (CUDA): no fused multiply-adds, so that both
+# devices round every product and sum alike and give the same bits, bilinear paths included.
 # setup.py uses the same.
-CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off"]
+NVCC_FLAGS = ["-O3", "-fmad=false"]
 
 
 def _jit_build():
@@ -41,7 +46,7 @@ def _jit_build():
     if not cached:
         print("rot_kernel: compiling the fused operator (once; about a minute)...", file=sys.stderr)
     cpp_extension.load(name=_JIT_NAME, sources=sources, extra_cflags=CXX_FLAGS,
-                       extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3"], is_python_module=False)
+                       extra_ldflags=["-fopenmp"], extra_cuda_cflags=NVCC_FLAGS, is_python_module=False)
 
 
 def _load():
@@ -85,13 +90,15 @@ def backend():
 
 if _BUILD is not None:
     @torch.library.register_fake("rot_kernel::rotation_batch")
-    def _(images, index, shifts, flips, mean, std, rotations, out_dtype, channels_last):
-        reference.check_arguments(images, index, shifts, flips, mean, std, rotations, out_dtype,
-                                  channels_last)  # traced calls fail as eager ones do
+    def _(images, index, shifts, flips, mean, std, rotations, out_dtype, channels_last, size=None,
+          boxes=None, check_bounds=True):
+        _, _, _, (h, w) = reference.check_arguments(  # traced calls fail as eager ones do
+            images, index, shifts, flips, mean, std, rotations, out_dtype, channels_last, size,
+            boxes, check_bounds)
         B = images.shape[0] if index is None else index.shape[0]
         R = len(rotations)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        batch = images.new_empty((B * R, *images.shape[1:]), dtype=out_dtype).contiguous(memory_format=fmt)
+        batch = images.new_empty((B * R, images.shape[1], h, w), dtype=out_dtype).contiguous(memory_format=fmt)
         return batch, images.new_empty((B * R,), dtype=torch.int64)
 
 
@@ -99,19 +106,39 @@ _warned_devices = set()
 
 
 def rotation_batch(images, index=None, shifts=None, flips=None, *, mean=None, std=None,
-                   rotations=(0, 90, 180, 270), out_dtype=torch.float32, channels_last=False):
+                   rotations=(0, 90, 180, 270), out_dtype=torch.float32, channels_last=False,
+                   size=None, boxes=None, check_bounds=True):
     """The training batch of RotNet, built in one pass.
 
     images:   uint8 or float32 [N, C, H, W], CPU or CUDA, any strides
     index:    int64 [B], which images (None: all N, in order)
-    shifts:   integer [B, 2], (dy, dx) per image; pixels shifted in from outside are 0
-    flips:    bool [B], horizontal flip per image (after the shift)
+    shifts:   integer [B, 2], (dy, dx) per image: the view is the h x w window
+              view[c, i, k] = image[c, i + dy, k + dx], 0 where that is outside the image
+              (None: the window at (0, 0)). With size < (H, W), shifts in [0, H-h] x [0, W-w]
+              are a random crop and ((H-h)//2, (W-w)//2) the centre crop.
+    flips:    bool [B], horizontal flip per image, of the h x w view (after the crop)
     mean/std: C numbers each, in the scale of the input (None: 0 and 1)
     rotations: degrees, unique multiples of 45 in [0, 360); quarter turns are exact
-               (torch.rot90), odd multiples of 45 bilinear with zeros outside
+               (torch.rot90), odd multiples of 45 bilinear with zeros outside; all but 0 and
+               180 need a square output (h == w), whatever the source's shape
     out_dtype: float32, bfloat16 or float16; channels_last: the output's memory format
+    size:     (h, w), the output's size, 1 <= h <= H, 1 <= w <= W (None: (H, W))
+    boxes:    integer [B, 4] on the images' device, (top, left, height, width) per image: a
+              non-empty box inside the image, resized to h x w as
+              F.interpolate(box, (h, w), mode="bilinear", align_corners=False) without
+              antialias (torchvision's RandomResizedCrop with antialias=False): output pixel d
+              samples the box at (d + 0.5) * in/out - 0.5 along each axis, clamped below at 0,
+              its upper neighbour clamped to the box's last row/column, so nothing outside
+              the box is read (float32 weights; CPU and CUDA builds round alike, without
+              fused multiply-adds). Not together with shifts.
+    check_bounds: True: index and boxes are range-checked against the images (IndexError,
+              ValueError); on CUDA that costs a device-to-host sync. False: the caller
+              guarantees them and the op never syncs (on CUDA a bad value gives an unspecified
+              batch, not a read out of bounds); the CPU checks anyway, as it costs nothing.
 
-    Returns batch [B*R, C, H, W] and labels int64 [B*R]: output b*R + r is image index[b]
+    For each chosen image, in this order: crop (shift window or resized box), flip, turn,
+    normalise, write once in out_dtype and the memory format.
+    Returns batch [B*R, C, h, w] and labels int64 [B*R]: output b*R + r is image index[b]
     turned by rotations[r], with label r.
     """
     if not (isinstance(images, torch.Tensor) and _KERNELS.get(images.device.type)):
@@ -121,9 +148,40 @@ def rotation_batch(images, index=None, shifts=None, flips=None, *, mean=None, st
                           "plain-torch reference", RuntimeWarning, stacklevel=2)
         return reference.rotation_batch(images, index, shifts, flips, mean=mean, std=std,
                                         rotations=rotations, out_dtype=out_dtype,
-                                        channels_last=channels_last)
-    mean, std, rotations = reference.check_arguments(images, index, shifts, flips, mean, std,
-                                                     rotations, out_dtype, channels_last)
-    # The index range is checked by the op itself, next to the data.
-    return torch.ops.rot_kernel.rotation_batch.default(images, index, shifts, flips, mean, std,
-                                                       rotations, out_dtype, channels_last)
+                                        channels_last=channels_last, size=size, boxes=boxes,
+                                        check_bounds=check_bounds)
+    mean, std, rotations, (h, w) = reference.check_arguments(
+        images, index, shifts, flips, mean, std, rotations, out_dtype, channels_last, size, boxes,
+        check_bounds)
+    # The ranges of index and boxes are checked by the op itself, next to the data.
+    return torch.ops.rot_kernel.rotation_batch.default(
+        images, index, shifts, flips, mean, std, rotations, out_dtype, channels_last,
+        None if size is None else [h, w], boxes, check_bounds)
+
+
+def resized_crop_boxes(B, H, W, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=10, generator=None,
+                       device=None):
+    """int64 [B, 4] (top, left, height, width), each drawn as torchvision's RandomResizedCrop
+    draws its crop: up to `tries` draws of an area (a fraction of H*W uniform in `scale`) and an
+    aspect ratio w/h (log-uniform in `ratio`), sides rounded; the first that fits wins, at a
+    uniform position. If none fits: the largest centred crop whose ratio lies in `ratio`.
+    The `boxes` argument of rotation_batch; drawn on `device` (that of `generator`)."""
+    area = torch.empty(B, tries, dtype=torch.float64, device=device).uniform_(*scale, generator=generator) * (H * W)
+    aspect = torch.empty(B, tries, dtype=torch.float64, device=device).uniform_(
+        math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
+    w = (area * aspect).sqrt().round().long()
+    h = (area / aspect).sqrt().round().long()
+    fits = (w >= 1) & (w <= W) & (h >= 1) & (h <= H)
+    first = fits.long().argmax(1, keepdim=True)  # the first try that fits (0 where none does)
+    h, w, fitted = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0], fits.any(1)
+    if W / H < min(ratio):  # the fallback: the whole image, trimmed to the nearest allowed ratio
+        fh, fw = round(W / min(ratio)), W
+    elif W / H > max(ratio):
+        fh, fw = H, round(H * max(ratio))
+    else:
+        fh, fw = H, W
+    h, w = torch.where(fitted, h, fh), torch.where(fitted, w, fw)
+    u = torch.rand(B, 2, dtype=torch.float64, generator=generator, device=device)
+    top = torch.where(fitted, (u[:, 0] * (H - h + 1)).long(), (H - h) // 2)
+    left = torch.where(fitted, (u[:, 1] * (W - w + 1)).long(), (W - w) // 2)
+    return torch.stack([top, left, h, w], 1)

@@ -8,9 +8,13 @@ side by side and interleaved in one run so that machine noise hits them alike:
   reference  rot_kernel.reference.rotation_batch (plain torch: the oracle)
   original   the original RotNet loader's per-image numpy pipeline, one image at a time
 Before timing, the three are checked to give the same values: a fast wrong answer is no answer.
+The ImageNet-style rows crop 256x256 sources to 224x224 outputs: "crop" at random integer
+offsets (size + shifts), "resized" from boxes drawn as torchvision's RandomResizedCrop draws
+them (size + boxes, bilinear); the original pipeline had no such rows (its columns show "–").
 
 Reading the table: times are medians in ms for one batch of B source images (B*R outputs);
-img/s and GB/s are the fused op's (bytes = uint8 read + outputs and int64 labels written);
+img/s and GB/s are the fused op's (bytes = uint8 read + outputs and int64 labels written;
+for crops, the h x w pixels of the output size are counted as read);
 "x ref" and "x orig" are how many times faster fused is (ratios of medians). On CUDA,
 "% copy" is the fused op's GB/s as a fraction of a device-to-device copy measured in this
 run, i.e. how close it gets to the memory bound. An original time marked * was measured on
@@ -27,17 +31,22 @@ from rot_kernel import reference
 MEAN, STD = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)  # CIFAR-10 pixel statistics, 0-255
 ROTATIONS = (0, 90, 180, 270)
 PAD = 4                      # shifts are in [-PAD, PAD], as the original's RandomCrop(32, padding=4)
-CIFAR_POOL, LARGE_POOL = 50_000, 256
+CIFAR_POOL, LARGE_POOL, IMAGENET_POOL = 50_000, 256, 256
+CROP_SOURCE, CROP_SIZE = 256, 224   # "resize 256, crop 224" of the ImageNet experiments
 REPS, ORIG_REPS, WARMUP = 20, 3, 3
+CROP_REPS = 5                # the crop rows' reference takes seconds per batch on a CPU
 ORIG_MAX_B = 512             # the original is slow: bigger batches are timed on this many images
 
 def cases(quick):
     out = [dict(pool="cifar", B=B, dtype=dt) for B in (128, 512, 4096)
            for dt in (torch.float32, torch.bfloat16) if not (quick and B == 4096)]
-    return out if quick else out + [dict(pool="large", B=64, dtype=torch.float32)]
+    # quick: a small batch, only to see that the crop paths run
+    crops = [dict(pool="imagenet", B=16 if quick else 192, dtype=torch.bfloat16, crop=crop)
+             for crop in ("crop", "resized")]
+    return out + crops if quick else out + [dict(pool="large", B=64, dtype=torch.float32)] + crops
 
 def make_pool(kind, device):
-    n, hw = (CIFAR_POOL, 32) if kind == "cifar" else (LARGE_POOL, 224)
+    n, hw = {"cifar": (CIFAR_POOL, 32), "large": (LARGE_POOL, 224), "imagenet": (IMAGENET_POOL, CROP_SOURCE)}[kind]
     return torch.randint(0, 256, (n, 3, hw, hw), dtype=torch.uint8, device=device)
 
 def make_inputs(pool, B):
@@ -47,6 +56,16 @@ def make_inputs(pool, B):
     shifts = torch.randint(-PAD, PAD + 1, (B, 2), device=dev)
     flips = torch.rand(B, device=dev) < 0.5
     return index, shifts, flips
+
+def make_crop_inputs(pool, B, crop):
+    # a 224x224 training crop of each 256x256 source: (index, shifts, flips, boxes) and the size
+    dev, H, W = pool.device, pool.shape[2], pool.shape[3]
+    index = torch.randperm(pool.shape[0], device=dev)[:B]
+    flips = torch.rand(B, device=dev) < 0.5
+    if crop == "crop":
+        shifts = torch.stack([torch.randint(0, H - CROP_SIZE + 1, (B,)), torch.randint(0, W - CROP_SIZE + 1, (B,))], 1)
+        return index, shifts.to(dev), flips, None
+    return index, None, flips, rot_kernel.resized_crop_boxes(B, H, W).to(dev)
 
 # ---- the original pipeline: numpy on HWC images, one at a time, then ToTensor + Normalize
 def original_rotate(img, deg):
@@ -94,7 +113,17 @@ def copy_bandwidth(device, nbytes=1 << 30, reps=10):
 
 def check(pools, device):
     # the three implementations must agree before any of them is timed
-    for pool in pools:
+    for kind, pool in pools.items():
+        if kind == "imagenet":  # no original pipeline: fused against the reference
+            for crop in ("crop", "resized"):
+                index, shifts, flips, boxes = make_crop_inputs(pool, 8, crop)
+                kw = dict(mean=MEAN, std=STD, rotations=ROTATIONS, size=(CROP_SIZE, CROP_SIZE), boxes=boxes)
+                got, lab = rot_kernel.rotation_batch(pool, index, shifts, flips, **kw)
+                want, want_lab = reference.rotation_batch(pool, index, shifts, flips, **kw)
+                # bilinear boxes: PyTorch's CPU kernel fuses multiply-adds, ours does not
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-4 if boxes is not None else 1e-5)
+                torch.testing.assert_close(lab, want_lab)
+            continue
         index, shifts, flips = make_inputs(pool, 8)
         want, want_lab = original_batch(*as_numpy(pool, index, shifts, flips), device)
         for dt in (torch.float32, torch.bfloat16):
@@ -104,41 +133,54 @@ def check(pools, device):
                 torch.testing.assert_close(lab, want_lab)
 
 def run_case(case, pool, device, reps, orig_reps):
-    B, dt = case["B"], case["dtype"]
-    index, shifts, flips = make_inputs(pool, B)
+    B, dt, crop = case["B"], case["dtype"], case.get("crop")
     kw = dict(mean=MEAN, std=STD, rotations=ROTATIONS, out_dtype=dt)
+    if crop:  # the original pipeline had no crops: fused and reference only
+        index, shifts, flips, boxes = make_crop_inputs(pool, B, crop)
+        kw.update(size=(CROP_SIZE, CROP_SIZE), boxes=boxes)
+        orig, orig_reps, nb, reps = None, 0, B, min(reps, CROP_REPS)
+    else:
+        index, shifts, flips = make_inputs(pool, B)
+        nb = min(B, ORIG_MAX_B)
+        args = as_numpy(pool, index[:nb], shifts[:nb], flips[:nb])
+        orig = lambda: original_batch(*args, device)
     fused = lambda: rot_kernel.rotation_batch(pool, index, shifts, flips, **kw)
     ref = lambda: reference.rotation_batch(pool, index, shifts, flips, **kw)
-    nb = min(B, ORIG_MAX_B)
-    args = as_numpy(pool, index[:nb], shifts[:nb], flips[:nb])
-    orig = lambda: original_batch(*args, device)
     for _ in range(WARMUP): fused(); ref()
-    orig()
+    if orig: orig()
     t = {"fused": [], "reference": [], "original": []}
     for i in range(reps):  # interleaved, so drifts in clock or load hit every implementation
         t["fused"].append(timed(fused, device))
         t["reference"].append(timed(ref, device))
         if i < orig_reps: t["original"].append(timed(orig, device) * B / nb)
-    ms = {k: 1e3 * float(np.median(v)) for k, v in t.items()}
+    ms = {k: 1e3 * float(np.median(v)) if v else None for k, v in t.items()}
     _, C, H, W = pool.shape
+    h, w = (CROP_SIZE, CROP_SIZE) if crop else (H, W)
     R = len(ROTATIONS)
-    nbytes = B * C * H * W * pool.element_size() + B * R * (C * H * W * dt.itemsize + 8)
-    return dict(pool=case["pool"], B=B, C=C, H=H, W=W, R=R, out_dtype=str(dt).replace("torch.", ""),
+    nbytes = B * C * h * w * pool.element_size() + B * R * (C * h * w * dt.itemsize + 8)
+    return dict(pool=case["pool"], crop=crop, B=B, C=C, H=H, W=W, h=h, w=w, R=R,
+                out_dtype=str(dt).replace("torch.", ""),
                 ms=ms, reps={k: len(v) for k, v in t.items()}, original_scaled_from=nb if nb < B else None,
                 images_per_s=B / (ms["fused"] / 1e3), bytes=nbytes, GB_per_s=nbytes / ms["fused"] / 1e6,
                 speedup_vs_reference=ms["reference"] / ms["fused"],
-                speedup_vs_original=ms["original"] / ms["fused"])
+                speedup_vs_original=ms["original"] / ms["fused"] if ms["original"] else None)
 
 def ratio(x):
     return f"{x:.1f}" if x < 100 else f"{x:.0f}"
 
-COLUMNS = [  # (header, cell) of the printed table
-    ("B", lambda c: c["B"]), ("HxW", lambda c: f"{c['H']}x{c['W']}"), ("out", lambda c: c["out_dtype"]),
+def shape(c):
+    out = f"{c['H']}x{c['W']}"
+    return out if not c["crop"] else f"{out} {c['crop']} {c['h']}x{c['w']}"
+
+COLUMNS = [  # (header, cell) of the printed table; "–" where the original has no such case
+    ("B", lambda c: c["B"]), ("HxW", shape), ("out", lambda c: c["out_dtype"]),
     ("fused ms", lambda c: f"{c['ms']['fused']:.3f}"), ("ref ms", lambda c: f"{c['ms']['reference']:.3f}"),
-    ("orig ms", lambda c: f"{c['ms']['original']:.1f}" + ("*" if c["original_scaled_from"] else "")),
+    ("orig ms", lambda c: "–" if c["ms"]["original"] is None else
+     f"{c['ms']['original']:.1f}" + ("*" if c["original_scaled_from"] else "")),
     ("img/s", lambda c: f"{c['images_per_s']:,.0f}"), ("GB/s", lambda c: f"{c['GB_per_s']:.2f}"),
     ("% copy", lambda c: f"{100 * c['copy_fraction']:.0f}%"),
-    ("x ref", lambda c: ratio(c["speedup_vs_reference"])), ("x orig", lambda c: ratio(c["speedup_vs_original"]))]
+    ("x ref", lambda c: ratio(c["speedup_vs_reference"])),
+    ("x orig", lambda c: "–" if c["speedup_vs_original"] is None else ratio(c["speedup_vs_original"]))]
 
 def print_table(res):
     cuda = res["copy_GB_per_s"] is not None
@@ -162,18 +204,19 @@ def main():
     todo = cases(a.quick)
     torch.manual_seed(0)
     pools = {k: make_pool(k, device) for k in dict.fromkeys(c["pool"] for c in todo)}
-    check(pools.values(), device)
+    check(pools, device)
     cuda = device.type == "cuda"
     res = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if cuda else None,
                torch=torch.__version__, threads=torch.get_num_threads(), backend=rot_kernel.backend(),
                copy_GB_per_s=copy_bandwidth(device) / 1e9 if cuda else None,
                settings=dict(mean=MEAN, std=STD, rotations=ROTATIONS, pad=PAD, reps=reps, original_reps=orig_reps,
-                             warmup=WARMUP, quick=a.quick), cases=[])
+                             warmup=WARMUP, quick=a.quick, crop_source=CROP_SOURCE, crop_size=CROP_SIZE,
+                             crop_reps=min(reps, CROP_REPS)), cases=[])
     for case in todo:
         c = run_case(case, pools[case["pool"]], device, reps, orig_reps)
         if res["copy_GB_per_s"]: c["copy_fraction"] = c["GB_per_s"] / res["copy_GB_per_s"]
         res["cases"].append(c)
-        print(f"done B={c['B']} {c['H']}x{c['W']} {c['out_dtype']}: fused {c['ms']['fused']:.3f} ms", flush=True)
+        print(f"done B={c['B']} {shape(c)} {c['out_dtype']}: fused {c['ms']['fused']:.3f} ms", flush=True)
     print_table(res)
     with open(a.json, "w") as f: json.dump(res, f, indent=1)
     print(f"wrote {a.json}")

@@ -75,7 +75,9 @@ def check_against_reference(images, index, shifts, flips, **kw):
     assert got.shape == want.shape and got.dtype == want.dtype and got.device == images.device
     assert got.is_contiguous(memory_format=fmt)
     assert torch.equal(labels, want_labels)
-    bilinear = any(r % 90 for r in kw.get("rotations", (0,)))
+    # PyTorch's CPU kernels fuse multiply-adds, ours do not (so that CPU and CUDA agree
+    # bit for bit): bilinear paths (45-degree turns, boxes) differ from them by float rounding.
+    bilinear = any(r % 90 for r in kw.get("rotations", (0,))) or kw.get("boxes") is not None
     if got.dtype == torch.float32:  # quarter turns: float rounding of the normalisation only
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-4 if bilinear else 1e-5)
     else:  # one rounding step of the output dtype
@@ -225,6 +227,211 @@ def test_16_bit_stores_round_like_torch(gen, device, out_dtype):
     assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
 
 
+# ----------------------------------------------------------------------------- crops and boxes
+
+def uniform_ints(gen, lo, hi):
+    """One int per entry of the broadcast bounds, uniform in [lo, hi] (tensors or ints)."""
+    lo, hi = torch.as_tensor(lo, dtype=torch.long), torch.as_tensor(hi, dtype=torch.long)
+    shape = torch.broadcast_shapes(lo.shape, hi.shape)
+    return lo + (torch.rand(shape, generator=gen, dtype=torch.float64) * (hi - lo + 1)).long().clamp(max=hi - lo)
+
+
+def make_crops(gen, kind, B, H, W, h, w, device):
+    """(shifts, boxes) for B crops of the H x W images to h x w, one of them or both None."""
+    def pairs(lo_y, hi_y, lo_x, hi_x):
+        return torch.stack([uniform_ints(gen, lo_y, hi_y), uniform_ints(gen, lo_x, hi_x)], 1)
+
+    if kind == "corner":  # no shifts: the window at (0, 0)
+        return None, None
+    if kind == "centre":
+        return torch.tensor([[(H - h) // 2, (W - w) // 2]] * B, device=device), None
+    if kind == "inside":  # a random crop
+        return pairs([0] * B, H - h, [0] * B, W - w).to(device), None
+    if kind == "outside":  # windows reaching past every edge, some wholly outside
+        return pairs([-h - 2] * B, H + 2, [-w - 2] * B, W + 2).to(device), None
+    # boxes: (height, width) in a range per kind, then (top, left) anywhere they fit
+    lo_h, hi_h, lo_w, hi_w = {
+        "box": (1, H, 1, W),
+        "full": (H, H, W, W),
+        "pixel": (1, 1, 1, 1),
+        "up": (1, max(1, h - 1), 1, max(1, w - 1)),  # smaller than the output
+        "down": (min(h + 1, H), H, min(w + 1, W), W),  # larger than the output
+    }[kind]
+    size = pairs([lo_h] * B, hi_h, [lo_w] * B, hi_w)
+    corner = pairs([0] * B, H - size[:, 0], [0] * B, W - size[:, 1])
+    return None, torch.cat([corner, size], 1).to(device)
+
+
+# (H, W) source -> (h, w) output, with the rotation sets tried on it: every set on a
+# non-square source cropped square, a few elsewhere; quarter turns only where h == w.
+CROP_SHAPES = {"37x41to29": ((37, 41, 29, 29), ROTATION_SETS.keys()),
+               "32to24": ((32, 32, 24, 24), ["four", "eight"]),
+               "9x12to1": ((9, 12, 1, 1), ["sideways", "eight"]),
+               "37x41to13x29": ((37, 41, 13, 29), ["half", "none"]),
+               "23x40to1x40": ((23, 40, 1, 40), ["half"])}
+
+
+def crop_cases(kinds):
+    for shape, (sizes, rotation_sets) in CROP_SHAPES.items():
+        for name in rotation_sets:
+            for kind in kinds:
+                yield pytest.param(sizes, ROTATION_SETS[name], kind, id=f"{shape}-{name}-{kind}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,rotations,kind",
+                         crop_cases(["corner", "centre", "inside", "outside"]))
+def test_crops_match_reference(gen, device, shape, rotations, kind):
+    H, W, h, w = shape
+    images = make_images(gen, 8, 3, H, W, torch.uint8, device)
+    index, _, flips = make_batch(gen, 8, 6, H, W, device)
+    shifts, _ = make_crops(gen, kind, 6, H, W, h, w, device)
+    got = check_against_reference(images, index, shifts, flips, size=(h, w), rotations=rotations,
+                                  **normalisation(images))
+    assert got.shape == (6 * len(rotations), 3, h, w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,rotations,kind",
+                         crop_cases(["box", "full", "pixel", "up", "down"]))
+def test_boxes_match_reference(gen, device, shape, rotations, kind):
+    H, W, h, w = shape
+    images = make_images(gen, 8, 3, H, W, torch.uint8, device)
+    index, _, flips = make_batch(gen, 8, 6, H, W, device)
+    _, boxes = make_crops(gen, kind, 6, H, W, h, w, device)
+    got = check_against_reference(images, index, None, flips, size=(h, w), boxes=boxes,
+                                  rotations=rotations, **normalisation(images))
+    assert got.shape == (6 * len(rotations), 3, h, w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["outside", "box"])
+@pytest.mark.parametrize("in_dtype", [torch.uint8, torch.float32], ids=["u8", "f32"])
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_crop_dtypes_and_formats(gen, device, kind, in_dtype, out_dtype, channels_last):
+    images = make_images(gen, 7, 3, 37, 41, in_dtype, device)
+    index, _, flips = make_batch(gen, 7, 5, 37, 41, device)
+    shifts, boxes = make_crops(gen, kind, 5, 37, 41, 29, 29, device)
+    check_against_reference(images, index, shifts, flips, boxes=boxes, size=(29, 29), rotations=ROTATION_SETS["eight"],
+                            out_dtype=out_dtype, channels_last=channels_last, **normalisation(images))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["channels_last", "strided", "broadcast"])
+@pytest.mark.parametrize("kind", ["outside", "box"])
+@pytest.mark.parametrize("in_dtype", [torch.uint8, torch.float32], ids=["u8", "f32"])
+def test_crops_of_any_input_layout(gen, device, layout, kind, in_dtype):
+    images = make_images(gen, 6, 3, 19, 22, in_dtype, device, layout)
+    index, _, flips = make_batch(gen, 6, 5, 19, 22, device)
+    shifts, boxes = make_crops(gen, kind, 5, 19, 22, 15, 15, device)
+    check_against_reference(images, index, shifts, flips, boxes=boxes, size=(15, 15),
+                            rotations=ROTATION_SETS["eight"], **normalisation(images))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B", [0, 1, 6])
+@pytest.mark.parametrize("C", [1, 3, 4])
+@pytest.mark.parametrize("kind", ["inside", "box"])
+def test_crops_of_any_batch_and_channel_count(gen, device, B, C, kind):
+    images = make_images(gen, 9, C, 21, 18, torch.uint8, device)
+    index, _, flips = make_batch(gen, 9, B, 21, 18, device)
+    mean = (torch.rand(C, generator=gen) * 255).tolist()
+    std = (torch.rand(C, generator=gen) * 60 + 30).tolist()
+    shifts, boxes = make_crops(gen, kind, B, 21, 18, 11, 11, device)
+    for rotations in (ROTATION_SETS["four"], ROTATION_SETS["eight"]):
+        got = check_against_reference(images, index, shifts, flips, boxes=boxes, size=(11, 11), mean=mean,
+                                      std=std, rotations=rotations)
+        assert got.shape == (B * len(rotations), C, 11, 11)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_crops(gen, device):
+    # On CUDA: 131x131 outputs take the tiled path, 40x40 ones of the same sources the staged one.
+    images = make_images(gen, 3, 3, 140, 150, torch.uint8, device)
+    index, _, flips = make_batch(gen, 3, 2, 140, 150, device)
+    for size in ((131, 131), (40, 40)):
+        for kind in ("outside", "box", "up"):
+            shifts, boxes = make_crops(gen, kind, 2, 140, 150, *size, device)
+            for channels_last in (False, True):
+                check_against_reference(images, index, shifts, flips, boxes=boxes, size=size,
+                                        rotations=ROTATION_SETS["eight"], channels_last=channels_last,
+                                        **normalisation(images))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_crops_are_exact(gen, device):
+    # Without normalisation, independent of the reference: a window inside the image turned by
+    # quarter turns is torch.rot90 of a slice; a box of the output's size is that slice, and
+    # a box of the whole image at the image's size is the image.
+    H, W, h, w = 30, 26, 17, 17
+    images = make_images(gen, 6, 3, H, W, torch.uint8, device)
+    index = torch.randint(0, 6, (5,), generator=gen).to(device)
+    shifts, _ = make_crops(gen, "inside", 5, H, W, h, w, device)
+    crops = [images[n, :, dy:dy + h, dx:dx + w] for n, (dy, dx) in zip(index.tolist(), shifts.tolist())]
+    got, _ = rot_kernel.rotation_batch(images, index, shifts, size=(h, w))
+    assert torch.equal(got, torch.stack([torch.rot90(c, k, dims=(-2, -1)) for c in crops for k in range(4)]).float())
+    boxes = torch.cat([shifts, torch.tensor([[h, w]] * 5, device=device)], 1)
+    got, _ = rot_kernel.rotation_batch(images, index, boxes=boxes, size=(h, w), rotations=(0,))
+    assert torch.equal(got, torch.stack(crops).float())
+    whole = torch.tensor([[0, 0, H, W]] * 5, device=device)
+    got, _ = rot_kernel.rotation_batch(images, index, boxes=whole, rotations=(0, 180))
+    assert torch.equal(got[::2], images[index].float())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_size_of_the_source_is_the_default(gen, device):
+    images = make_images(gen, 5, 3, 12, 14, torch.uint8, device)
+    index, shifts, flips = make_batch(gen, 5, 4, 12, 14, device)
+    want, _ = rot_kernel.rotation_batch(images, index, shifts, flips, rotations=(0, 180))
+    for size in ((12, 14), [12, 14], torch.Size([12, 14])):
+        got, _ = rot_kernel.rotation_batch(images, index, shifts, flips, rotations=(0, 180), size=size)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["none", "outside", "box"])
+def test_unchecked_bounds_give_the_same_batch(gen, device, kind):
+    images = make_images(gen, 8, 3, 20, 20, torch.uint8, device)
+    index, _, flips = make_batch(gen, 8, 6, 20, 20, device)
+    shifts, boxes = (None, None) if kind == "none" else make_crops(gen, kind, 6, 20, 20, 16, 16, device)
+    kw = dict(size=(16, 16), rotations=ROTATION_SETS["eight"], boxes=boxes, **normalisation(images))
+    for implementation in (rot_kernel.rotation_batch, reference.rotation_batch):
+        checked, _ = implementation(images, index, shifts, flips, **kw)
+        unchecked, _ = implementation(images, index, shifts, flips, check_bounds=False, **kw)
+        assert torch.equal(checked, unchecked)
+
+
+def test_cpu_checks_ranges_even_unchecked():
+    # check_bounds=False spares CUDA a sync; on the CPU the check is free and always done.
+    images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    for implementation in (rot_kernel.rotation_batch, reference.rotation_batch):
+        with pytest.raises(IndexError, match="index"):
+            implementation(images, torch.tensor([0, 4]), check_bounds=False)
+        with pytest.raises(ValueError, match="boxes"):
+            implementation(images, boxes=torch.tensor([[0, 0, 8, 8]] * 3 + [[1, 0, 8, 8]]), check_bounds=False)
+
+
+def test_nine_argument_calls_of_the_op_still_work(gen):
+    images = make_images(gen, 5, 3, 10, 10, torch.uint8, "cpu")
+    index, shifts, flips = make_batch(gen, 5, 4, 10, 10, "cpu")
+    args = (images, index, shifts, flips, [1.0, 2.0, 3.0], [2.0, 3.0, 4.0], [0, 90, 180, 270], torch.float32, False)
+    got, labels = torch.ops.rot_kernel.rotation_batch.default(*args)
+    want, want_labels = rot_kernel.rotation_batch(images, index, shifts, flips, mean=args[4], std=args[5])
+    assert torch.equal(got, want) and torch.equal(labels, want_labels)
+
+
+def test_resized_crop_boxes_are_valid():
+    gen = torch.Generator().manual_seed(0)
+    for H, W in ((256, 256), (256, 320), (40, 12)):  # the last mostly falls back to a centre crop
+        boxes = rot_kernel.resized_crop_boxes(500, H, W, generator=gen)
+        assert boxes.shape == (500, 4) and boxes.dtype == torch.int64
+        reference.check_box_range(boxes, H, W)
+        if H == 256:  # area fractions in [0.08, 1], but for rounding the sides
+            area = (boxes[:, 2] * boxes[:, 3]).float() / (H * W)
+            assert area.min() >= 0.075 and area.max() <= 1.0 and area.max() > 0.9
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def bad_cases():
@@ -260,6 +467,30 @@ def bad_cases():
         "negative rotation": (dict(images=img, rotations=(-90,)), ValueError, "rotations"),
         "fractional rotation": (dict(images=img, rotations=(45.5,)), ValueError, "rotations"),
         "float64 output": (dict(images=img, out_dtype=torch.float64), TypeError, "out_dtype"),
+        "size of one int": (dict(images=img, size=4), ValueError, "size"),
+        "size of three ints": (dict(images=img, size=(4, 4, 4)), ValueError, "size"),
+        "size of floats": (dict(images=img, size=(4.0, 4.0)), ValueError, "size"),
+        "zero size": (dict(images=img, size=(0, 4)), ValueError, "size"),
+        "negative size": (dict(images=img, size=(4, -1)), ValueError, "size"),
+        "size larger than the images": (dict(images=wide, size=(9, 8), rotations=(0,)), ValueError, "size"),
+        "size wider than the images": (dict(images=wide, size=(8, 11), rotations=(0,)), ValueError, "size"),
+        "quarter turn of a non-square output": (dict(images=img, size=(6, 8), rotations=(0, 90)), ValueError, "square"),
+        "45 degrees of a non-square output": (dict(images=img, size=(8, 7), rotations=(45,)), ValueError, "square"),
+        "float boxes": (dict(images=img, index=idx, boxes=torch.zeros(2, 4)), TypeError, "boxes"),
+        "bool boxes": (dict(images=img, index=idx, boxes=torch.ones(2, 4, dtype=torch.bool)), TypeError, "boxes"),
+        "boxes of the wrong shape": (dict(images=img, index=idx, boxes=torch.ones(2, 2, dtype=torch.long)), ValueError, "boxes"),
+        "boxes for another batch size": (dict(images=img, index=idx, boxes=torch.ones(3, 4, dtype=torch.long)), ValueError, "boxes"),
+        "boxes on another device": (dict(images=img, index=idx, boxes=torch.ones(2, 4, dtype=torch.long, device="meta")), RuntimeError, "boxes"),
+        "box below the image": (dict(images=img, index=idx, boxes=torch.tensor([[0, 0, 8, 8], [1, 0, 8, 8]])), ValueError, "boxes"),
+        "box right of the image": (dict(images=wide, index=idx, boxes=torch.tensor([[0, 3, 2, 8], [0, 0, 8, 10]]), rotations=(0,)), ValueError, "boxes"),
+        "box at a negative row": (dict(images=img, index=idx, boxes=torch.tensor([[-1, 0, 2, 2], [0, 0, 8, 8]])), ValueError, "boxes"),
+        "box at a negative column": (dict(images=img, index=idx, boxes=torch.tensor([[0, 0, 2, 2], [0, -3, 2, 2]], dtype=torch.int32)), ValueError, "boxes"),
+        "empty box": (dict(images=img, index=idx, boxes=torch.tensor([[0, 0, 0, 2], [0, 0, 8, 8]])), ValueError, "boxes"),
+        "box of negative width": (dict(images=img, index=idx, boxes=torch.tensor([[0, 5, 2, -2], [0, 0, 8, 8]])), ValueError, "boxes"),
+        "huge box": (dict(images=img, index=idx, boxes=torch.tensor([[0, 0, 2**62, 2], [0, 0, 8, 8]])), ValueError, "boxes"),
+        "boxes with shifts": (dict(images=img, index=idx, shifts=torch.zeros(2, 2, dtype=torch.long),
+                                   boxes=torch.tensor([[0, 0, 8, 8]] * 2)), ValueError, "boxes and shifts"),
+        "integer check_bounds": (dict(images=img, check_bounds=1), TypeError, "check_bounds"),
     }
 
 
@@ -283,7 +514,12 @@ OP_CASES = ["index out of range", "negative index", "float index", "quarter turn
             "3-D images", "int32 images", "too many channels", "shifts of the wrong shape",
             "float shifts", "integer flips", "flips of the wrong shape", "mean of the wrong length",
             "zero std", "nan mean", "no rotations", "repeated rotation", "rotation of 30",
-            "negative rotation", "float64 output", "index on another device"]
+            "negative rotation", "float64 output", "index on another device", "size of one int",
+            "size of three ints", "size of floats", "zero size", "negative size", "size larger than the images",
+            "size wider than the images", "quarter turn of a non-square output", "45 degrees of a non-square output",
+            "float boxes", "bool boxes", "boxes of the wrong shape", "boxes for another batch size",
+            "boxes on another device", "box below the image", "box right of the image", "box at a negative row",
+            "box at a negative column", "empty box", "box of negative width", "huge box", "boxes with shifts"]
 
 
 @pytest.mark.parametrize("case", OP_CASES)
@@ -295,6 +531,8 @@ def test_op_checks_its_arguments(case):
     args = (images, kwargs.get("index"), kwargs.get("shifts"), kwargs.get("flips"),
             list(kwargs.get("mean", [0.0] * C)), list(kwargs.get("std", [1.0] * C)),
             list(kwargs.get("rotations", (0, 90, 180, 270))), kwargs.get("out_dtype", torch.float32), False)
+    size = kwargs.get("size")
+    args += (list(size) if isinstance(size, tuple) else size, kwargs.get("boxes"), True)
     with pytest.raises((error, RuntimeError), match=word):
         torch.ops.rot_kernel.rotation_batch.default(*args)
 
@@ -304,10 +542,17 @@ def test_op_checks_its_arguments(case):
 def test_opcheck(gen):
     images = make_images(gen, 6, 3, 10, 10, torch.uint8, "cpu")
     index, shifts, flips = make_batch(gen, 6, 4, 10, 10, "cpu")
+    _, boxes = make_crops(gen, "box", 4, 10, 10, 8, 8, "cpu")
     samples = [
         (images, index, shifts, flips, [1.0, 2.0, 3.0], [2.0, 3.0, 4.0], [0, 90, 180, 270], torch.float32, False),
         (images.float(), None, None, None, [0.0] * 3, [1.0] * 3, [45, 180], torch.bfloat16, True),
         (images, index[:0], shifts[:0], flips[:0], [0.0] * 3, [1.0] * 3, [0], torch.float16, False),
+        (images, index, shifts, flips, [1.0, 2.0, 3.0], [2.0, 3.0, 4.0], [0, 45, 90], torch.float32, False,
+         [7, 7], None, True),
+        (images, index, None, flips, [1.0, 2.0, 3.0], [2.0, 3.0, 4.0], [0, 90, 180, 270], torch.bfloat16, True,
+         [8, 8], boxes, False),
+        (images.float(), None, None, None, [0.0] * 3, [1.0] * 3, [180], torch.float16, False, [3, 9],
+         torch.tensor([[0, 0, 10, 10], [1, 2, 3, 4], [9, 9, 1, 1], [0, 5, 10, 5], [4, 0, 2, 10], [0, 0, 1, 1]]), True),
     ]
     torch.use_deterministic_algorithms(False)  # opcheck compares repeated runs itself
     for args in samples:
@@ -327,6 +572,24 @@ def test_torch_compile_fullgraph(gen):
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     got, want = compiled(images, index, shifts, flips), step(images, index, shifts, flips)
     torch.testing.assert_close(got, want)
+
+
+def test_torch_compile_fullgraph_with_crops(gen):
+    images = make_images(gen, 20, 3, 40, 48, torch.uint8, "cpu")
+    index, _, flips = make_batch(gen, 20, 8, 40, 48, "cpu")
+    shifts, _ = make_crops(gen, "inside", 8, 40, 48, 32, 32, "cpu")
+    _, boxes = make_crops(gen, "box", 8, 40, 48, 32, 32, "cpu")
+
+    def step(images, index, flips, shifts, boxes):
+        kw = dict(size=(32, 32), mean=CIFAR_MEAN, std=CIFAR_STD, out_dtype=torch.bfloat16, check_bounds=False)
+        cropped, labels = rot_kernel.rotation_batch(images, index, shifts, flips, **kw)
+        resized, _ = rot_kernel.rotation_batch(images, index, None, flips, boxes=boxes, **kw)
+        return cropped.float().mean(dim=(1, 2, 3)), resized.float().mean(dim=(1, 2, 3)), labels
+
+    torch.use_deterministic_algorithms(False)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    args = (images, index, flips, shifts, boxes)
+    torch.testing.assert_close(compiled(*args), step(*args))
 
 
 def test_falls_back_to_the_reference_without_a_compiler(tmp_path):

@@ -16,7 +16,7 @@ namespace rot_kernel {
 
 // ---------------------------------------------------------------- argument checks
 
-static void check_rotations(at::IntArrayRef rotations, int64_t H, int64_t W, Params& p) {
+static void check_rotations(at::IntArrayRef rotations, int64_t h, int64_t w, Params& p) {
   TORCH_CHECK_VALUE(!rotations.empty() && rotations.size() <= kMaxRotations,
                     "rotations: expected 1 to 8 angles, got ", rotations.size());
   for (size_t r = 0; r < rotations.size(); ++r) {
@@ -25,8 +25,8 @@ static void check_rotations(at::IntArrayRef rotations, int64_t H, int64_t W, Par
                       "rotations: every angle must be a multiple of 45 in [0, 360), got ", deg);
     for (size_t q = 0; q < r; ++q)
       TORCH_CHECK_VALUE(rotations[q] != deg, "rotations: angle ", deg, " appears twice");
-    TORCH_CHECK_VALUE(deg % 180 == 0 || H == W, "rotations: a ", deg,
-                      " degree turn needs square images, got ", H, "x", W);
+    TORCH_CHECK_VALUE(deg % 180 == 0 || h == w, "rotations: a ", deg,
+                      " degree turn needs a square output, got ", h, "x", w);
     const double rad = deg * M_PI / 180.0;
     p.quarter[r] = deg % 90 == 0 ? static_cast<int>(deg / 90) : -1;
     p.cos_a[r] = static_cast<float>(std::cos(rad));
@@ -68,11 +68,43 @@ static at::Tensor per_image(const std::optional<at::Tensor>& t, const char* name
   return integer ? t->to(at::kLong).contiguous() : t->contiguous();
 }
 
+// Index values in [0, N) and boxes inside the H x W images: one host round trip (a sync on
+// CUDA) for both, the alternative being reads out of bounds.
+static void check_ranges(const Batch& batch, int64_t N, int64_t H, int64_t W) {
+  std::vector<at::Tensor> parts;
+  if (batch.index.defined()) {
+    const auto [lo, hi] = at::aminmax(batch.index);
+    parts.insert(parts.end(), {lo, hi});
+  }
+  at::Tensor bad;
+  if (batch.boxes.defined()) {
+    const auto box = batch.boxes.unbind(1);  // top, left, height, width
+    bad = box[0].lt(0) | box[1].lt(0) | box[2].lt(1) | box[3].lt(1) |
+          box[0].gt(H - box[2]) | box[1].gt(W - box[3]);
+    parts.push_back(bad.to(at::kLong).argmax());  // the first bad box (0 if none)
+    parts.push_back(bad.any().to(at::kLong));
+  }
+  const at::Tensor got = at::stack(parts).cpu();
+  const int64_t* v = got.data_ptr<int64_t>();
+  if (batch.index.defined())
+    TORCH_CHECK_INDEX(v[0] >= 0 && v[1] < N, "index: values must lie in [0, ", N, "), got ",
+                      v[0] < 0 ? v[0] : v[1]);
+  if (batch.boxes.defined() && v[parts.size() - 1]) {
+    const int64_t b = v[parts.size() - 2];
+    const at::Tensor row = batch.boxes[b].cpu();
+    const int64_t* x = row.data_ptr<int64_t>();
+    TORCH_CHECK_VALUE(false, "boxes: box ", b, " (top, left, height, width) = (", x[0], ", ",
+                      x[1], ", ", x[2], ", ", x[3], ") is empty or not inside the ", H, "x", W,
+                      " images");
+  }
+}
+
 Batch prepare_batch(const at::Tensor& images, const std::optional<at::Tensor>& index,
                     const std::optional<at::Tensor>& shifts,
                     const std::optional<at::Tensor>& flips, at::ArrayRef<double> mean,
                     at::ArrayRef<double> std, at::IntArrayRef rotations,
-                    at::ScalarType out_dtype, bool channels_last) {
+                    at::ScalarType out_dtype, bool channels_last, at::OptionalIntArrayRef size,
+                    const std::optional<at::Tensor>& boxes, bool check_bounds) {
   TORCH_CHECK_VALUE(images.dim() == 4, "images: expected a 4-D tensor [N, C, H, W], got ",
                     images.dim(), " dimensions");
   TORCH_CHECK_TYPE(images.scalar_type() == at::kByte || images.scalar_type() == at::kFloat,
@@ -84,34 +116,47 @@ Batch prepare_batch(const at::Tensor& images, const std::optional<at::Tensor>& i
   TORCH_CHECK_VALUE(C <= kMaxChannels, "images: at most ", kMaxChannels,
                     " channels are supported, got ", C);
   TORCH_CHECK_VALUE(H < (1 << 20) && W < (1 << 20), "images: ", H, "x", W, " is too large");
+  int64_t h = H, w = W;
+  if (size.has_value()) {
+    TORCH_CHECK_VALUE(size->size() == 2 && (*size)[0] >= 1 && (*size)[1] >= 1,
+                      "size: expected two positive ints (h, w), got ", *size);
+    h = (*size)[0];
+    w = (*size)[1];
+    TORCH_CHECK_VALUE(h <= H && w <= W, "size: ", h, "x", w, " is larger than the images' ",
+                      H, "x", W);
+  }
 
   Batch batch;
   Params& p = batch.p;
+  p.N = N;
   p.C = static_cast<int>(C);
   p.H = static_cast<int>(H);
   p.W = static_cast<int>(W);
-  check_rotations(rotations, H, W, p);
+  p.h = static_cast<int>(h);
+  p.w = static_cast<int>(w);
+  check_rotations(rotations, h, w, p);
   check_normalisation(mean, std, C, p);
 
   if (index.has_value() && index->defined()) {
     TORCH_CHECK_VALUE(index->dim() == 1, "index: expected a 1-D tensor, got shape ",
                       index->sizes());
     batch.index = per_image(index, "index", images, true, {index->size(0)});
-    if (batch.index.numel() > 0) {
-      // One host round trip (a sync on CUDA): the alternative is reading out of bounds.
-      const auto [lo_t, hi_t] = at::aminmax(batch.index);
-      const at::Tensor range = at::stack({lo_t, hi_t}).cpu();
-      const int64_t lo = range[0].item<int64_t>(), hi = range[1].item<int64_t>();
-      TORCH_CHECK_INDEX(lo >= 0 && hi < N, "index: values must lie in [0, ", N, "), got ",
-                        lo < 0 ? lo : hi);
-    }
+    TORCH_CHECK_INDEX(N > 0 || batch.index.numel() == 0,
+                      "index: values must lie in [0, 0): the images are empty");
   }
   batch.B = batch.index.defined() ? batch.index.size(0) : N;
   batch.shifts = per_image(shifts, "shifts", images, true, {batch.B, 2});
   batch.flips = per_image(flips, "flips", images, false, {batch.B});
+  batch.boxes = per_image(boxes, "boxes", images, true, {batch.B, 4});
+  TORCH_CHECK_VALUE(!(batch.boxes.defined() && batch.shifts.defined()),
+                    "boxes and shifts: give one or the other (a box is resampled to the "
+                    "output size, a shift moves a window of that size)");
+  if ((check_bounds || images.is_cpu()) && batch.B > 0 &&
+      (batch.index.defined() || batch.boxes.defined()))
+    check_ranges(batch, N, H, W);
 
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  batch.out = at::empty({batch.B * p.R, C, H, W},
+  batch.out = at::empty({batch.B * p.R, C, h, w},
                         images.options().dtype(out_dtype).memory_format(format));
   batch.labels = at::arange(p.R, images.options().dtype(at::kLong)).repeat({batch.B});
   return batch;
@@ -119,18 +164,40 @@ Batch prepare_batch(const at::Tensor& images, const std::optional<at::Tensor>& i
 
 // ---------------------------------------------------------------- CPU kernel
 
-// The shifted, flipped image as float planes [C][H][W], zeros outside.
+// The h x w view of one source image as float planes [C][h][w]: the shifted window (zeros
+// outside the image) or the resampled box, then mirrored. The same mapping as view_value,
+// with the per-row and per-column work hoisted out of the pixel loops.
 template <typename in_t>
-static void stage_view(const in_t* image, const at::Tensor& images, int64_t dy, int64_t dx,
-                       bool flip, const Params& p, float* view) {
+static void stage_view(const in_t* image, const at::Tensor& images, const ViewSource& s,
+                       const Params& p, Tap* column_taps, float* view) {
   const int64_t sC = images.stride(1), sH = images.stride(2), sW = images.stride(3);
-  const int64_t HW = static_cast<int64_t>(p.H) * p.W;
-  for (int y = 0; y < p.H; ++y) {
-    const ViewRow v = view_row(y, dy, dx, flip, p.H, p.W);
+  const int h = p.h, w = p.w;
+  const int64_t hw = static_cast<int64_t>(h) * w;
+  if (s.boxed) {
+    for (int x = 0; x < w; ++x) column_taps[x] = linear_tap(s.flip ? w - 1 - x : x, s.width, w);
+    for (int y = 0; y < h; ++y) {
+      const Tap ty = linear_tap(y, s.height, h);
+      for (int c = 0; c < p.C; ++c) {
+        const in_t* plane = image + c * sC + s.left * sW;
+        const in_t* row0 = plane + (s.top + ty.i0) * sH;
+        const in_t* row1 = plane + (s.top + ty.i1) * sH;
+        float* row = view + c * hw + static_cast<int64_t>(y) * w;
+        for (int x = 0; x < w; ++x) {
+          const Tap& tx = column_taps[x];
+          const int64_t x0 = tx.i0 * sW, x1 = tx.i1 * sW;
+          row[x] = bilinear_mix(ty, tx, static_cast<float>(row0[x0]), static_cast<float>(row0[x1]),
+                                static_cast<float>(row1[x0]), static_cast<float>(row1[x1]));
+        }
+      }
+    }
+    return;
+  }
+  for (int y = 0; y < h; ++y) {
+    const ViewRow v = view_row(y, s.dy, s.dx, s.flip, p.H, p.W, w);
     const int64_t step = v.step * sW;
     for (int c = 0; c < p.C; ++c) {
-      float* row = view + c * HW + static_cast<int64_t>(y) * p.W;
-      std::fill(row, row + p.W, 0.f);
+      float* row = view + c * hw + static_cast<int64_t>(y) * w;
+      std::fill(row, row + w, 0.f);
       if (v.x_lo == v.x_hi) continue;
       const in_t* src = image + c * sC + v.sy * sH + v.sx0 * sW;
       if (step == 1)  // the common layouts get loops the compiler vectorises
@@ -147,7 +214,7 @@ static void stage_view(const in_t* image, const at::Tensor& images, int64_t dy, 
 // In 8x8 tiles: both sides of a tile stay in a few cache lines and the compiler unrolls it.
 static void transpose_view(const float* view, const Params& p, float* transposed) {
   constexpr int T = 8;
-  const int H = p.H, W = p.W;
+  const int H = p.h, W = p.w;  // the view's size
   const int64_t HW = static_cast<int64_t>(H) * W;
   for (int c = 0; c < p.C; ++c) {
     const float* src = view + c * HW;
@@ -235,7 +302,7 @@ static void write_line(const float* src, int64_t step, int W, float m, float s, 
 template <typename out_t>
 static void write_turn(const float* view, const float* transposed, const Params& p, int r,
                        bool channels_last, float* row, out_t* out) {
-  const int C = p.C, H = p.H, W = p.W, k = p.quarter[r];
+  const int C = p.C, H = p.h, W = p.w, k = p.quarter[r];  // the output's size
   const int64_t HW = static_cast<int64_t>(H) * W;
   if (k >= 0 && !channels_last) {
     // The hot path: every output row is a line of the view, read along a row of the view
@@ -265,26 +332,24 @@ static void write_turn(const float* view, const float* transposed, const Params&
 template <typename in_t, typename out_t>
 static void rotation_batch_cpu_kernel(const at::Tensor& images, Batch& batch, bool channels_last) {
   const Params& p = batch.p;
-  const int64_t CHW = static_cast<int64_t>(p.C) * p.H * p.W;
+  const int64_t chw = static_cast<int64_t>(p.C) * p.h * p.w;  // one output image
   const in_t* data = images.data_ptr<in_t>();
-  const int64_t* index = batch.index.defined() ? batch.index.data_ptr<int64_t>() : nullptr;
-  const int64_t* shifts = batch.shifts.defined() ? batch.shifts.data_ptr<int64_t>() : nullptr;
-  const bool* flips = batch.flips.defined() ? batch.flips.data_ptr<bool>() : nullptr;
+  const PerImage per = batch.per();
   out_t* out = batch.out.data_ptr<out_t>();
   // At least ~64k output values per task, so small batches do not pay for threads.
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, CHW * p.R));
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, chw * p.R));
   bool sideways = false;  // any turn by 90 or 270 degrees written from the transposed view
   for (int r = 0; r < p.R; ++r) sideways |= p.quarter[r] % 2 == 1 && !channels_last;
   at::parallel_for(0, batch.B, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> view(CHW), transposed(sideways ? CHW : 0), row(p.W);
+    std::vector<float> view(chw), transposed(sideways ? chw : 0), row(p.w);
+    std::vector<Tap> column_taps(per.boxes ? p.w : 0);
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t n = index ? index[b] : b;
-      stage_view(data + n * images.stride(0), images, shifts ? shifts[2 * b] : 0,
-                 shifts ? shifts[2 * b + 1] : 0, flips && flips[b], p, view.data());
+      const ViewSource s = view_source(p, per, b);
+      stage_view(data + s.n * images.stride(0), images, s, p, column_taps.data(), view.data());
       if (sideways) transpose_view(view.data(), p, transposed.data());
       for (int r = 0; r < p.R; ++r)
         write_turn(view.data(), transposed.data(), p, r, channels_last, row.data(),
-                   out + (b * p.R + r) * CHW);
+                   out + (b * p.R + r) * chw);
     }
   });
 }
@@ -293,9 +358,10 @@ std::tuple<at::Tensor, at::Tensor> rotation_batch_cpu(
     const at::Tensor& images, const std::optional<at::Tensor>& index,
     const std::optional<at::Tensor>& shifts, const std::optional<at::Tensor>& flips,
     at::ArrayRef<double> mean, at::ArrayRef<double> std, at::IntArrayRef rotations,
-    at::ScalarType out_dtype, bool channels_last) {
+    at::ScalarType out_dtype, bool channels_last, at::OptionalIntArrayRef size,
+    const std::optional<at::Tensor>& boxes, bool check_bounds) {
   Batch batch = prepare_batch(images, index, shifts, flips, mean, std, rotations, out_dtype,
-                              channels_last);
+                              channels_last, size, boxes, check_bounds);
   if (batch.out.numel() == 0) return {batch.out, batch.labels};
   dispatch_dtypes(images.scalar_type(), out_dtype, [&](auto in_tag, auto out_tag) {
     rotation_batch_cpu_kernel<decltype(in_tag), decltype(out_tag)>(images, batch, channels_last);
@@ -306,8 +372,8 @@ std::tuple<at::Tensor, at::Tensor> rotation_batch_cpu(
 TORCH_LIBRARY(rot_kernel, m) {
   m.def(
       "rotation_batch(Tensor images, Tensor? index, Tensor? shifts, Tensor? flips, "
-      "float[] mean, float[] std, int[] rotations, ScalarType out_dtype, bool channels_last) "
-      "-> (Tensor, Tensor)");
+      "float[] mean, float[] std, int[] rotations, ScalarType out_dtype, bool channels_last, "
+      "SymInt[]? size=None, Tensor? boxes=None, bool check_bounds=True) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rot_kernel, CPU, m) { m.impl("rotation_batch", &rotation_batch_cpu); }

@@ -1,10 +1,12 @@
 // The rotation-batch operator on CUDA.
 //
-// Small images (CIFAR): one block per source image stages its shifted, flipped view in
-// shared memory once, then writes all R turned, normalised outputs with coalesced 16-byte
-// stores. Images too large for shared memory: one block per 32x32 output tile stages the
-// part of the view that tile reads (a tile for quarter turns, its rotated bounding box for
-// bilinear turns), then writes the tile.
+// Small outputs (CIFAR): one block per source image stages its h x w view (the shifted
+// window or the resized box, flipped) in shared memory once, then writes all R turned,
+// normalised outputs with coalesced 16-byte stores. Outputs too large for shared memory
+// (224x224): one block per 32x32 output tile stages the part of the view that tile reads (a
+// tile for quarter turns, its rotated bounding box for bilinear turns), read from global
+// memory through the shared view_value (a box: a bilinear read of the source), then writes
+// the tile.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -29,21 +31,16 @@ struct Images {
   int64_t sN, sC, sH, sW;
 };
 
-struct PerImage {
-  const int64_t* index;   // null: image b
-  const int64_t* shifts;  // null: no shift
-  const bool* flips;      // null: no flip
-};
-
-// View pixel (c, y, x) of source image n, read from global memory: 0 outside the image.
+// View pixel (c, y, x) of one output image, read from global memory through the mapping
+// the CPU kernel stages (view_value): the shifted window, 0 outside the image, or the
+// bilinear resample of the box.
 template <typename in_t>
-__device__ __forceinline__ float load_view(const Images<in_t>& img, int64_t n, int c, int y,
-                                           int x, int64_t dy, int64_t dx, bool flip, int H,
-                                           int W) {
-  const ViewRow v = view_row(y, dy, dx, flip, H, W);
-  if (x < v.x_lo || x >= v.x_hi) return 0.f;
-  const int64_t sx = v.sx0 + static_cast<int64_t>(x) * v.step;
-  return static_cast<float>(img.data[n * img.sN + c * img.sC + v.sy * img.sH + sx * img.sW]);
+__device__ __forceinline__ float load_view(const Images<in_t>& img, const Params& p,
+                                           const ViewSource& s, int c, int y, int x) {
+  const in_t* plane = img.data + s.n * img.sN + c * img.sC;
+  return view_value(p, s, y, x, [&](int64_t sy, int64_t sx) {
+    return static_cast<float>(plane[sy * img.sH + sx * img.sW]);
+  });
 }
 
 // (c, i, j) of element e of one output image in its memory format.
@@ -52,13 +49,13 @@ __device__ __forceinline__ void unflatten(int64_t e, const Params& p, bool chann
   if (channels_last) {
     c = static_cast<int>(e % p.C);
     const int64_t pixel = e / p.C;
-    j = static_cast<int>(pixel % p.W);
-    i = static_cast<int>(pixel / p.W);
+    j = static_cast<int>(pixel % p.w);
+    i = static_cast<int>(pixel / p.w);
   } else {
-    j = static_cast<int>(e % p.W);
-    const int64_t row = e / p.W;
-    i = static_cast<int>(row % p.H);
-    c = static_cast<int>(row / p.H);
+    j = static_cast<int>(e % p.w);
+    const int64_t row = e / p.w;
+    i = static_cast<int>(row % p.h);
+    c = static_cast<int>(row / p.h);
   }
 }
 
@@ -67,20 +64,17 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-// One block per source image; VEC outputs per 16-byte store (1 when the image size does
+// One block per source image; VEC outputs per 16-byte store (1 when the output size does
 // not divide).
 template <typename in_t, typename out_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
     staged_kernel(Images<in_t> img, PerImage per, Params p, bool channels_last, out_t* out) {
-  extern __shared__ float view[];  // C planes of H rows with pitch W + 1: column reads of
+  extern __shared__ float view[];  // C planes of h rows with pitch w + 1: column reads of
                                    // 90/270-degree turns then fall in distinct banks
   __shared__ float mean[kMaxChannels], inv_std[kMaxChannels];
   const int64_t b = blockIdx.x;
-  const int64_t n = per.index ? per.index[b] : b;
-  const int64_t dy = per.shifts ? per.shifts[2 * b] : 0;
-  const int64_t dx = per.shifts ? per.shifts[2 * b + 1] : 0;
-  const bool flip = per.flips ? per.flips[b] : false;
-  const int H = p.H, W = p.W, pitch = W + 1;
+  const ViewSource s = view_source(p, per, b);
+  const int H = p.h, W = p.w, pitch = W + 1;  // the view's size
   const int64_t CHW = static_cast<int64_t>(p.C) * H * W;
 
   for (int c = threadIdx.x; c < p.C; c += blockDim.x) {
@@ -91,7 +85,7 @@ __global__ void __launch_bounds__(kThreads)
     const int x = static_cast<int>(e % W);
     const int64_t row = e / W;
     const int y = static_cast<int>(row % H), c = static_cast<int>(row / H);
-    view[row * pitch + x] = load_view(img, n, c, y, x, dy, dx, flip, H, W);
+    view[row * pitch + x] = load_view(img, p, s, c, y, x);
   }
   __syncthreads();
 
@@ -115,25 +109,25 @@ __global__ void __launch_bounds__(kThreads)
 // rotation r reads, clipped to the view.
 __device__ void source_box(const Params& p, int r, int ti, int tj, int& y_lo, int& y_hi,
                            int& x_lo, int& x_hi) {
-  const int i1 = min(ti + kTile, p.H) - 1, j1 = min(tj + kTile, p.W) - 1;
+  const int i1 = min(ti + kTile, p.h) - 1, j1 = min(tj + kTile, p.w) - 1;
   float ylo = 1e30f, yhi = -1e30f, xlo = 1e30f, xhi = -1e30f;
   for (int corner = 0; corner < 4; ++corner) {
     const int i = corner & 1 ? i1 : ti, j = corner & 2 ? j1 : tj;
     float y, x;
     if (p.quarter[r] >= 0) {
-      const Line l = quarter_turn_row(p.quarter[r], i, p.H, p.W);
+      const Line l = quarter_turn_row(p.quarter[r], i, p.h, p.w);
       y = static_cast<float>(l.y0 + j * l.sy);
       x = static_cast<float>(l.x0 + j * l.sx);
     } else {
-      turned_point(p.cos_a[r], p.sin_a[r], i, j, p.W, y, x);
+      turned_point(p.cos_a[r], p.sin_a[r], i, j, p.w, y, x);
     }
     ylo = fminf(ylo, y), yhi = fmaxf(yhi, y), xlo = fminf(xlo, x), xhi = fmaxf(xhi, x);
   }
   // Bilinear reads reach one pixel past the floor; one more each side absorbs rounding.
   y_lo = max(0, static_cast<int>(floorf(ylo)) - 1);
   x_lo = max(0, static_cast<int>(floorf(xlo)) - 1);
-  y_hi = min(p.H - 1, static_cast<int>(floorf(yhi)) + 2);
-  x_hi = min(p.W - 1, static_cast<int>(floorf(xhi)) + 2);
+  y_hi = min(p.h - 1, static_cast<int>(floorf(yhi)) + 2);
+  x_hi = min(p.w - 1, static_cast<int>(floorf(xhi)) + 2);
 }
 
 // Grid: (output image b*R + r, output tile, channel); block: kTile x 8 threads.
@@ -144,29 +138,26 @@ __global__ void __launch_bounds__(kTile * 8)
   const int64_t o = blockIdx.x;
   const int64_t b = o / p.R;
   const int r = static_cast<int>(o % p.R), c = blockIdx.z;
-  const int tiles_w = (p.W + kTile - 1) / kTile;
+  const int tiles_w = (p.w + kTile - 1) / kTile;
   const int ti = (blockIdx.y / tiles_w) * kTile, tj = (blockIdx.y % tiles_w) * kTile;
-  const int64_t n = per.index ? per.index[b] : b;
-  const int64_t dy = per.shifts ? per.shifts[2 * b] : 0;
-  const int64_t dx = per.shifts ? per.shifts[2 * b + 1] : 0;
-  const bool flip = per.flips ? per.flips[b] : false;
+  const ViewSource s = view_source(p, per, b);
 
   int y_lo, y_hi, x_lo, x_hi;
   source_box(p, r, ti, tj, y_lo, y_hi, x_lo, x_hi);
   for (int y = y_lo + threadIdx.y; y <= y_hi && y - y_lo < kBox; y += blockDim.y)
     for (int x = x_lo + threadIdx.x; x <= x_hi && x - x_lo < kBox; x += blockDim.x)
-      box[y - y_lo][x - x_lo] = load_view(img, n, c, y, x, dy, dx, flip, p.H, p.W);
+      box[y - y_lo][x - x_lo] = load_view(img, p, s, c, y, x);
   __syncthreads();
 
   const auto load = [&](int, int y, int x) { return box[y - y_lo][x - x_lo]; };
   const int j = tj + threadIdx.x;
-  if (j >= p.W) return;
-  const int64_t HW = static_cast<int64_t>(p.H) * p.W;
-  out_t* dst = out + o * p.C * HW;
-  for (int i = ti + threadIdx.y; i < min(ti + kTile, p.H); i += blockDim.y) {
+  if (j >= p.w) return;
+  const int64_t hw = static_cast<int64_t>(p.h) * p.w;
+  out_t* dst = out + o * p.C * hw;
+  for (int i = ti + threadIdx.y; i < min(ti + kTile, p.h); i += blockDim.y) {
     const float v = (turned_value(p, r, c, i, j, load) - p.mean[c]) * p.inv_std[c];
-    const int64_t at = channels_last ? (static_cast<int64_t>(i) * p.W + j) * p.C + c
-                                     : c * HW + static_cast<int64_t>(i) * p.W + j;
+    const int64_t at = channels_last ? (static_cast<int64_t>(i) * p.w + j) * p.C + c
+                                     : c * hw + static_cast<int64_t>(i) * p.w + j;
     dst[at] = static_cast<out_t>(v);
   }
 }
@@ -176,13 +167,11 @@ void launch(const at::Tensor& images, Batch& batch, bool channels_last) {
   const Params& p = batch.p;
   const Images<in_t> img{images.data_ptr<in_t>(), images.stride(0), images.stride(1),
                          images.stride(2), images.stride(3)};
-  const PerImage per{batch.index.defined() ? batch.index.data_ptr<int64_t>() : nullptr,
-                     batch.shifts.defined() ? batch.shifts.data_ptr<int64_t>() : nullptr,
-                     batch.flips.defined() ? batch.flips.data_ptr<bool>() : nullptr};
+  const PerImage per = batch.per();
   out_t* out = batch.out.data_ptr<out_t>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t CHW = static_cast<int64_t>(p.C) * p.H * p.W;
-  const int64_t staged_bytes = static_cast<int64_t>(p.C) * p.H * (p.W + 1) * sizeof(float);
+  const int64_t CHW = static_cast<int64_t>(p.C) * p.h * p.w;  // one output image
+  const int64_t staged_bytes = static_cast<int64_t>(p.C) * p.h * (p.w + 1) * sizeof(float);
   constexpr int VEC = 16 / sizeof(out_t);
 
   if (staged_bytes <= kMaxStagedBytes) {
@@ -192,8 +181,8 @@ void launch(const at::Tensor& images, Batch& batch, bool channels_last) {
     else
       staged_kernel<in_t, out_t, 1><<<grid, kThreads, staged_bytes, stream>>>(img, per, p, channels_last, out);
   } else {
-    const int tiles = ((p.H + kTile - 1) / kTile) * ((p.W + kTile - 1) / kTile);
-    TORCH_CHECK(tiles <= 65535, "images: ", p.H, "x", p.W, " is too large for the CUDA kernel");
+    const int tiles = ((p.h + kTile - 1) / kTile) * ((p.w + kTile - 1) / kTile);
+    TORCH_CHECK(tiles <= 65535, "size: ", p.h, "x", p.w, " is too large for the CUDA kernel");
     const dim3 grid(static_cast<unsigned>(batch.B * p.R), tiles, p.C);
     tiled_kernel<in_t, out_t><<<grid, dim3(kTile, 8), 0, stream>>>(img, per, p, channels_last, out);
   }
@@ -204,10 +193,11 @@ std::tuple<at::Tensor, at::Tensor> rotation_batch_cuda(
     const at::Tensor& images, const std::optional<at::Tensor>& index,
     const std::optional<at::Tensor>& shifts, const std::optional<at::Tensor>& flips,
     at::ArrayRef<double> mean, at::ArrayRef<double> std, at::IntArrayRef rotations,
-    at::ScalarType out_dtype, bool channels_last) {
+    at::ScalarType out_dtype, bool channels_last, at::OptionalIntArrayRef size,
+    const std::optional<at::Tensor>& boxes, bool check_bounds) {
   const c10::cuda::CUDAGuard guard(images.device());
   Batch batch = prepare_batch(images, index, shifts, flips, mean, std, rotations, out_dtype,
-                              channels_last);
+                              channels_last, size, boxes, check_bounds);
   TORCH_CHECK(batch.B <= 0x7fffffff / batch.p.R, "index: at most 2^31 / R images per batch");
   if (batch.out.numel() == 0) return {batch.out, batch.labels};
   dispatch_dtypes(images.scalar_type(), out_dtype, [&](auto in_tag, auto out_tag) {
