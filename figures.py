@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import sys
 
 import matplotlib
 
@@ -26,9 +25,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import cifar  # noqa: E402
+import data  # noqa: E402
 import probe  # noqa: E402
 import rot_kernel  # noqa: E402
-import rotnet  # noqa: E402
+import train  # noqa: E402
+from errors import UserError  # noqa: E402
+from models import load_model  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
 DPI = 100                      # with the sizes below (inches): PNG pixels = inches x 100
@@ -39,30 +42,17 @@ CURVES_SIZE = (12.0, 4.6)
 FIGURE5A_SIZE = (7.0, 4.6)
 HEATMAP, HEATMAP_ALPHA = "jet", 0.5
 PROBE_BLOCK = 2                # Figure 5(a): the non-linear classifier on ConvB2
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 SNAPSHOT = re.compile(r"model_epoch(\d+)\.pt$")
-
-
-class FigureError(Exception):
-    """A missing or unusable input: the message is the whole story."""
 
 
 def need(path, what):
     if not os.path.exists(path):
-        raise FigureError(f"{path}: no such {what}")
+        raise UserError(f"{path}: no such {what}")
     return path
 
 
-def resolve_device(device):
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise FigureError("--device cuda but no CUDA device is available")
-    return device
-
-
 def load(path, device="cpu"):
-    return rotnet.load_model(need(path, "checkpoint"), device)
+    return load_model(need(path, "checkpoint"), device)
 
 
 def save(fig, out, name):
@@ -77,14 +67,14 @@ def save(fig, out, name):
 
 # ----------------------------------------------------------------------------- Figure 3: attention
 @torch.no_grad()
-def attention_maps(model, images, power=2.0):
-    """For uint8 images [n, 3, 32, 32]: mean over channels of |output of block k|^power for
-    every block k, upsampled (bilinear) to 32x32 and scaled to [0, 1] per map -> [n, K, 32, 32].
+def attention_maps(model, images, power=2.0, mean=cifar.MEAN, std=cifar.STD):
+    """For uint8 images [n, 3, S, S]: mean over channels of |output of block k|^power for
+    every block k, upsampled (bilinear) to S x S and scaled to [0, 1] per map -> [n, K, S, S].
     The model sees the images as in testing (normalised, rotation 0); put it in eval mode."""
     device = next(model.parameters()).device
     images = images.to(device)
     x, _ = rot_kernel.rotation_batch(images, torch.arange(len(images), device=device),
-                                     mean=rotnet.CIFAR_MEAN, std=rotnet.CIFAR_STD, rotations=(0,))
+                                     mean=mean, std=std, rotations=(0,))
     maps = []
     for k in range(1, len(model.blocks) + 1):
         a = model.features(x, k).float().abs().pow(power).mean(1, keepdim=True)
@@ -95,26 +85,27 @@ def attention_maps(model, images, power=2.0):
     return torch.cat(maps, 1).cpu()
 
 
-def pick_images(labels, n):
+def pick_images(labels, n, classes=10):
     """The first test image of each class in turn (then the rest in order): varied and fixed."""
-    firsts = [int((labels == c).nonzero()[0]) for c in range(len(CLASSES)) if (labels == c).any()]
+    firsts = [int((labels == c).nonzero()[0]) for c in range(classes) if (labels == c).any()]
     chosen = set(firsts)
     return (firsts + [i for i in range(len(labels)) if i not in chosen])[:n]
 
 
-def attention_figure(rotnet_path, supervised_path, data, out, images=6, power=2.0, device="cpu"):
+def attention_figure(rotnet_path, supervised_path, data_dir, out, images=6, power=2.0, device="cpu", image_size=256):
     nets = [("RotNet", load(rotnet_path, device)), ("Supervised", load(supervised_path, device))]
-    _, _, test_x, test_y = rotnet.load_cifar(data)
-    index = pick_images(test_y, images)
-    pictures = test_x[index]
-    maps = [(name, attention_maps(net, pictures, power)) for name, net in nets]
+    dataset = data.load(data_dir, image_size=image_size)
+    test_y = dataset.test_y if dataset.test_y is not None else torch.zeros(len(dataset.test_x), dtype=torch.int64)
+    index = pick_images(test_y, images, len(dataset.classes))
+    pictures = dataset.test_x[index]
+    maps = [(name, attention_maps(net, pictures, power, dataset.mean, dataset.std)) for name, net in nets]
     columns = 1 + sum(m.shape[1] for _, m in maps)
     fig, axes = plt.subplots(len(index), columns, squeeze=False,
                              figsize=(columns * ATTENTION_CELL, len(index) * ATTENTION_CELL + ATTENTION_HEADER))
     for row, i in enumerate(index):
         rgb = pictures[row].permute(1, 2, 0).numpy()
         axes[row, 0].imshow(rgb, interpolation="nearest")
-        axes[row, 0].set_ylabel(CLASSES[int(test_y[i])], fontsize=9)
+        axes[row, 0].set_ylabel(dataset.classes[int(test_y[i])] if dataset.classes else "", fontsize=9)
         col = 1
         for name, m in maps:
             for k in range(m.shape[1]):
@@ -173,7 +164,7 @@ def read_metrics(run_dir):
     with open(path) as f:
         lines = [json.loads(line) for line in f if line.strip()]
     if not lines:
-        raise FigureError(f"{path} is empty: the run has not finished an epoch yet")
+        raise UserError(f"{path} is empty: the run has not finished an epoch yet")
     return lines
 
 
@@ -204,7 +195,7 @@ def snapshots(run_dir):
     found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(run_dir, "model_epoch*.pt"))
              if (m := SNAPSHOT.search(os.path.basename(p)))]
     if not found:
-        raise FigureError(f"{run_dir}: no model_epochNNN.pt; pretrain with `rotnet.py --save-every N`")
+        raise UserError(f"{run_dir}: no model_epochNNN.pt; pretrain with `rotnet.py --save-every N`")
     return sorted(found)
 
 
@@ -213,21 +204,21 @@ def rotation_accuracy(path):
     return torch.load(path, map_location="cpu", weights_only=True)["metrics"]["test_acc"]
 
 
-def object_accuracy(path, epoch, run_dir, data, probe_epochs, device):
+def object_accuracy(path, epoch, run_dir, data_dir, probe_epochs, device, image_size=256):
     """Test accuracy of the non-linear probe on ConvB2 of one snapshot, trained unless its
     results.json is there (an interrupted probe resumes)."""
     out = os.path.join(run_dir, "figure5a_probes", f"epoch{epoch:03d}")
     results = os.path.join(out, "results.json")
     if not os.path.exists(results):
-        flags = ["--checkpoint", path, "--block", str(PROBE_BLOCK), "--classifier", "nonlinear", "--data", data,
-                 "--device", device, "--out", out, "--resume"]
-        probe.probe(probe.parse_args(flags + (["--epochs", str(probe_epochs)] if probe_epochs else [])))
+        probe.probe(probe.Probing(checkpoint=path, block=PROBE_BLOCK, classifier="nonlinear", data=data_dir,
+                                  image_size=image_size, device=device, out=out, resume=True, epochs=probe_epochs))
     with open(results) as f:
         return json.load(f)["test_acc"]
 
 
-def rotation_vs_object_figure(run_dir, data, out, probe_epochs=None, device="cpu"):
-    rows = [(epoch, rotation_accuracy(path), object_accuracy(path, epoch, run_dir, data, probe_epochs, device))
+def rotation_vs_object_figure(run_dir, data_dir, out, probe_epochs=None, device="cpu", image_size=256):
+    rows = [(epoch, rotation_accuracy(path),
+             object_accuracy(path, epoch, run_dir, data_dir, probe_epochs, device, image_size))
             for epoch, path in snapshots(run_dir)]
     print("epoch  rotation %  object %")
     for epoch, rot, obj in rows:
@@ -262,8 +253,9 @@ def parse_args(argv=None):
 
     p = command("attention", "Figure 3: attention maps of every block of both networks on a few test images")
     networks(p)
-    p.add_argument("--data", default="./data", help="CIFAR-10 folder (the test images come from it)")
-    p.add_argument("--images", type=int, default=6, help="how many test images (rows)")
+    p.add_argument("--data", default="./data", help="CIFAR-10 or an image folder (the test images come from it)")
+    p.add_argument("--image-size", type=train.positive_int, default=256, help="S of an image folder")
+    p.add_argument("--images", type=train.positive_int, default=6, help="how many test images (rows)")
     p.add_argument("--power", type=float, default=2.0, help="p in mean over channels of |activation|^p")
     p = command("filters", "Figure 4: the first-layer 5x5 filters of both networks")
     networks(p)
@@ -274,29 +266,28 @@ def parse_args(argv=None):
                 "(rotnet.py --save-every N). Trains one non-linear probe on ConvB2 PER SNAPSHOT, in "
                 "RUN_DIR/figure5a_probes/epochNNN, and reuses those already finished.")
     p.add_argument("run", metavar="RUN_DIR")
-    p.add_argument("--data", default="./data", help="CIFAR-10 folder")
-    p.add_argument("--probe-epochs", type=int, default=None,
+    p.add_argument("--data", default="./data", help="CIFAR-10 or an image folder")
+    p.add_argument("--image-size", type=train.positive_int, default=256, help="S of an image folder")
+    p.add_argument("--probe-epochs", type=train.positive_int, default=None,
                    help="epochs of each probe (default: probe.py's full schedule, 100)")
-    args = ap.parse_args(argv)
-    if getattr(args, "images", 1) < 1 or (getattr(args, "probe_epochs", None) or 1) < 1:
-        ap.error("--images and --probe-epochs must be at least 1")
-    return args
+    return ap.parse_args(argv)
+
+
+def figure(args):
+    device = train.resolve_device(args.device)
+    if args.command == "attention":
+        return attention_figure(args.rotnet, args.supervised, args.data, args.out, args.images, args.power, device,
+                                args.image_size)
+    if args.command == "filters":
+        return filters_figure(args.rotnet, args.supervised, args.out)
+    if args.command == "curves":
+        return curves_figure(args.runs, args.out)
+    return rotation_vs_object_figure(args.run, args.data, args.out, args.probe_epochs, device, args.image_size)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        device = resolve_device(args.device)
-        if args.command == "attention":
-            attention_figure(args.rotnet, args.supervised, args.data, args.out, args.images, args.power, device)
-        elif args.command == "filters":
-            filters_figure(args.rotnet, args.supervised, args.out)
-        elif args.command == "curves":
-            curves_figure(args.runs, args.out)
-        else:
-            rotation_vs_object_figure(args.run, args.data, args.out, args.probe_epochs, device)
-    except (FigureError, rotnet.DataError, ValueError) as err:  # load_model says ValueError
-        sys.exit(f"error: {err}")
+    train.run_job(lambda: figure(args))
 
 
 if __name__ == "__main__":

@@ -1,39 +1,101 @@
-"""Object classifiers on RotNet features: the paper's Tables 1, 2 and 3.
+"""Object classifiers on RotNet features: the paper's Tables 1-3 (CIFAR-10, NIN) and 4-5
+(ImageNet, AlexNet).
 
     python probe.py --checkpoint runs/rotnet/model.pt --block 2 --classifier nonlinear
     python probe.py --checkpoint original.pth --block 2 --classifier conv --finetune
     python probe.py --init random --blocks 4 --block 2 --classifier conv   # random features
     python probe.py --supervised                                           # supervised NIN
     python probe.py --table 1 [--epochs-scale 0.1]                         # a whole table
+    python probe.py --table 5 --data IMAGENET --checkpoint runs/alexnet/model.pt
 
 A classifier is trained on the output of block K of a NIN (frozen, in eval mode, unless
---finetune) with CIFAR-10 labels, crop + flip augmentation and rotation 0 only, then tested.
-A table pretrains the RotNets it needs with rotnet.py, reuses every run already finished
-in --out, probes, and prints our numbers beside the paper's.
+--finetune), or of conv K of an AlexNet (frozen), with the data's labels, the network's crop
+and flip augmentation and rotation 0 only, then tested. Tables 1-3 pretrain the RotNets they
+need, reuse every run already finished in --out, probe, and print our numbers beside the
+paper's; Tables 4 and 5 probe the AlexNet RotNet given by --checkpoint.
 """
 import argparse
+import dataclasses
 import json
 import os
+import time
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
+import alexnet
+import data
 import rotnet
+import train
+from models import load_model
+from nin import NIN, ConvBNReLU, init_conv_
+from rotnet import FOUR
+from train import require
 
 # ----------------------------------------------------------------------------- settings
-# Each classifier's schedule: epochs and where the lr drops x0.2, as fractions of the run.
-SCHEDULES = {"nonlinear": (100, (0.20, 0.40, 0.45)), "linear": (100, (0.20, 0.40, 0.45)),
-             "conv": (100, (0.35, 0.70, 0.85)), "supervised": (200, rotnet.MILESTONES)}
+@dataclass(frozen=True)
+class Schedule:
+    """How a classifier is trained (the original code's configs): epochs, the lr x0.2 at the
+    milestones (fractions of the run), the batch size and the crops."""
+    epochs: int
+    milestones: tuple
+    lr: float = 0.1
+    batch_size: int = 128
+    recipe: data.Recipe = data.Recipe("pad-crop")
+
+
+IMAGENET_CROPS = data.Recipe("random-crop", 224)  # shorter side 256, random 224 crop + flip; test: centre
+SCHEDULES = {"nonlinear": Schedule(100, (0.20, 0.40, 0.45)), "linear": Schedule(100, (0.20, 0.40, 0.45)),
+             "conv": Schedule(100, (0.35, 0.70, 0.85)), "supervised": Schedule(200, train.MILESTONES),
+             # on a frozen AlexNet (ImageNet): Table 5's linear probes and Table 4's non-linear ones
+             "alexnet-linear": Schedule(35, (5 / 35, 15 / 35, 25 / 35), 0.01, 192, IMAGENET_CROPS),
+             "alexnet-nonlinear": Schedule(40, (0.25, 0.50, 0.75), 0.01, 192, IMAGENET_CROPS)}
 PRETRAIN_EPOCHS = 200  # the original code's RotNet schedule, used by the tables
 HIDDEN = 200           # the non-linear classifier's width
+LINEAR_POOLS = (12, 7, 5, 6, 6)  # Table 5: conv1..conv5 max-pooled to about 9,000 values each
 
-FOUR, EIGHT = (0, 90, 180, 270), tuple(range(0, 360, 45))
+EIGHT = tuple(range(0, 360, 45))
 PAPER_TABLE1 = {3: (85.45, 88.26, 62.09), 4: (85.07, 89.06, 86.21, 61.73),
                 5: (85.04, 89.76, 86.82, 74.50, 50.37)}
 PAPER_TABLE2 = {FOUR: 89.06, EIGHT: 88.51, (0, 180): 87.46, (90, 270): 85.52}
 PAPER_TABLE3 = {"Supervised NIN": 92.80, "Random Init. + conv": 72.50, "RotNet + non-linear": 89.06,
                 "RotNet + conv": 91.16, "RotNet + non-linear (fine-tuned)": 91.73,
                 "RotNet + conv (fine-tuned)": 92.17}
+PAPER_TABLE4 = (50.0, 43.8)                     # ImageNet top-1: conv4, conv5
+PAPER_TABLE5 = (18.8, 31.7, 38.7, 38.2, 36.5)   # ImageNet top-1: conv1..conv5
+
+
+@dataclass(frozen=True)
+class Probing(train.Run):
+    """One probe (or, with supervised, the supervised NIN); also the base settings of a table."""
+    out: str = "runs/probe"
+    checkpoint: Optional[str] = None  # model.pt, checkpoint.pt or an original-format checkpoint
+    block: int = 2                    # 0 with an AlexNet and classifier linear: conv1..conv5 at once
+    classifier: str = "nonlinear"
+    finetune: bool = False
+    init: str = "checkpoint"          # or "random": probe a randomly initialised NIN
+    blocks: int = 4                   # with init="random"
+    width: float = 1.0                # of the networks this run builds
+    supervised: bool = False
+    epochs: Optional[int] = None      # None: the classifier's own schedule x epochs_scale
+    epochs_scale: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.classifier in ("nonlinear", "linear", "conv"),
+                f"classifier: nonlinear, linear or conv, got {self.classifier!r}")
+        require(self.init in ("checkpoint", "random"), f"init: checkpoint or random, got {self.init!r}")
+        require(self.blocks in (3, 4, 5), f"blocks: 3, 4 or 5, got {self.blocks}")
+        require(self.block >= 0, f"block: at least 1 (0: every conv of an AlexNet), got {self.block}")
+        require(self.epochs is None or self.epochs >= 1, f"epochs: at least 1, got {self.epochs}")
+        require(self.width > 0 and self.epochs_scale > 0, "width and epochs_scale must be positive")
+
+
+def schedule_epochs(kind, epochs=None, epochs_scale=1.0):
+    """epochs if given, else the classifier's own schedule shrunk by epochs_scale."""
+    return epochs or max(1, round(SCHEDULES[kind].epochs * epochs_scale))
 
 
 # ----------------------------------------------------------------------------- classifiers
@@ -58,12 +120,11 @@ def make_classifier(kind, feature_shape, num_classes=10):
             init_linear(nn.Linear(HIDDEN, num_classes)))
     if kind == "conv":  # a fresh copy of NIN block 3, global average pooling, a linear layer
         width = 192
-        block = nn.Sequential(rotnet.ConvBNReLU(C, width, 3), rotnet.ConvBNReLU(width, width, 1),
-                              rotnet.ConvBNReLU(width, width, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                              nn.Linear(width, num_classes))
+        block = nn.Sequential(ConvBNReLU(C, width, 3), ConvBNReLU(width, width, 1), ConvBNReLU(width, width, 1),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
         for m in block.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, (2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)) ** 0.5)
+                init_conv_(m)
         nn.init.zeros_(block[-1].bias)
         return block
     raise ValueError(f"classifier: expected linear, nonlinear or conv, got {kind!r}")
@@ -90,73 +151,129 @@ class Probe(nn.Module):
         return self.classifier(features)
 
 
-def feature_shape(extractor, block):
+def feature_shape(extractor, block, image_size=32):
     with torch.no_grad():
-        return tuple(extractor.eval().features(torch.zeros(1, 3, 32, 32), block).shape[1:])
+        return tuple(extractor.eval().features(torch.zeros(1, 3, image_size, image_size), block).shape[1:])
 
 
-# ----------------------------------------------------------------------------- one probe
-def schedule_epochs(args, kind):
-    """--epochs, else the classifier's own schedule shrunk by --epochs-scale."""
-    return args.epochs or max(1, round(SCHEDULES[kind][0] * args.epochs_scale))
+def alexnet_linear(channels, pool, num_classes):
+    """Table 5's probe on one conv: max-pooled to pool x pool, normalised without affine
+    parameters, one linear layer."""
+    return nn.Sequential(nn.AdaptiveMaxPool2d(pool), nn.BatchNorm2d(channels, affine=False), nn.Flatten(),
+                         init_linear(nn.Linear(channels * pool * pool, num_classes)))
 
 
-def train_classifier(args, model, kind, out, describe, subset=None, epoch_size=None):
-    """Trains model (a Probe or a NIN) on CIFAR-10 labels (of the training images in subset,
-    epoch_size draws an epoch, if given); writes results.json and returns it."""
-    ctx = rotnet.Context(args.device, amp=not args.no_amp, compile=args.compile)
-    train_x, train_y, test_x, test_y = rotnet.load_cifar(args.data, args.download)
+def alexnet_nonlinear(extractor, block, num_classes):
+    """Table 4's probe: on conv5, max-pool 3/2 and AlexNet's own two hidden layers (no bias,
+    BN, ReLU) and a linear layer; on conv4, a fresh conv + BN + ReLU first."""
+    require(block in (4, 5), f"--block {block}: the non-linear AlexNet probe sits on conv4 or conv5")
+    c4, c5 = (extractor.convs[k].conv.out_channels for k in (3, 4))
+    hidden = extractor.fc[0].linear.out_features
+    layers = [alexnet.ConvBNReLU(c4, c5, 3, padding=1)] if block == 4 else []  # keeps its bias, as the original
+    layers += [nn.MaxPool2d(3, stride=2), nn.Flatten(), alexnet.LinearBNReLU(c5 * 6 * 6, hidden),
+               alexnet.LinearBNReLU(hidden, hidden),
+               nn.Linear(hidden, num_classes)]
+    head = nn.Sequential(*layers)
+    for m in head.modules():  # the original's: linear weights N(0, sqrt(2 / out)), biases 0,
+        if isinstance(m, nn.Linear):  # BatchNorm1d scales U(0, 1) (PyTorch 0.2's default)
+            init_linear(m)
+        elif isinstance(m, nn.BatchNorm1d):
+            nn.init.uniform_(m.weight, 0.0, 1.0)
+    return head
+
+
+class LinearHeads(nn.Module):
+    """Table 5: a linear probe on each of conv1..conv5 of a frozen AlexNet, trained together
+    from one forward pass of the network: logits [5, B, classes], their losses summed."""
+
+    def __init__(self, extractor, num_classes):
+        super().__init__()
+        self.extractor = extractor.requires_grad_(False)
+        channels = [conv.conv.out_channels for conv in extractor.convs]
+        self.heads = nn.ModuleList(alexnet_linear(c, p, num_classes) for c, p in zip(channels, LINEAR_POOLS))
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.extractor.eval()  # frozen: BatchNorm keeps its running statistics
+        return self
+
+    def forward(self, x):
+        with torch.no_grad():
+            maps = self.extractor.feature_maps(x)
+        return torch.stack([head(m) for head, m in zip(self.heads, maps)])
+
+
+# ----------------------------------------------------------------------------- training a classifier
+def train_classifier(model, s: train.Run, dataset, *, kind, epochs, describe, subset=None, epoch_size=None):
+    """Trains model (a Probe, LinearHeads or a NIN) on the labels of dataset (of the training
+    images in subset, epoch_size draws an epoch, if given) as SCHEDULES[kind] says, into
+    s.out; writes results.json and returns it."""
+    ctx = train.Context(s.device, amp=s.amp, compile=s.compile)
+    schedule = SCHEDULES[kind]
+    lr, batch_size = s.lr or schedule.lr, s.batch_size or schedule.batch_size
+    schedule.recipe.check(*dataset.train_x.shape[-2:])
+    train_x, train_y = dataset.train_x, dataset.train_y
     if subset is not None:
         train_x, train_y = train_x[subset], train_y[subset]
-    train_x, train_y, test_x, test_y = (t.to(ctx.device) for t in (train_x, train_y, test_x, test_y))
-    epochs, fractions = schedule_epochs(args, kind), SCHEDULES[kind][1]
+    train_x, test_x = data.on_device(train_x, ctx.device), data.on_device(dataset.test_x, ctx.device)
+    train_y, test_y = train_y.to(ctx.device), dataset.test_y.to(ctx.device)
+    views = dict(recipe=schedule.recipe, mean=dataset.mean, std=dataset.std)
     net = ctx.prepare(model)
-    opt, sched = rotnet.make_optimizer([p for p in net.parameters() if p.requires_grad], args.lr, epochs, fractions)
-    config = dict(vars(args), epochs=epochs, milestones=rotnet.milestones(epochs, fractions), **describe)
-
-    def run_epoch(epoch):
-        loss, acc = rotnet.train_epoch(ctx, net, opt, train_x, train_y, epoch, args.seed, args.batch_size,
-                                       epoch_size=epoch_size, desc=f"epoch {epoch}")
-        return loss, acc, epoch_size or len(train_x)
-
-    def test():
-        net.eval()
-        return rotnet.evaluate(ctx, net, test_x, test_y)
-
-    # A supervised NIN's checkpoint.pt loads with rotnet.load_model, as a RotNet's does.
-    extra = dict(model_config=model.config) if isinstance(model, rotnet.NIN) else None
-    metrics = rotnet.fit(ctx, out, config, model, opt, sched, epochs, run_epoch, test, args.eval_every,
-                         args.resume, extra_state=extra)
+    opt, sched = train.make_optimizer([p for p in net.parameters() if p.requires_grad], lr, epochs, schedule.milestones)
+    config = dict(dataclasses.asdict(s), lr=lr, batch_size=batch_size, epochs=epochs,
+                  milestones=train.milestones(epochs, schedule.milestones), **describe)
+    # A supervised NIN's checkpoint.pt loads with models.load_model, as a RotNet's does.
+    extra = dict(model_config=model.config) if isinstance(model, NIN) else {}
+    first, metrics = train.restore(ctx, s.out, config, s.resume, model, opt, sched)
+    for epoch in range(first, epochs + 1):
+        lr, t0 = opt.param_groups[0]["lr"], time.perf_counter()
+        loss, acc, seen = train.train_epoch(ctx, net, opt, train_x, train_y, epoch=epoch, seed=s.seed,
+                                             batch_size=batch_size, epoch_size=epoch_size, **views)
+        seconds = time.perf_counter() - t0
+        tested = epoch % s.eval_every == 0 or epoch == epochs
+        test_acc = train.evaluate(ctx, net, test_x, test_y, **views) if tested else None
+        sched.step()
+        metrics = train.epoch_metrics(epoch, lr, loss, acc, test_acc, seen, seconds)
+        train.end_epoch(ctx, s.out, metrics, model, opt, sched, **extra)
     results = dict(describe, test_acc=metrics["test_acc"], train_acc=metrics["train_acc"], epochs=epochs)
+    if kind.startswith("alexnet"):  # the ImageNet tables give top-5 too
+        results["test_top5"] = train.evaluate(ctx, net, test_x, test_y, k=5, **views)
     if ctx.main:
-        with open(os.path.join(out, "results.json"), "w") as f:
+        with open(os.path.join(s.out, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
-        print(f"test accuracy {results['test_acc']:.2f} % ({out}/results.json)")
+        accuracy = results["test_acc"] if isinstance(results["test_acc"], list) else [results["test_acc"]]
+        print(f"test accuracy {', '.join(f'{a:.2f}' for a in accuracy)} % ({s.out}/results.json)")
     return results
 
 
-def probe(args, out=None):
-    """The probe the flags describe (or the supervised NIN); returns its results."""
-    out = out or args.out
-    torch.manual_seed(args.seed)
-    if args.supervised:
-        model = rotnet.NIN(blocks=3, num_classes=10, width=args.width)
+def probe(s: Probing):
+    """The probe s describes (or the supervised NIN); returns its results."""
+    require(s.supervised or s.init == "random" or s.checkpoint, "a probe needs a checkpoint (or init='random')")
+    extractor = load_model(s.checkpoint) if not s.supervised and s.init == "checkpoint" else None
+    blocks = len(extractor.convs if isinstance(extractor, alexnet.AlexNet) else extractor.blocks) if extractor else 0
+    require(not extractor or s.block <= blocks, f"--block {s.block}: the network has blocks 1 to {blocks}")
+    dataset = s.load_data(train.Context(s.device)).labelled("a probe")
+    classes, size = len(dataset.classes), dataset.train_x.shape[-1]
+    torch.manual_seed(s.seed)
+    describe = dict(classifier=s.classifier, block=s.block, checkpoint=s.checkpoint, finetune=s.finetune, init=s.init)
+    schedule = lambda kind: dict(kind=kind, describe=describe, epochs=schedule_epochs(kind, s.epochs, s.epochs_scale))
+    if s.supervised:
+        model = NIN(blocks=3, num_classes=classes, width=s.width)
         describe = dict(classifier="supervised", block=None, checkpoint=None, finetune=True, init="random")
-        return train_classifier(args, model, "supervised", out, describe)
-    if args.init == "random":
-        extractor = rotnet.NIN(args.blocks, num_classes=4, width=args.width)
-    else:
-        try:
-            extractor = rotnet.load_model(args.checkpoint)
-        except ValueError as err:
-            raise SystemExit(f"error: {err}") from None
-    if not 1 <= args.block <= len(extractor.blocks):
-        raise SystemExit(f"error: --block {args.block}: the network has blocks 1 to {len(extractor.blocks)}")
-    classifier = make_classifier(args.classifier, feature_shape(extractor, args.block))
-    model = Probe(extractor, args.block, classifier, args.finetune)
-    describe = dict(classifier=args.classifier, block=args.block, checkpoint=args.checkpoint,
-                    finetune=args.finetune, init=args.init)
-    return train_classifier(args, model, args.classifier, out, describe)
+        return train_classifier(model, s, dataset, **schedule("supervised"))
+    if isinstance(extractor, alexnet.AlexNet):
+        require(not s.finetune and s.classifier in ("linear", "nonlinear"),
+                "an AlexNet is probed frozen, by the linear or nonlinear classifier (Tables 5 and 4)")
+        if s.classifier == "linear" and s.block == 0:
+            return train_classifier(LinearHeads(extractor, classes), s, dataset, **schedule("alexnet-linear"))
+        head = (alexnet_linear(extractor.convs[s.block - 1].conv.out_channels, LINEAR_POOLS[s.block - 1], classes)
+                if s.classifier == "linear" else alexnet_nonlinear(extractor, s.block, classes))
+        return train_classifier(Probe(extractor, s.block, head), s, dataset, **schedule(f"alexnet-{s.classifier}"))
+    require(s.block >= 1, "--block 0 (every conv at once) is for an AlexNet")
+    extractor = extractor or NIN(s.blocks, num_classes=4, width=s.width)
+    classifier = make_classifier(s.classifier, feature_shape(extractor, s.block, size), classes)
+    model = Probe(extractor, s.block, classifier, s.finetune)
+    return train_classifier(model, s, dataset, **schedule(s.classifier))
 
 
 # ----------------------------------------------------------------------------- tables
@@ -167,126 +284,154 @@ def check_reusable(out, **wanted):
         with open(path) as f:
             saved = json.load(f)
         differ = [f"{k} {saved.get(k)} there, {v} here" for k, v in wanted.items() if saved.get(k) != v]
-        if differ:
-            raise SystemExit(f"error: {out} was made with other settings ({'; '.join(differ)}): "
-                             "give this run another --out")
+        require(not differ, f"{out} was made with other settings ({'; '.join(differ)}): give this run another --out")
 
 
-def pretrained(args, blocks, rotations=FOUR):
-    """model.pt of a RotNet pretrained with these settings in --out, trained if missing."""
-    out = os.path.join(args.out, f"rotnet_{blocks}blocks_rot{'-'.join(map(str, rotations))}")
-    path = os.path.join(out, "model.pt")
-    epochs = max(1, round(PRETRAIN_EPOCHS * args.epochs_scale))
-    check_reusable(out, epochs=epochs, width=args.width, seed=args.seed)
-    if not os.path.exists(path):
-        flags = ["--data", args.data, "--epochs", str(epochs), "--batch-size", str(args.batch_size),
-                 "--blocks", str(blocks), "--width", str(args.width), "--rotations", ",".join(map(str, rotations)),
-                 "--seed", str(args.seed), "--device", args.device, "--out", out, "--resume",
-                 "--eval-every", str(args.eval_every)]
-        rotnet.pretrain(rotnet.parse_args(flags + ["--compile"] * args.compile + ["--no-amp"] * args.no_amp))
-    return path
+def rotnet_for(s, blocks, rotations=FOUR):
+    """The pretraining a table (or sweep) needs, in its own folder under s.out: the original
+    schedule x epochs_scale at the paper's lr, s's width."""
+    out = os.path.join(s.out, f"rotnet_{blocks}blocks_rot{'-'.join(map(str, rotations))}")
+    return rotnet.Pretraining(**dict(s.shared(), out=out, resume=True, lr=rotnet.Pretraining.lr),
+                              epochs=max(1, round(PRETRAIN_EPOCHS * s.epochs_scale)), blocks=blocks,
+                              width=s.width, rotations=rotations)
 
 
-def probed(args, **settings):
-    """Test accuracy of one probe, run in --out if missing (resumed if interrupted). Its
-    folder is named after its settings, so the tables share the runs they have in common."""
-    p = dict(supervised=False, init="checkpoint", checkpoint=None, block=2, classifier="nonlinear",
-             finetune=False, blocks=4, resume=True)
-    p.update(settings)
-    if p["supervised"]:
+def probe_for(s, net=None, **settings):
+    """One probe of a table, on the RotNet that net pretrains (None: no RotNet), in a folder
+    named after its settings, so the tables share the runs they have in common."""
+    p = dataclasses.replace(s, checkpoint=net and os.path.join(net.out, "model.pt"), resume=True, **settings)
+    if p.supervised:
         name = "supervised_nin"
     else:
-        source = f"random_{p['blocks']}blocks" if p["init"] == "random" else os.path.basename(os.path.dirname(p["checkpoint"]))
-        name = f"{source}_convb{p['block']}_{p['classifier']}" + ("_finetuned" if p["finetune"] else "")
-    out = os.path.join(args.out, name)
-    path = os.path.join(out, "results.json")
-    check_reusable(out, epochs=schedule_epochs(args, "supervised" if p["supervised"] else p["classifier"]),
-                   seed=args.seed)
-    if not os.path.exists(path):
-        probe(argparse.Namespace(**dict(vars(args), **p)), out)
-    with open(path) as f:
-        return json.load(f)["test_acc"]
+        source = f"random_{p.blocks}blocks" if p.init == "random" else os.path.basename(net.out)
+        name = f"{source}_convb{p.block}_{p.classifier}" + ("_finetuned" if p.finetune else "")
+    return dataclasses.replace(p, out=os.path.join(s.out, name))
 
 
-def table1(args):
-    rows = []
-    for blocks, paper in PAPER_TABLE1.items():
-        model = pretrained(args, blocks)
-        ours = [probed(args, checkpoint=model, block=k) for k in range(1, blocks + 1)]
-        rows.append((f"RotNet, {blocks} blocks", ours, paper))
-    return ["ConvB1", "ConvB2", "ConvB3", "ConvB4", "ConvB5"], rows
+def table1(s):
+    nets = {blocks: rotnet_for(s, blocks) for blocks in PAPER_TABLE1}
+    rows = [(f"RotNet, {blocks} blocks", [probe_for(s, nets[blocks], block=k) for k in range(1, blocks + 1)], paper)
+            for blocks, paper in PAPER_TABLE1.items()]
+    return ["ConvB1", "ConvB2", "ConvB3", "ConvB4", "ConvB5"], rows, list(nets.values())
 
 
-def table2(args):
-    rows = []
-    for rotations, paper in PAPER_TABLE2.items():
-        ours = probed(args, checkpoint=pretrained(args, 4, rotations), block=2)
-        rows.append((f"{len(rotations)}: " + ", ".join(f"{r}°" for r in rotations), [ours], [paper]))
-    return ["accuracy"], rows
+def table2(s):
+    nets = {rotations: rotnet_for(s, 4, rotations) for rotations in PAPER_TABLE2}
+    rows = [(f"{len(rotations)}: " + ", ".join(f"{r}°" for r in rotations), [probe_for(s, nets[rotations])], [paper])
+            for rotations, paper in PAPER_TABLE2.items()]
+    return ["accuracy"], rows, list(nets.values())
 
 
-def table3(args):
-    model = pretrained(args, 4)
-    runs = {"Supervised NIN": dict(supervised=True),
-            "Random Init. + conv": dict(init="random", classifier="conv"),
-            "RotNet + non-linear": dict(checkpoint=model),
-            "RotNet + conv": dict(checkpoint=model, classifier="conv"),
-            "RotNet + non-linear (fine-tuned)": dict(checkpoint=model, finetune=True),
-            "RotNet + conv (fine-tuned)": dict(checkpoint=model, classifier="conv", finetune=True)}
-    rows = [(method, [probed(args, **settings)], [PAPER_TABLE3[method]]) for method, settings in runs.items()]
-    return ["accuracy"], rows
+def table3(s):
+    net = rotnet_for(s, 4)
+    runs = {"Supervised NIN": probe_for(s, supervised=True),
+            "Random Init. + conv": probe_for(s, init="random", classifier="conv"),
+            "RotNet + non-linear": probe_for(s, net),
+            "RotNet + conv": probe_for(s, net, classifier="conv"),
+            "RotNet + non-linear (fine-tuned)": probe_for(s, net, finetune=True),
+            "RotNet + conv (fine-tuned)": probe_for(s, net, classifier="conv", finetune=True)}
+    return ["accuracy"], [(method, [p], [PAPER_TABLE3[method]]) for method, p in runs.items()], [net]
+
+
+def table4(s):
+    probes = [imagenet_probe(s, block=k, classifier="nonlinear") for k in (4, 5)]
+    return ["conv4", "conv5"], [("RotNet + non-linear", probes, PAPER_TABLE4)], []
+
+
+def table5(s):
+    return ["conv1", "conv2", "conv3", "conv4", "conv5"], [("RotNet + linear", [imagenet_probe(s)], PAPER_TABLE5)], []
+
+
+def imagenet_probe(s, block=0, classifier="linear"):
+    """A probe of the AlexNet in s.checkpoint (block 0: linear probes on conv1..conv5 at once)."""
+    require(s.checkpoint, "Tables 4 and 5 probe an AlexNet RotNet: give --checkpoint (rotnet.py --arch alexnet)")
+    name = f"{os.path.basename(os.path.dirname(os.path.abspath(s.checkpoint)))}_" + (
+        f"conv{block}_{classifier}" if block else "conv1-5_linear")
+    return dataclasses.replace(s, out=os.path.join(s.out, name), block=block, classifier=classifier, resume=True)
 
 
 def format_table(number, columns, rows):
-    """Markdown: each cell 'ours (paper)', in % of CIFAR-10 test accuracy."""
+    """Markdown: each cell 'ours (paper)', in % of test accuracy (top-1 unless a row says)."""
+    data_set = "ImageNet" if number in (4, 5) else "CIFAR-10"
     lines = [f"| Table {number} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, ours, paper in rows:
-        cells = [f"{o:.2f} ({p:.2f})" for o, p in zip(ours, paper)] + ["–"] * (len(columns) - len(ours))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nOurs, with the paper's number in brackets (CIFAR-10 test accuracy, %).\n"
+        cells = [f"{o:.2f}" + (f" ({p:.2f})" if paper else "") for o, p in zip(ours, paper or [None] * len(ours))]
+        lines.append(f"| {name} | " + " | ".join(cells + ["–"] * (len(columns) - len(ours))) + " |")
+    return "\n".join(lines) + f"\n\nOurs, with the paper's number in brackets ({data_set} test accuracy, %).\n"
 
 
-def run_table(args):
-    columns, rows = {1: table1, 2: table2, 3: table3}[args.table](args)
-    text = format_table(args.table, columns, rows)
+def run_plan(nets, probes, imagenet=False):
+    """Pretrains the RotNets and runs the probes that are not finished (a stopped one
+    resumes); every folder's settings are checked before anything trains. Returns each
+    probe's results, by folder."""
+    for net in nets:
+        check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed)
+    kind = lambda p: f"alexnet-{p.classifier}" if imagenet else "supervised" if p.supervised else p.classifier
+    for p in probes:
+        check_reusable(p.out, epochs=schedule_epochs(kind(p), p.epochs, p.epochs_scale), seed=p.seed,
+                       checkpoint=p.checkpoint)
+    for net in nets:
+        if not os.path.exists(os.path.join(net.out, "model.pt")):
+            rotnet.pretrain(net)
+    results = {}
+    for p in probes:
+        path = os.path.join(p.out, "results.json")
+        if not os.path.exists(path):
+            probe(p)
+        with open(path) as f:
+            results[p.out] = json.load(f)
+    return results
+
+
+def run_table(number, s: Probing):
+    columns, rows, nets = {1: table1, 2: table2, 3: table3, 4: table4, 5: table5}[number](s)
+    results = run_plan(nets, [p for _, probes, _ in rows for p in probes], imagenet=number in (4, 5))
+
+    def ours(probes, key):  # one number per probe (Table 5's one probe has five)
+        values = [results[p.out][key] for p in probes]
+        return [v for value in values for v in (value if isinstance(value, list) else [value])]
+
+    table = [(name, ours(probes, "test_acc"), paper) for name, probes, paper in rows]
+    if number in (4, 5):
+        table += [(f"{name}, top-5", ours(probes, "test_top5"), None) for name, probes, _ in rows]
+    text = format_table(number, columns, table)
     print(text)
     # table1.md, table2.md, ...: the tables share one --out and its pretrained RotNets
-    with open(os.path.join(args.out, f"table{args.table}.md"), "w") as f:
+    with open(os.path.join(s.out, f"table{number}.md"), "w") as f:
         f.write(text)
-    with open(os.path.join(args.out, f"table{args.table}.json"), "w") as f:
-        json.dump(dict(table=args.table, columns=columns, epochs_scale=args.epochs_scale, width=args.width,
-                       rows=[dict(name=n, ours=o, paper=p) for n, o, p in rows]), f, indent=1)
+    with open(os.path.join(s.out, f"table{number}.json"), "w") as f:
+        json.dump(dict(table=number, columns=columns, epochs_scale=s.epochs_scale, width=s.width,
+                       rows=[dict(name=n, ours=o, paper=p) for n, o, p in table]), f, indent=1)
 
 
 # ----------------------------------------------------------------------------- command line
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    rotnet.add_common_flags(ap, epochs=None, out=None)
+    train.add_common_flags(ap, epochs="the classifier's own schedule", out=None, scaled=True)
     ap.add_argument("--checkpoint", help="model.pt, checkpoint.pt or an original-format checkpoint")
-    ap.add_argument("--block", type=int, default=2, help="which block's output to classify (1-based)")
+    ap.add_argument("--block", type=int, default=2,
+                    help="which block's (or AlexNet conv's) output to classify, 1-based; 0: conv1..conv5 of an AlexNet at once")
     ap.add_argument("--classifier", default="nonlinear", choices=["nonlinear", "linear", "conv"])
     ap.add_argument("--finetune", action="store_true", help="train the feature extractor as well")
     ap.add_argument("--init", default="checkpoint", choices=["checkpoint", "random"],
                     help="random: probe a randomly initialised NIN (--blocks, --width)")
     ap.add_argument("--blocks", type=int, default=4, choices=[3, 4, 5], help="with --init random")
-    ap.add_argument("--width", type=float, default=1.0, help="NIN width for --init random, --supervised, --table")
     ap.add_argument("--supervised", action="store_true", help="train the 3-block NIN from scratch with labels")
-    ap.add_argument("--table", type=int, choices=[1, 2, 3], help="run everything one of the paper's tables needs")
-    ap.add_argument("--epochs-scale", type=float, default=1.0, help="shrink every schedule in proportion")
+    ap.add_argument("--table", type=int, choices=[1, 2, 3, 4, 5],
+                    help="run everything one of the paper's tables needs (4 and 5: probe the AlexNet in --checkpoint)")
     args = ap.parse_args(argv)
-    if args.table is None and not args.supervised and args.init == "checkpoint" and not args.checkpoint:
-        ap.error("give --checkpoint PATH, --init random, --supervised or --table N")
-    if args.epochs is not None and args.epochs < 1:
-        ap.error("--epochs must be at least 1")
-    if args.epochs_scale <= 0 or args.width <= 0:
-        ap.error("--epochs-scale and --width must be positive")
+    if (args.table in (None, 4, 5)) and not args.supervised and args.init == "checkpoint" and not args.checkpoint:
+        ap.error("give --checkpoint PATH, --init random, --supervised or --table N (4 and 5 with --checkpoint)")
     args.out = args.out or ("runs/tables" if args.table else "runs/probe")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    rotnet.run_job(run_table if args.table else probe, args)
+    if args.table:
+        train.run_job(lambda: run_table(args.table, Probing.from_args(args)))
+    else:
+        train.run_job(lambda: probe(Probing.from_args(args)))
 
 
 if __name__ == "__main__":

@@ -10,13 +10,20 @@ them (--subset-seed S: a random K per class instead). Every epoch draws --epoch-
 samples, cycling the small set, so small K still gets the full number of steps.
 """
 import argparse
+import dataclasses
 import json
 import os
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 import probe
 import rotnet
+import train
+from models import load_model
+from nin import NIN
+from train import require
 
 # ----------------------------------------------------------------------------- settings
 BLOCK = 2               # the paper's semi-supervised classifier sits on ConvB2
@@ -24,41 +31,65 @@ EPOCH_SIZE = 50_000     # samples per epoch, whatever K is
 PAPER_CROSSOVER = 1000  # below about this many labels per class RotNet + conv wins (Fig. 5b)
 
 
-def labelled_subset(labels, per_class, seed=None):
+@dataclass(frozen=True)
+class Sweep(train.Run):
+    out: str = "runs/semi_supervised"
+    per_class: tuple = (100,)          # K: labelled images per class, one run of both arms each
+    checkpoint: Optional[str] = None   # a 4-block RotNet; None: pretrain one in out
+    subset_seed: Optional[int] = None  # None: the first K of each class, as the original code
+    epoch_size: int = EPOCH_SIZE
+    width: float = 1.0                 # of the RotNet pretrained here and of the supervised NIN
+    epochs: Optional[int] = None       # None: each arm's own schedule x epochs_scale
+    epochs_scale: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "per_class", tuple(sorted(set(self.per_class))))
+        require(self.per_class and min(self.per_class) >= 1, f"per_class: at least 1, got {list(self.per_class)}")
+        require(self.epoch_size >= 1, f"epoch_size: at least 1, got {self.epoch_size}")
+        require(self.epochs is None or self.epochs >= 1, f"epochs: at least 1, got {self.epochs}")
+        require(self.width > 0 and self.epochs_scale > 0, "width and epochs_scale must be positive")
+
+
+def labelled_subset(labels, per_class, seed=None, classes=10):
     """Indices of K training images of each class: the first K in data set order, or a
     random K with a seed."""
     chosen = []
     g = torch.Generator().manual_seed(seed) if seed is not None else None
-    for c in range(10):
+    for c in range(classes):
         members = (labels == c).nonzero().flatten()
-        if len(members) < per_class:
-            raise SystemExit(f"error: --per-class {per_class}: class {c} has only {len(members)} training images")
+        require(len(members) >= per_class,
+                f"--per-class {per_class}: class {c} has only {len(members)} training images")
         if g is not None:
             members = members[torch.randperm(len(members), generator=g)]
         chosen.append(members[:per_class])
     return torch.cat(chosen).sort().values
 
 
-def run_arm(args, arm, per_class, subset, checkpoint):
-    """One arm for one K, in its own folder: reused when finished, resumed when stopped."""
-    out = os.path.join(args.out, f"K{per_class}_{arm}")
-    path = os.path.join(out, "results.json")
+def arm_settings(s, arm, per_class):
+    """One arm for one K runs in its own folder: reused when finished, resumed when stopped."""
     kind = "conv" if arm == "rotnet_conv" else "supervised"
-    probe.check_reusable(out, epochs=probe.schedule_epochs(args, kind), seed=args.seed,
-                         epoch_size=args.epoch_size, subset_seed=args.subset_seed)
+    out = os.path.join(s.out, f"K{per_class}_{arm}")
+    return dataclasses.replace(s, out=out, resume=True), kind, probe.schedule_epochs(kind, s.epochs, s.epochs_scale)
+
+
+def run_arm(s, dataset, arm, per_class, subset, checkpoint):
+    run, kind, epochs = arm_settings(s, arm, per_class)
+    path = os.path.join(run.out, "results.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)["test_acc"]
-    torch.manual_seed(args.seed)
+    torch.manual_seed(s.seed)
     if arm == "rotnet_conv":
-        extractor = rotnet.load_model(checkpoint)
-        model = probe.Probe(extractor, BLOCK, probe.make_classifier("conv", probe.feature_shape(extractor, BLOCK)))
+        extractor = load_model(checkpoint)
+        shape = probe.feature_shape(extractor, BLOCK, dataset.train_x.shape[-1])
+        model = probe.Probe(extractor, BLOCK, probe.make_classifier("conv", shape, len(dataset.classes)))
     else:
-        model = rotnet.NIN(blocks=3, num_classes=10, width=args.width)
+        model = NIN(blocks=3, num_classes=len(dataset.classes), width=s.width)
     describe = dict(arm=arm, per_class=per_class, classifier=kind, block=BLOCK if kind == "conv" else None,
-                    checkpoint=checkpoint if kind == "conv" else None, subset_seed=args.subset_seed)
-    run_args = argparse.Namespace(**dict(vars(args), resume=True))
-    return probe.train_classifier(run_args, model, kind, out, describe, subset, args.epoch_size)["test_acc"]
+                    checkpoint=checkpoint if kind == "conv" else None, subset_seed=s.subset_seed)
+    return probe.train_classifier(model, run, dataset, kind=kind, epochs=epochs, describe=describe, subset=subset,
+                                  epoch_size=s.epoch_size)["test_acc"]
 
 
 def plot(rows, path):
@@ -94,63 +125,68 @@ def markdown(rows):
     return "\n".join(lines) + "\n"
 
 
-def sweep(args):
-    """Both arms for every K; rank 0 writes the results, the table and the figure."""
+def sweep(s: Sweep):
+    """Both arms for every K; rank 0 writes the results, the table and the figure. Every K,
+    the checkpoint and every folder's settings are checked before anything trains."""
     main_rank = int(os.environ.get("RANK", "0")) == 0
-    checkpoint = args.checkpoint or probe.pretrained(args, 4)
-    try:
-        rotnet.load_model(checkpoint)  # an unreadable checkpoint stops here, not after a run
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-    labels = rotnet.load_cifar(args.data, args.download)[1]
+    dataset = s.load_data(train.Context(s.device)).labelled("the label-scarcity sweep")
+    subsets = {k: labelled_subset(dataset.train_y, k, s.subset_seed, len(dataset.classes)) for k in s.per_class}
+    net = None if s.checkpoint else probe.rotnet_for(s, 4)
+    checkpoint = s.checkpoint or os.path.join(net.out, "model.pt")
+    if s.checkpoint:
+        load_model(s.checkpoint)  # an unreadable checkpoint stops here, not after a run
+    else:
+        probe.check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed)
+    for k in s.per_class:
+        for arm in ("rotnet_conv", "supervised"):
+            run, _, epochs = arm_settings(s, arm, k)
+            probe.check_reusable(run.out, epochs=epochs, seed=s.seed, epoch_size=s.epoch_size,
+                                 subset_seed=s.subset_seed)
+    if net and not os.path.exists(checkpoint):
+        rotnet.pretrain(net)
     rows = []
-    for k in args.per_class:
-        subset = labelled_subset(labels, k, args.subset_seed)
-        row = dict(per_class=k, rotnet_conv=run_arm(args, "rotnet_conv", k, subset, checkpoint),
-                   supervised=run_arm(args, "supervised", k, subset, checkpoint))
+    for k in s.per_class:
+        row = dict(per_class=k, rotnet_conv=run_arm(s, dataset, "rotnet_conv", k, subsets[k], checkpoint),
+                   supervised=run_arm(s, dataset, "supervised", k, subsets[k], checkpoint))
         rows.append(row)
         if main_rank:
             print(f"K={k}: RotNet + conv {row['rotnet_conv']:.2f} %, supervised {row['supervised']:.2f} %, "
                   f"gap {row['rotnet_conv'] - row['supervised']:+.2f}", flush=True)
     if not main_rank:
         return
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(dict(rows=rows, checkpoint=checkpoint, epoch_size=args.epoch_size), f, indent=1)
-    with open(os.path.join(args.out, "semi_supervised.md"), "w") as f:
+    os.makedirs(s.out, exist_ok=True)
+    with open(os.path.join(s.out, "results.json"), "w") as f:
+        json.dump(dict(rows=rows, checkpoint=checkpoint, epoch_size=s.epoch_size), f, indent=1)
+    with open(os.path.join(s.out, "semi_supervised.md"), "w") as f:
         f.write(markdown(rows))
-    plot(rows, os.path.join(args.out, "semi_supervised.png"))
-    print(markdown(rows) + f"\nwrote {args.out}/results.json, semi_supervised.md, semi_supervised.png")
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    rotnet.run_job(sweep, args)
+    plot(rows, os.path.join(s.out, "semi_supervised.png"))
+    print(markdown(rows) + f"\nwrote {s.out}/results.json, semi_supervised.md, semi_supervised.png")
 
 
 def per_class_list(text):
     try:
-        return sorted({int(k) for k in text.split(",")})
+        values = sorted({int(k) for k in text.split(",")})
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
+    if values[0] < 1:
+        raise argparse.ArgumentTypeError(f"every K must be at least 1, got {values[0]}")
+    return tuple(values)
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    rotnet.add_common_flags(ap, epochs=None, out="runs/semi_supervised")
+    train.add_common_flags(ap, epochs="each arm's own schedule", out="runs/semi_supervised", scaled=True)
     ap.add_argument("--per-class", required=True, type=per_class_list,
                     help="labelled images per class, e.g. 100 or 20,100,400,1000,5000")
     ap.add_argument("--checkpoint", help="a RotNet (model.pt or original format); default: pretrain one")
     ap.add_argument("--subset-seed", type=int, help="draw a random K per class instead of the first K")
-    ap.add_argument("--epoch-size", type=int, default=EPOCH_SIZE, help="samples drawn per epoch")
-    ap.add_argument("--width", type=float, default=1.0, help="NIN width (pretraining and supervised arm)")
-    ap.add_argument("--epochs-scale", type=float, default=1.0, help="shrink every schedule in proportion")
-    args = ap.parse_args(argv)
-    if min(args.per_class) < 1 or args.epoch_size < 1 or (args.epochs is not None and args.epochs < 1):
-        ap.error("--per-class, --epoch-size and --epochs must be at least 1")
-    if args.epochs_scale <= 0 or args.width <= 0:
-        ap.error("--epochs-scale and --width must be positive")
-    os.makedirs(args.out, exist_ok=True)
-    return args
+    ap.add_argument("--epoch-size", type=train.positive_int, default=EPOCH_SIZE, help="samples drawn per epoch")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    train.run_job(lambda: sweep(Sweep.from_args(args)))
 
 
 if __name__ == "__main__":

@@ -5,27 +5,22 @@ images written by the tests. Figure 5(a) trains two one-epoch probes, then reuse
 import json
 import os
 import struct
-import subprocess
-import sys
 
 import matplotlib.image
 import pytest
 import torch
 import torch.nn as nn
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-import figures  # noqa: E402
-import rotnet  # noqa: E402
-from test_rotnet import assert_one_line_error, write_cifar  # noqa: E402
+import cifar
+import conftest
+import figures
+from conftest import RunsCode, assert_one_line_error, run_cli, write_cifar
+from nin import NIN
 
 
 # ----------------------------------------------------------------------------- helpers
 def save_nin(path, blocks, num_classes, seed=0, **extra):
-    torch.manual_seed(seed)
-    model = rotnet.NIN(blocks, num_classes, width=0.125)
-    torch.save(dict(model=model.state_dict(), model_config=model.config, **extra), path)
+    conftest.save_nin(path, blocks, num_classes, seed=seed, **extra)
     return str(path)
 
 
@@ -56,7 +51,7 @@ def assert_png(path, inches):
 
 
 @pytest.fixture(scope="module")
-def cifar(tmp_path_factory):
+def cifar_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cifar")
     write_cifar(folder, 20, 30)
     return str(folder)
@@ -71,7 +66,7 @@ def nets(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- attention maps
 def test_attention_maps_shape_and_range():
-    model = rotnet.NIN(4, 4, width=0.125).eval()
+    model = NIN(4, 4, width=0.125).eval()
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     maps = figures.attention_maps(model, images)
     assert maps.shape == (3, 4, 32, 32)
@@ -82,10 +77,10 @@ def test_attention_maps_shape_and_range():
 @pytest.mark.parametrize("power", [1.0, 2.0, 3.0])
 def test_attention_maps_are_the_channel_mean_of_each_block(power):
     torch.manual_seed(0)
-    model = rotnet.NIN(3, 10, width=0.125).eval()
+    model = NIN(3, 10, width=0.125).eval()
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    mean = torch.tensor(rotnet.CIFAR_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(rotnet.CIFAR_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(cifar.MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(cifar.STD).view(1, 3, 1, 1)
     x = (images.float() - mean) / std
     maps = figures.attention_maps(model, images, power)
     for k in range(1, 4):
@@ -113,7 +108,7 @@ class PassThrough(nn.Module):
 
 
 def test_attention_peaks_where_the_activation_is():
-    grey = torch.tensor([round(m) for m in rotnet.CIFAR_MEAN], dtype=torch.uint8).view(3, 1, 1)
+    grey = torch.tensor([round(m) for m in cifar.MEAN], dtype=torch.uint8).view(3, 1, 1)
     images = grey.expand(3, 3, 32, 32).clone()
     images[0, :, 4:8, 20:24] = 255   # a bright patch up on the right
     images[1, :, 24:28, 2:6] = 0     # a dark one down on the left
@@ -129,8 +124,8 @@ def test_attention_peaks_where_the_activation_is():
 
 
 # ----------------------------------------------------------------------------- the figures
-def test_attention_figure(nets, cifar, tmp_path):
-    path = figures.attention_figure(*nets, cifar, str(tmp_path), images=3, power=2, device="cpu")
+def test_attention_figure(nets, cifar_dir, tmp_path):
+    path = figures.attention_figure(*nets, cifar_dir, str(tmp_path), images=3, power=2, device="cpu")
     assert path == str(tmp_path / "attention.png")
     columns = 1 + 4 + 3  # the image, RotNet ConvB1-4, supervised ConvB1-3
     assert_png(path, (columns * figures.ATTENTION_CELL, 3 * figures.ATTENTION_CELL + figures.ATTENTION_HEADER))
@@ -155,7 +150,7 @@ def test_curves_figure(tmp_path):
     assert_png(figures.curves_figure([a, b], str(tmp_path / "figs")), figures.CURVES_SIZE)
 
 
-def test_rotation_vs_object(cifar, tmp_path, monkeypatch, capsys):
+def test_rotation_vs_object(cifar_dir, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     run.mkdir()
     for epoch, rotation_acc in ((1, 31.25), (2, 47.5)):  # as rotnet.py --save-every stores them
@@ -163,7 +158,7 @@ def test_rotation_vs_object(cifar, tmp_path, monkeypatch, capsys):
                  metrics=dict(epoch=epoch, test_acc=rotation_acc))
     save_nin(run / "model.pt", 4, 4)  # the final model is not a snapshot
     out = str(tmp_path / "figs")
-    args = ["rotation-vs-object", str(run), "--data", cifar, "--probe-epochs", "1", "--device", "cpu", "--out", out]
+    args = ["rotation-vs-object", str(run), "--data", cifar_dir, "--probe-epochs", "1", "--device", "cpu", "--out", out]
     figures.main(args)
     assert_png(os.path.join(out, "rotation_vs_object.png"), figures.FIGURE5A_SIZE)
     table = capsys.readouterr().out.split("epoch  rotation %  object %\n")[1].splitlines()
@@ -185,10 +180,19 @@ def test_rotation_vs_object(cifar, tmp_path, monkeypatch, capsys):
 # ----------------------------------------------------------------------------- errors
 def test_missing_checkpoint_is_one_line(tmp_path):
     missing = tmp_path / "missing.pt"
-    proc = subprocess.run([sys.executable, "figures.py", "filters", "--rotnet", str(missing), "--supervised",
-                           str(missing), "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    proc = run_cli("filters", "--rotnet", missing, "--supervised", missing, "--out", tmp_path, check=False,
+                   timeout=120, script="figures.py")
     assert_one_line_error(proc, "error:", "missing.pt")
+    assert proc.returncode == 1
+
+
+def test_hostile_checkpoint_is_refused_in_one_line(nets, tmp_path):
+    marker = tmp_path / "code-ran"
+    torch.save({"model": RunsCode(marker), "model_config": {}}, tmp_path / "hostile.pt")
+    proc = run_cli("filters", "--rotnet", tmp_path / "hostile.pt", "--supervised", nets[1], "--out", tmp_path,
+                   check=False, timeout=120, script="figures.py")
+    assert_one_line_error(proc, "error:", "hostile.pt", "refused")
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("case", ["no metrics", "no snapshots", "no data"])

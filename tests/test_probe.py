@@ -4,41 +4,23 @@ models, data written by the tests.
 """
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-import probe  # noqa: E402
-import rotnet  # noqa: E402
-# CIFAR files and original checkpoint names are made the same way as for rotnet.py's tests.
-from test_rotnet import assert_one_line_error, metrics_of, to_original_names, write_cifar  # noqa: E402
+import probe
+from conftest import RunsCode, assert_one_line_error, metrics_of, run_cli, save_nin, to_original_names, write_cifar
+from nin import NIN
 
 FEATURES = {1: (96, 16, 16), 2: (192, 8, 8), 3: (192, 8, 8), 4: (192, 8, 8)}
 
 
 def run_probe(*args, check=True):
-    proc = subprocess.run([sys.executable, "probe.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def save_model(path, blocks=4, width=0.125, seed=0):
-    """A model.pt as rotnet.py writes it (untrained: probing does not care)."""
-    torch.manual_seed(seed)
-    model = rotnet.NIN(blocks, 4, width)
-    torch.save(dict(model=model.state_dict(), model_config=model.config), path)
-    return model
+    return run_cli(*args, check=check, timeout=600, script="probe.py")
 
 
 @pytest.fixture(scope="module")
-def cifar(tmp_path_factory):
+def cifar_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cifar")
     write_cifar(folder, 40, 60)
     return folder
@@ -56,7 +38,7 @@ def expected_parameters(kind, C, H, W, classes=10):
 @pytest.mark.parametrize("kind", ["linear", "nonlinear", "conv"])
 @pytest.mark.parametrize("block", [1, 2, 3, 4])
 def test_classifier_shapes_and_parameter_counts(kind, block):
-    extractor = rotnet.NIN(4, 4, 1.0)
+    extractor = NIN(4, 4, 1.0)
     assert probe.feature_shape(extractor, block) == FEATURES[block]
     classifier = probe.make_classifier(kind, FEATURES[block])
     assert sum(p.numel() for p in classifier.parameters()) == expected_parameters(kind, *FEATURES[block])
@@ -74,7 +56,7 @@ def test_linear_layers_use_the_original_initialisation():
 
 
 def test_a_frozen_extractor_stays_in_eval_mode_and_gets_no_gradients():
-    extractor = rotnet.NIN(4, 4, 0.125)
+    extractor = NIN(4, 4, 0.125)
     model = probe.Probe(extractor, 2, probe.make_classifier("conv", probe.feature_shape(extractor, 2))).train()
     assert not extractor.training and model.classifier.training
     model(torch.randn(4, 3, 32, 32)).sum().backward()
@@ -86,12 +68,13 @@ def test_a_frozen_extractor_stays_in_eval_mode_and_gets_no_gradients():
     assert all(p.grad is not None for p in extractor.blocks[:2].parameters())  # blocks 3, 4: unused
 
 
-def test_a_probe_writes_every_file(cifar, tmp_path):
-    save_model(tmp_path / "model.pt")
+def test_a_probe_writes_every_file(cifar_dir, tmp_path):
+    save_nin(tmp_path / "model.pt")
     out = tmp_path / "probe"
-    run_probe("--checkpoint", tmp_path / "model.pt", "--block", 2, "--classifier", "nonlinear", "--data", cifar,
+    run_probe("--checkpoint", tmp_path / "model.pt", "--block", 2, "--classifier", "nonlinear", "--data", cifar_dir,
               "--epochs", 2, "--device", "cpu", "--out", out, "--batch-size", 32)
-    assert sorted(os.listdir(out)) == ["checkpoint.pt", "config.json", "metrics.jsonl", "results.json"]
+    assert sorted(os.listdir(out)) == ["checkpoint.prev.pt", "checkpoint.pt", "config.json", "metrics.jsonl",
+                                       "results.json"]
     results = json.loads((out / "results.json").read_text())
     assert results["block"] == 2 and results["classifier"] == "nonlinear"
     assert results["checkpoint"] == str(tmp_path / "model.pt") and 0 <= results["test_acc"] <= 100
@@ -100,33 +83,39 @@ def test_a_probe_writes_every_file(cifar, tmp_path):
 
 
 @pytest.mark.parametrize("classifier", ["conv", "linear"])
-def test_probing_an_original_format_checkpoint(cifar, tmp_path, classifier):
-    model = save_model(tmp_path / "ours.pt", blocks=3)
+def test_probing_an_original_format_checkpoint(cifar_dir, tmp_path, classifier):
+    model = save_nin(tmp_path / "ours.pt", blocks=3)
     original = dict(epoch=200, network=to_original_names(model.state_dict(), 3))
     torch.save(original, tmp_path / "original.pth")
     out = tmp_path / "probe"
     run_probe("--checkpoint", tmp_path / "original.pth", "--block", 3, "--classifier", classifier,
-              "--data", cifar, "--epochs", 1, "--device", "cpu", "--out", out, "--batch-size", 32, "--finetune")
+              "--data", cifar_dir, "--epochs", 1, "--device", "cpu", "--out", out, "--batch-size", 32, "--finetune")
     assert json.loads((out / "results.json").read_text())["finetune"] is True
 
 
-def test_bad_arguments(cifar, tmp_path):
-    proc = run_probe("--data", cifar, "--device", "cpu", check=False)
+def test_bad_arguments(cifar_dir, tmp_path):
+    proc = run_probe("--data", cifar_dir, "--device", "cpu", check=False)
     assert proc.returncode == 2 and "--checkpoint" in proc.stderr
-    save_model(tmp_path / "model.pt", blocks=3)
-    proc = run_probe("--checkpoint", tmp_path / "model.pt", "--block", 4, "--data", cifar, "--device", "cpu",
+    save_nin(tmp_path / "model.pt", blocks=3)
+    proc = run_probe("--checkpoint", tmp_path / "model.pt", "--block", 4, "--data", cifar_dir, "--device", "cpu",
                      "--out", tmp_path / "o", check=False)
     assert_one_line_error(proc, "--block 4")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    proc = run_probe("--checkpoint", tmp_path / "junk.pt", "--data", cifar, "--device", "cpu",
+    proc = run_probe("--checkpoint", tmp_path / "junk.pt", "--data", cifar_dir, "--device", "cpu",
                      "--out", tmp_path / "o", check=False)
     assert_one_line_error(proc, "junk.pt")
+    marker = tmp_path / "code-ran"
+    torch.save({"model": RunsCode(marker), "model_config": {}}, tmp_path / "hostile.pt")
+    proc = run_probe("--checkpoint", tmp_path / "hostile.pt", "--data", cifar_dir, "--device", "cpu",
+                     "--out", tmp_path / "o", check=False)
+    assert_one_line_error(proc, "hostile.pt", "refused")
+    assert not marker.exists() and not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("table", [1, 3])
-def test_a_whole_table_at_a_tiny_scale(cifar, tmp_path, table):
+def test_a_whole_table_at_a_tiny_scale(cifar_dir, tmp_path, table):
     # One pretraining epoch per RotNet and one epoch per probe: the plumbing, not the numbers.
-    flags = ["--table", table, "--data", cifar, "--out", tmp_path, "--epochs-scale", 0.005, "--width", 0.125,
+    flags = ["--table", table, "--data", cifar_dir, "--out", tmp_path, "--epochs-scale", 0.005, "--width", 0.125,
              "--device", "cpu", "--batch-size", 32]
     first = run_probe(*flags)
     paper = {1: ["85.45", "89.76", "50.37"], 3: ["92.80", "72.50", "92.17"]}[table]

@@ -1,18 +1,13 @@
 """semi_supervised.py: the labelled subset and one tiny run end to end (CPU, tiny models)."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-import rotnet  # noqa: E402
-import semi_supervised  # noqa: E402
-from test_rotnet import write_cifar  # noqa: E402
+import data
+import semi_supervised
+from conftest import RunsCode, assert_one_line_error, run_cli, save_nin, write_cifar
+from errors import UserError
 
 
 def test_the_subset_is_the_first_k_of_each_class():
@@ -34,22 +29,17 @@ def test_a_seeded_subset_is_random_but_still_k_per_class():
 
 
 def test_too_few_images_of_a_class_is_a_clear_error():
-    with pytest.raises(SystemExit, match="class 9 has only 0"):
+    with pytest.raises(UserError, match="class 9 has only 0"):
         semi_supervised.labelled_subset(torch.arange(90) % 9, 5)
 
 
 def test_one_tiny_run_writes_both_arms_and_the_figure(tmp_path):
     write_cifar(tmp_path / "data", 30, 50)
-    torch.manual_seed(0)
-    model = rotnet.NIN(4, 4, 0.125)
-    torch.save(dict(model=model.state_dict(), model_config=model.config), tmp_path / "model.pt")
+    save_nin(tmp_path / "model.pt")
     out = tmp_path / "out"
-    cmd = [sys.executable, "semi_supervised.py", "--per-class", "3", "--checkpoint", tmp_path / "model.pt",
-           "--data", tmp_path / "data", "--epochs", "1", "--epoch-size", "96", "--width", "0.125",
-           "--batch-size", "32", "--device", "cpu", "--out", out]
-    proc = subprocess.run(list(map(str, cmd)), cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("--per-class", "3", "--checkpoint", tmp_path / "model.pt", "--data", tmp_path / "data",
+                   "--epochs", "1", "--epoch-size", "96", "--width", "0.125", "--batch-size", "32", "--device", "cpu",
+                   "--out", out, timeout=300, script="semi_supervised.py")
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["per_class"] for r in rows] == [3]
     assert all(0 <= rows[0][arm] <= 100 for arm in ("rotnet_conv", "supervised"))
@@ -62,8 +52,28 @@ def test_one_tiny_run_writes_both_arms_and_the_figure(tmp_path):
 
 
 def test_an_epoch_cycles_a_small_set_in_fresh_orders():
-    perm, shifts, flips = rotnet.epoch_draws(30, epoch=1, seed=0, device="cpu", size=96)
-    assert perm.shape == (96,) and shifts.shape == (96, 2) and flips.shape == (96,)
+    perm, view = data.Recipe("pad-crop").draws(30, epoch=1, seed=0, device="cpu", H=32, W=32, count=96)
+    assert perm.shape == (96,) and view["shifts"].shape == (96, 2) and view["flips"].shape == (96,)
     for start in (0, 30, 60):  # three whole passes, each a permutation of its own
         assert torch.equal(perm[start:start + 30].sort().values, torch.arange(30))
     assert not torch.equal(perm[:30], perm[30:60])
+
+
+def test_an_impossible_k_stops_before_anything_trains(tmp_path):
+    write_cifar(tmp_path / "data", 10, 10)  # 50 training images: no class has 5000
+    out = tmp_path / "out"
+    proc = run_cli("--per-class", "5000", "--data", tmp_path / "data", "--epochs-scale", "0.005", "--width", "0.125",
+                   "--device", "cpu", "--out", out, check=False, script="semi_supervised.py")
+    assert_one_line_error(proc, "--per-class 5000", "training images")
+    assert not out.exists()  # no RotNet was pretrained first
+
+
+def test_a_hostile_checkpoint_is_refused_before_anything_trains(tmp_path):
+    write_cifar(tmp_path / "data", 10, 10)
+    marker = tmp_path / "code-ran"
+    torch.save({"model": RunsCode(marker), "model_config": {}}, tmp_path / "model.pt")
+    out = tmp_path / "out"
+    proc = run_cli("--per-class", "1", "--checkpoint", tmp_path / "model.pt", "--data", tmp_path / "data",
+                   "--device", "cpu", "--out", out, check=False, script="semi_supervised.py")
+    assert_one_line_error(proc, "model.pt", "refused")
+    assert not marker.exists() and not out.exists()

@@ -1,0 +1,266 @@
+"""Where a run's images come from and how they reach the device.
+
+    dataset = load("./data", image_size=256)        # CIFAR-10, or an image folder prepared once
+    train = on_device(dataset.train_x, device)      # held on the device, or streamed to it
+    for images, index in train.batches(perm, slices):
+        ...  # rot_kernel.rotation_batch(images, index, ...) builds the step's batch
+
+`--data` is CIFAR-10 in its python format (cifar.py) or a folder of images (folders.py:
+decoded once into a memory-mapped uint8 file). Either way a split is uint8 [N, 3, S, S]
+on the CPU. A split that fits on the device (with room to train) is copied there once and
+batches index it; a larger one is streamed: a background thread gathers the next step's
+images from the file into pinned memory and copies them on a side stream while the
+current step runs. Both give the same batches for the same draws.
+"""
+import ctypes
+import queue
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+import cifar
+import folders
+import rot_kernel
+from errors import UserError
+
+PAD = 4                # pad-crop (CIFAR's recipe): zero-pad 4 and crop at the source's size
+SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # resized-crop: area share and aspect, as torchvision's
+RESIDENT_SHARE = 0.5   # a split is held on the GPU if it takes at most this share of free memory
+PREFETCH = 3           # streamed batches in flight ahead of the step that uses them
+
+
+@dataclass(frozen=True)
+class Dataset:
+    train_x: torch.Tensor            # uint8 [N, 3, S, S], CPU (memory-mapped for folders)
+    train_y: Optional[torch.Tensor]  # int64 [N]; None for a folder of unlabelled images
+    test_x: torch.Tensor             # CIFAR-10's test split, or the folder's val split
+    test_y: Optional[torch.Tensor]
+    mean: tuple                      # per channel, 0-255 scale: what batches are normalised by
+    std: tuple
+    classes: tuple
+
+    def labelled(self, what):
+        if self.train_y is None:
+            raise UserError(f"{what} needs labels, but the data is a folder of unlabelled images: "
+                            "give a folder of class subfolders (or train/ and val/ of them)")
+        return self
+
+
+def as_tensor(array):
+    with warnings.catch_warnings():  # a read-only memory map: torch warns, but nothing writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+def load(data, *, image_size=256, download=False, cache=None, val_fraction=0.1, seed=0):
+    """The data set in --data: CIFAR-10 (image_size is then 32), or an image folder,
+    prepared into `cache` on first use at image_size x image_size."""
+    if not folders.is_image_folder(data):
+        train_x, train_y, test_x, test_y = cifar.load_cifar(data, download)
+        return Dataset(train_x, train_y, test_x, test_y, cifar.MEAN, cifar.STD, cifar.CLASSES)
+    p = folders.prepare(data, image_size=image_size, cache=cache, val_fraction=val_fraction, seed=seed)
+    labels = lambda y: None if y is None else torch.from_numpy(np.asarray(y, dtype=np.int64))
+    if len(p.val.images) == 0:
+        raise UserError(f"{data}: no images were held out for testing; raise --val-fraction")
+    return Dataset(as_tensor(p.train.images), labels(p.train.labels), as_tensor(p.val.images),
+                   labels(p.val.labels), tuple(p.mean), tuple(p.std), tuple(p.classes))
+
+
+# ----------------------------------------------------------------------------- augmentation
+@dataclass(frozen=True)
+class Recipe:
+    """How an epoch views each image (a crop, then a flip) and how testing views it, as
+    rotation_batch arguments:
+      pad-crop      zero-pad PAD and crop at the source's size (CIFAR, the NIN)
+      random-crop   a random size x size window (the AlexNet probes: 256 -> 224)
+      resized-crop  RandomResizedCrop to size x size (AlexNet pretraining)
+    Testing sees the centre size x size window (pad-crop: the whole image)."""
+    kind: str = "pad-crop"
+    size: Optional[int] = None
+
+    def out_size(self, H, W):
+        return (H, W) if self.size is None else (self.size, self.size)
+
+    def check(self, H, W):
+        if self.size is not None and self.size > min(H, W):
+            raise UserError(f"the images are {H}x{W}, smaller than this recipe's {self.size}x{self.size} crop: "
+                            f"prepare them at --image-size {self.size} or more")
+
+    def draws(self, n, epoch, seed, device, H, W, count=None):
+        """The epoch's order of n images (count draws: the images cycled in fresh orders, for
+        a small labelled set) and each draw's crop and flip: a function of (seed, epoch)
+        alone, so a resumed run draws exactly what the uninterrupted one did."""
+        count = count or n
+        # seed and epoch mixed into one number, far apart so (seed, epoch) pairs never collide
+        g = torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
+        perm = torch.cat([torch.randperm(n, generator=g, device=device) for _ in range(-(-count // n))])[:count]
+        h, w = self.out_size(H, W)
+        if self.kind == "pad-crop":
+            view = dict(shifts=torch.randint(-PAD, PAD + 1, (count, 2), generator=g, device=device))
+        elif self.kind == "random-crop":
+            dy = torch.randint(0, H - h + 1, (count, 1), generator=g, device=device)
+            view = dict(shifts=torch.cat([dy, torch.randint(0, W - w + 1, (count, 1), generator=g, device=device)], 1))
+        else:
+            view = dict(boxes=rot_kernel.resized_crop_boxes(count, H, W, SCALE, RATIO, generator=g, device=device))
+        view["flips"] = torch.rand(count, generator=g, device=device) < 0.5
+        return perm, view
+
+    def test_view(self, count, H, W, device):
+        h, w = self.out_size(H, W)
+        return dict(shifts=torch.tensor([(H - h) // 2, (W - w) // 2], device=device).expand(count, 2))
+
+
+# ----------------------------------------------------------------------------- on the device
+def on_device(images, device, stream=None):
+    """Resident (copied to the device once) or Streamed. stream=None decides by size: on the
+    CPU a split is always resident (a memory map is paged in by the OS as batches read it)."""
+    device = torch.device(device)
+    if stream is None:
+        stream = device.type == "cuda" and images.nbytes > RESIDENT_SHARE * torch.cuda.mem_get_info(device)[0]
+    return Streamed(images, device) if stream else Resident(images.to(device))
+
+
+class Resident:
+    """A split on the device: each step's batch is built from it by index."""
+
+    def __init__(self, images):
+        self.images, self.shape = images, images.shape
+
+    def __len__(self):
+        return len(self.images)
+
+    def batches(self, order, slices):
+        for s in slices:
+            yield self.images, order[s]
+
+
+class Streamed:
+    """A split left on the host: a thread gathers each step's images (order[s]) into pinned
+    memory and copies them to the device on its own stream, PREFETCH steps ahead. The host
+    buffers are a ring reused from step to step (fresh ones of tens of MB cost more in page
+    faults than the gather itself), so on the CPU a batch is valid until the next is drawn."""
+
+    def __init__(self, images, device):
+        self.images, self.device, self.shape = images, device, images.shape
+        self.cuda = device.type == "cuda"
+        self.copies = torch.cuda.Stream(device) if self.cuda else None
+        self.ring = [None] * (PREFETCH + 2)  # (buffer, copy event): in the queue, at the step, being filled
+
+    def __len__(self):
+        return len(self.images)
+
+    def batches(self, order, slices):
+        """(batch, None) for each slice of order; one epoch at a time (the ring is shared)."""
+        order = order.cpu()  # one sync an epoch, not one a step
+        ready, stop, ring = queue.Queue(PREFETCH), threading.Event(), self.ring
+
+        def offer(item):  # waits for room, unless the consumer has left
+            while not stop.is_set():
+                try:
+                    return ready.put(item, timeout=0.1)
+                except queue.Full:
+                    pass
+
+        def gather():
+            try:
+                for step, s in enumerate(slices):
+                    index = order[s]
+                    slot = step % len(ring)
+                    host, copied = ring[slot] or (None, None)
+                    if copied is not None:
+                        copied.synchronize()  # its last copy to the device is done: free to refill
+                    if host is None or len(host) < len(index):
+                        host = torch.empty((len(index), *self.images.shape[1:]), dtype=torch.uint8,
+                                           pin_memory=self.cuda)
+                    host = host[:len(index)]
+                    torch.index_select(self.images, 0, index, out=host)  # reads the memory map
+                    if not self.cuda:
+                        ring[slot] = (host, None)
+                        offer((host, None))
+                        continue
+                    with torch.cuda.stream(self.copies):
+                        batch = host.to(self.device, non_blocking=True)
+                        done = torch.cuda.Event()
+                        done.record()
+                    ring[slot] = (host, done)
+                    offer((batch, done))
+                offer(None)
+            except BaseException as err:  # handed to the training thread, raised there
+                offer(err)
+
+        worker = threading.Thread(target=gather, daemon=True)
+        worker.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                batch, done = item
+                if done is not None:  # the step's stream waits for the copy, not the host
+                    torch.cuda.current_stream(self.device).wait_event(done)
+                    batch.record_stream(torch.cuda.current_stream(self.device))
+                yield batch, None
+        finally:
+            stop.set()
+            worker.join()
+
+
+def keep_freed_memory():
+    """glibc hands big freed blocks (activations, batches) back to the OS at once, and the
+    next step faults them in again page by page: on the CPU that was a third of each step.
+    Keeping them mapped makes reuse free."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)     # M_MMAP_THRESHOLD: serve blocks below 1 GiB from the heap
+        libc.mallopt(-1, 2**31 - 1)   # M_TRIM_THRESHOLD: and do not shrink it
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+def benchmark(data_dir, *, image_size=256, batch_size=192, steps=50, device="cpu", cache=None):
+    """The loader alone: images/s from a prepared folder's file into device batches (random
+    order, as training reads it), with the page cache cold (the file's pages dropped
+    first) and then warm. Prints one JSON line and returns it."""
+    import json
+    import os
+    import time
+    p = folders.prepare(data_dir, image_size=image_size, cache=cache)
+    keep_freed_memory()  # as a CPU training run does: batch buffers are reused, not faulted in anew
+    images = as_tensor(p.train.images)
+    source = on_device(images, device, stream=True)
+    order = torch.randperm(len(images))
+    slices = [s for _, s in zip(range(steps), ((slice(i, i + batch_size)) for i in range(0, len(images), batch_size)))]
+    result = dict(images=len(images), image_size=image_size, batch_size=batch_size, steps=len(slices), device=str(device),
+                  file_GB=round(images.numel() / 1e9, 3))
+    for cache_state in ("cold", "warm"):
+        if cache_state == "cold":  # drop the file's pages: reads go to the disk
+            fd = os.open(os.path.join(p.root, "train.u8"), os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        t0 = time.perf_counter()
+        n = sum(len(batch) for batch, _ in source.batches(order, slices))
+        if source.cuda:
+            torch.cuda.synchronize(device)
+        result[f"{cache_state}_images_per_s"] = round(n / (time.perf_counter() - t0), 1)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="Loader benchmark: a prepared image folder into device batches")
+    ap.add_argument("--data", required=True, help="a folder of images (prepared on first use)")
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=192)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--cache")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args()
+    try:
+        benchmark(a.data, image_size=a.image_size, batch_size=a.batch_size, steps=a.steps, device=a.device,
+                  cache=a.cache)
+    except UserError as err:
+        raise SystemExit(f"error: {err}") from None

@@ -1,0 +1,537 @@
+"""Image folders prepared once into a memory-mapped uint8 file that training reads at memory speed.
+
+    prepared = folders.prepare("~/imagenet", image_size=256)
+    prepared.train.images    # np.memmap uint8 [N, 3, S, S], read-only
+    prepared.train.labels    # np.int64 [N], or None for a flat folder of unlabelled images
+
+Layouts of the data folder (hidden files and folders, and files of other extensions, are ignored):
+  train-val  DIR/train/<class>/... and DIR/val/<class>/... (ImageNet's, val sorted into classes).
+             The classes are train's class folders; val_fraction and seed are not used.
+  classes    DIR/<class>/...: val_fraction of each class held out for val at random (seeded).
+  flat       DIR/*.jpg: unlabelled; val_fraction of the images held out for val at random.
+A class folder is searched recursively; sources are taken in the order of their relative paths.
+
+Each image: decoded by Pillow (JPEG, PNG, WebP, BMP or TIFF, whatever its extension says), its EXIF
+orientation applied, turned into RGB, its shorter side resized to S and the centre S x S kept.
+- Resizing is Pillow's BILINEAR, antialiased: what the original RotNet code got from
+  torchvision's Resize on ImageNet. JPEGs are first decoded at 1/2, 1/4 or 1/8 scale (draft mode)
+  when that still leaves the shorter side >= S: much faster, nearly the same pixels.
+- Alpha is composited over black: a transparent background becomes one plain colour instead of
+  whatever colours happen to lie under it. 16-bit grayscale keeps its high byte (as Pillow does
+  for 16-bit RGB); grayscale, palette and CMYK go through Pillow's own conversion.
+- A file Pillow cannot read (corrupt, truncated, not an image, a decompression bomb) is skipped and
+  listed in the manifest with its reason; it never stops the preparation.
+
+The cache folder (default prepared/<name of DIR>-<S>):
+  manifest.json       settings, data path, layout, classes, per split the source list
+                      [path, size, mtime_ns, label], the skipped files, counts, mean and std (per
+                      channel, 0-255, over the training images); "complete": true once finished
+  train.u8, val.u8    the images, raw uint8 [N, 3, S, S] (shape in the manifest)
+  train.labels.npy    int64 [N] (and val.labels.npy); absent for a flat folder
+While preparing, per split: <split>.done (uint8 per source: 0 to do, 1 stored, 2 unreadable),
+<split>.sums (int64 per source: channel sums and sums of squares, for mean and std) and
+<split>.skipped.jsonl (the reasons); they are deleted at the end.
+
+A complete cache is reused while the settings and every source's path, size and mtime match; any
+difference rebuilds it from scratch (one line says why). A killed preparation resumes where it
+stopped. Nothing in the data folder is ever written.
+"""
+import contextlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+import warnings
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from errors import UserError
+
+try:
+    import fcntl  # a lock on the cache folder, so that two processes never prepare it at once
+except ImportError:  # Windows: no lock
+    fcntl = None
+
+VERSION = 1
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")  # what Pillow may decode (JPEG includes MPO); no EPS etc.
+CIFAR_NAMES = ("cifar-10-batches-py", "data_batch_1", "cifar-10-python.tar.gz")
+SPLITS = ("train", "val")
+TODO, GOOD, BROKEN = 0, 1, 2     # the states in <split>.done
+COMMIT_SECONDS = 2.0             # how often the decoded images are flushed and recorded as done
+
+
+@dataclass
+class Split:
+    images: np.ndarray           # uint8 [N, 3, S, S] (np.memmap, read-only)
+    labels: Optional[np.ndarray]  # int64 [N], None when unlabelled
+
+
+@dataclass
+class Prepared:
+    train: Split
+    val: Split
+    classes: list
+    mean: tuple                  # per channel, 0-255 scale, over the training images
+    std: tuple
+    root: str                    # the cache folder
+    manifest: dict
+
+
+# ----------------------------------------------------------------------------- one image
+def load_image(path, image_size):
+    """One image file -> uint8 [3, S, S]. Raises whatever Pillow raises for a bad file, and
+    DecompressionBombWarning as an error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path, formats=FORMATS) as im:
+            im.draft("RGB", (image_size, image_size))  # JPEG only (a no-op for the others)
+            ImageOps.exif_transpose(im, in_place=True)  # decodes; turns only if the EXIF says so
+            im = _to_rgb(im)
+            w, h = im.size
+            side = min(w, h)
+            left, top = (w - side) / 2, (h - side) / 2  # the centre square, resized to S x S
+            im = im.resize((image_size, image_size), Image.BILINEAR, box=(left, top, left + side, top + side))
+    return np.asarray(im).transpose(2, 0, 1).copy()
+
+
+def _to_rgb(im):
+    if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit grayscale: the high byte
+        gray = np.clip(np.asarray(im), 0, 65535) >> 8
+        return Image.fromarray(gray.astype(np.uint8)).convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        black = Image.new("RGBA", im.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, im.convert("RGBA")).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _decode(task):
+    """(path, S) -> (image, None, channel sums and sums of squares) or (None, reason, None).
+    Runs in the worker processes."""
+    path, image_size = task
+    try:
+        image = load_image(path, image_size)
+    except Exception as err:  # any failure of a file is that file's problem, never the run's
+        if isinstance(err, UnidentifiedImageError):
+            return None, "not a JPEG, PNG, WebP, BMP or TIFF image", None
+        return None, f"{type(err).__name__}: {err}"[:200], None
+    pixels = image.reshape(3, -1)  # exact int64 sums, without a large temporary (8x faster)
+    squares = np.einsum("cp,cp->c", pixels, pixels, dtype=np.int64, casting="unsafe")
+    return image, None, np.concatenate([pixels.sum(1, dtype=np.int64), squares])
+
+
+# ----------------------------------------------------------------------------- finding the sources
+def is_image_folder(path):
+    """True when path is a folder with image files in it or below it, and none of CIFAR-10's
+    files at its top. Stops at the first image found."""
+    if not os.path.isdir(path) or any(os.path.exists(os.path.join(path, n)) for n in CIFAR_NAMES):
+        return False
+    try:
+        return next(_walk(path), None) is not None
+    except OSError:  # unreadable: not something we can prepare
+        return False
+
+
+def _walk(folder, seen=None):
+    """The image files (os.DirEntry) under folder, in name order, recursively; hidden entries
+    skipped; a folder reached twice (through links) is read once."""
+    seen = set() if seen is None else seen
+    real = os.path.realpath(folder)
+    if real in seen:
+        return
+    seen.add(real)
+    with os.scandir(folder) as it:
+        entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    for e in entries:
+        if e.is_dir():
+            yield from _walk(e.path, seen)
+        elif e.name.lower().endswith(EXTENSIONS):
+            yield e
+
+
+def _sources(data, folder, label):
+    """[relative path, size, mtime_ns, label] of each image under folder."""
+    out, prefix = [], len(os.path.join(data, ""))  # os.path.relpath would take seconds for ImageNet
+    for e in _walk(folder):
+        try:
+            st = e.stat()
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:  # a dangling link: listed, then skipped as unreadable
+            size, mtime = -1, 0
+        out.append([e.path[prefix:].replace(os.sep, "/"), size, mtime, label])
+    return out
+
+
+def _subfolders(folder):
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def _loose_images(folder):
+    return sorted(e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith(".")
+                  and e.name.lower().endswith(EXTENSIONS))
+
+
+def _hold_out(groups, val_fraction, seed):
+    """Each group's items split at random: round(val_fraction * n) to val, at least one kept for
+    train. A group's draw depends on the seed and its name only, not on the other groups."""
+    train, val = [], []
+    for name, items in groups:
+        n_val = max(0, min(int(val_fraction * len(items) + 0.5), len(items) - 1))
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        held = set(rng.permutation(len(items))[:n_val].tolist())
+        for i, item in enumerate(items):
+            (val if i in held else train).append(item)
+    return sorted(train), sorted(val)
+
+
+def _find_sources(data, val_fraction=0.1, seed=0):
+    """(layout, classes, {"train": sources, "val": sources}) of an image folder."""
+    if not os.path.isdir(data):
+        raise UserError(f"{data}: no such folder")
+    train_dir, val_dir = os.path.join(data, "train"), os.path.join(data, "val")
+    try:
+        if os.path.isdir(train_dir) and os.path.isdir(val_dir):
+            classes = _subfolders(train_dir)
+            for folder in (train_dir, val_dir):
+                loose = _loose_images(folder)
+                if loose:
+                    raise UserError(f"{folder} holds {len(loose)} images outside class folders (e.g. {loose[0]}); "
+                                    f"sort them into {os.path.basename(folder)}/<class>/ folders")
+            train = []
+            for label, name in enumerate(classes):
+                found = _sources(data, os.path.join(train_dir, name), label)
+                if not found:
+                    print(f"note: class folder {os.path.join(train_dir, name)} holds no images", file=sys.stderr)
+                train += found
+            val = []
+            for name in _subfolders(val_dir):
+                folder = os.path.join(val_dir, name)
+                if name not in classes:
+                    raise UserError(f"{folder}: class {name!r} is not one of the {len(classes)} "
+                                    f"class folders of {train_dir}")
+                found = _sources(data, folder, classes.index(name))
+                if not found:
+                    raise UserError(f"{folder} holds no images")
+                val += found
+            for folder, found in ((train_dir, train), (val_dir, val)):
+                if not found:
+                    raise UserError(f"{folder} holds no images in class folders")
+            return "train-val", classes, {"train": sorted(train), "val": sorted(val)}
+        if os.path.isdir(train_dir):
+            raise UserError(f"{data} has train/ but no val/: add val/<class>/ folders, "
+                            f"or use {train_dir} itself to hold out {val_fraction:.0%} of it for val")
+        loose, classes = _loose_images(data), _subfolders(data)
+        if loose:
+            mixed = [c for c in classes if next(_walk(os.path.join(data, c)), None) is not None]
+            if mixed:
+                raise UserError(f"{data} holds both images ({len(loose)}) and folders of images ({mixed[0]}/...); "
+                                "use one class folder per class, or only images")
+            train, val = _hold_out([("", _sources(data, data, None))], val_fraction, seed)
+            return "flat", [], {"train": train, "val": val}
+        groups = []
+        for label, name in enumerate(classes):
+            groups.append((name, _sources(data, os.path.join(data, name), label)))
+            if not groups[-1][1]:
+                print(f"note: class folder {os.path.join(data, name)} holds no images", file=sys.stderr)
+        if not any(items for _, items in groups):
+            raise UserError(f"{data} holds no images ({' '.join(EXTENSIONS)})")
+        train, val = _hold_out(groups, val_fraction, seed)
+        return "classes", classes, {"train": train, "val": val}
+    except OSError as err:
+        raise UserError(f"cannot read {err.filename or data}: {err.strerror or err}") from None
+
+
+# ----------------------------------------------------------------------------- the cache
+def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=None, progress=True):
+    """The prepared image folder `data`: reused when its cache is complete and up to date,
+    finished when it was interrupted, (re)built otherwise. See the top of the file.
+
+    image_size: S, the side of the stored square images.
+    cache: the cache folder (default prepared/<name of data>-<S> under the current folder).
+    val_fraction, seed: the held-out part of each class (or of a flat folder) and its draw;
+        not used when data has train/ and val/.
+    workers: decoding processes (None: one per core; 0 or 1: in this process).
+    progress: a tqdm bar on stderr."""
+    if not (isinstance(image_size, int) and image_size >= 1):
+        raise UserError(f"image_size must be a positive whole number of pixels, got {image_size!r}")
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    if not (isinstance(seed, int) and seed >= 0):
+        raise UserError(f"seed must be a whole number >= 0, got {seed!r}")
+    data = os.path.abspath(os.path.expanduser(data))
+    root = os.path.abspath(cache or os.path.join("prepared", f"{os.path.basename(data)}-{image_size}"))
+    if os.path.commonpath([os.path.realpath(root), os.path.realpath(data)]) == os.path.realpath(data):
+        raise UserError(f"the cache folder {root} is inside the data folder {data}, which is never written to; "
+                        "choose a cache folder elsewhere")
+    layout, classes, sources = _find_sources(data, val_fraction, seed)
+    wanted = {"version": VERSION, "complete": False,
+              "settings": {"image_size": image_size, "val_fraction": val_fraction, "seed": seed},
+              "data": data, "layout": layout, "classes": classes, "mean": None, "std": None, "skipped": [],
+              "source_fields": ["path", "size", "mtime_ns", "label"],
+              "splits": {s: {"images": s + ".u8", "labels": None if layout == "flat" else s + ".labels.npy",
+                             "shape": None, "count": None, "skipped": None, "sources": sources[s]} for s in SPLITS}}
+    os.makedirs(root, exist_ok=True)
+    with _locked(root):
+        old = _read_manifest(root)
+        why = _why_not_same(old, wanted) if old else None
+        if old and not why:
+            why = _damaged(root, old)
+            if not why and old["complete"]:
+                return _open(root, old)
+        if old and why:
+            print(f"{root}: {'rebuilding' if old['complete'] else 'starting over'}: {why}", file=sys.stderr)
+        if not old or why:
+            _start(root, wanted)
+        return _fill_and_finish(root, wanted, workers, progress)
+
+
+def _why_not_same(old, new):
+    """Why the cache described by `old` cannot serve `new` (None when it can)."""
+    if old.get("version") != new["version"]:
+        return f"it was written in format version {old.get('version')}, this is version {new['version']}"
+    if old["layout"] != new["layout"]:
+        return f"the layout changed ({old['layout']} -> {new['layout']})"
+    keys = ["image_size"] + (["val_fraction", "seed"] if new["layout"] != "train-val" else [])
+    for key in keys:
+        if old["settings"][key] != new["settings"][key]:
+            return f"{key} changed ({old['settings'][key]} -> {new['settings'][key]})"
+    if old["classes"] != new["classes"]:
+        return f"the class folders changed ({len(old['classes'])} -> {len(new['classes'])} classes)"
+    if all(old["splits"][s]["sources"] == new["splits"][s]["sources"] for s in SPLITS):
+        return None  # the quick check; what follows only says what changed
+    before = {p: (size, mtime) for s in SPLITS for p, size, mtime, _ in old["splits"][s]["sources"]}
+    now = {p: (size, mtime) for s in SPLITS for p, size, mtime, _ in new["splits"][s]["sources"]}
+    changes = [(what, sorted(paths)) for what, paths in (
+        ("added", now.keys() - before.keys()), ("removed", before.keys() - now.keys()),
+        ("changed", [p for p in now.keys() & before.keys() if now[p] != before[p]])) if paths]
+    if changes:
+        return ", ".join(f"{len(paths):,} files {what} (e.g. {paths[0]})" for what, paths in changes)
+    return "the split of the sources changed"
+
+
+def _damaged(root, manifest):
+    """What is missing or of the wrong size among the cache's files (None when all is well)."""
+    item = 3 * manifest["settings"]["image_size"] ** 2
+    for split in SPLITS:
+        info, base = manifest["splits"][split], os.path.join(root, split)
+        n = len(info["sources"])
+        if manifest["complete"]:
+            expected = {".u8": info["shape"][0] * item}
+            if info["labels"]:
+                expected[".labels.npy"] = None
+        else:
+            done = np.fromfile(base + ".done", np.uint8) if os.path.exists(base + ".done") else None
+            finished = done is not None and len(done) == n and bool(done.all())
+            slots = int((done == GOOD).sum()) if finished else n  # .u8 is cut to the good ones at the end
+            expected = {".done": n, ".sums": n * 48, ".u8": slots * item}
+        for ext, size in expected.items():
+            if not os.path.exists(base + ext) or size is not None and os.path.getsize(base + ext) != size:
+                return f"{split}{ext} is missing or of the wrong size"
+    return None
+
+
+def _start(root, manifest):
+    """Deletes what a previous preparation left and sets up an empty one."""
+    _remove(root, ["manifest.json"])  # first: a half-reset cache must never look complete
+    _remove(root, [s + ext for s in SPLITS for ext in (".u8", ".labels.npy", ".done", ".sums", ".skipped.jsonl")])
+    item = 3 * manifest["settings"]["image_size"] ** 2
+    for split in SPLITS:
+        n = len(manifest["splits"][split]["sources"])
+        for ext, size in ((".u8", n * item), (".done", n), (".sums", n * 48), (".skipped.jsonl", 0)):
+            with open(os.path.join(root, split + ext), "wb") as f:
+                f.truncate(size)  # zeros, allocated on disk only when written
+    _write_manifest(root, manifest)
+
+
+def _fill_and_finish(root, manifest, workers, progress):
+    S = manifest["settings"]["image_size"]
+    item = 3 * S * S
+    total = sum(len(manifest["splits"][s]["sources"]) for s in SPLITS)
+    done = sum(int((np.fromfile(os.path.join(root, s + ".done"), np.uint8) != TODO).sum()) for s in SPLITS)
+    print(f"preparing {total:,} images at {S}x{S} into {root} ({total * item / 1e9:.1f} GB)"
+          + (f", resuming after {done:,}" if done else ""), file=sys.stderr)
+    free = shutil.disk_usage(root).free
+    if (total - done) * item > free:
+        raise UserError(f"{root}: preparing needs {(total - done) * item / 1e9:.1f} GB more, "
+                        f"but only {free / 1e9:.1f} GB are free there")
+    workers = os.cpu_count() if workers is None else workers
+    for split in SPLITS:
+        _fill(root, split, manifest, workers, progress)
+    return _finish(root, manifest)
+
+
+def _fill(root, split, manifest, workers, progress):
+    """Decodes the split's sources that are not done yet into <split>.u8.
+
+    Unreadable files are known only once decoded, so the good images are packed from the front
+    as they come: results are taken in source order (imap keeps it) and recorded in order, so
+    the done sources are always a prefix and a resumed run writes the next good image at slot
+    = the number of good ones before. No holes, no compaction pass, no second decode."""
+    sources, S = manifest["splits"][split]["sources"], manifest["settings"]["image_size"]
+    n, base = len(sources), os.path.join(root, split)
+    if n == 0:
+        return
+    done = np.memmap(base + ".done", np.uint8, "r+", shape=(n,))
+    first = int(np.argmin(done != TODO)) if (done == TODO).any() else n
+    if first == n:
+        return
+    slot = int((done[:first] == GOOD).sum())
+    sums = np.memmap(base + ".sums", np.int64, "r+", shape=(n, 6))
+    tasks = [(os.path.join(manifest["data"], path), S) for path, *_ in sources[first:]]
+    pending = []  # (source, state) decoded since the last commit
+
+    def commit():
+        os.fsync(images.fileno())
+        sums.flush()
+        log.flush()
+        os.fsync(log.fileno())
+        for i, state in pending:  # only once the pixels are on disk
+            done[i] = state
+        done.flush()
+        pending.clear()
+
+    # images written with pwrite, not through a memmap: one copy per image instead of 48 page faults
+    with open(base + ".u8", "r+b") as images, open(base + ".skipped.jsonl", "a") as log, \
+            contextlib.ExitStack() as stack:
+        if workers > 1:  # workers ignore Ctrl-C: the main process stops them
+            pool = stack.enter_context(multiprocessing.Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)))
+            results = pool.imap(_decode, tasks, chunksize=max(1, min(32, len(tasks) // (4 * workers))))
+        else:
+            results = map(_decode, tasks)
+        bar = stack.enter_context(tqdm(total=n, initial=first, desc=split, unit="img", file=sys.stderr,
+                                       disable=not progress, dynamic_ncols=True))
+        last = time.monotonic()
+        try:
+            for i, (image, reason, stats) in enumerate(results, start=first):
+                if image is None:
+                    log.write(json.dumps([i, reason]) + "\n")
+                    pending.append((i, BROKEN))
+                else:
+                    os.pwrite(images.fileno(), image, slot * image.nbytes)
+                    sums[i] = stats
+                    slot += 1
+                    pending.append((i, GOOD))
+                bar.update()
+                if time.monotonic() - last >= COMMIT_SECONDS:
+                    commit()
+                    last = time.monotonic()
+        finally:  # also on Ctrl-C: what was decoded is kept
+            commit()
+
+
+def _finish(root, manifest):
+    """Cuts the image files to the good images, writes labels, mean, std and the complete manifest."""
+    S = manifest["settings"]["image_size"]
+    item, skipped = 3 * S * S, []
+    for split in SPLITS:
+        info, base = manifest["splits"][split], os.path.join(root, split)
+        sources = info["sources"]
+        done = np.fromfile(base + ".done", np.uint8)
+        reasons = {}
+        with open(base + ".skipped.jsonl") as f:
+            for line in f:
+                with contextlib.suppress(ValueError):  # a line cut by a kill was written again later
+                    i, reason = json.loads(line)
+                    reasons[i] = reason
+        skipped += [{"split": split, "path": sources[i][0], "reason": reasons.get(i, "unreadable")}
+                    for i in np.flatnonzero(done == BROKEN).tolist()]
+        good = np.flatnonzero(done == GOOD)
+        os.truncate(base + ".u8", len(good) * item)
+        info.update(shape=[len(good), 3, S, S], count=len(good), skipped=int((done == BROKEN).sum()))
+        if info["labels"]:
+            np.save(base + ".labels.tmp.npy", np.array([sources[i][3] for i in good], dtype=np.int64))
+            os.replace(base + ".labels.tmp.npy", base + ".labels.npy")
+        if split == "train":
+            totals = [int(t) for t in np.fromfile(base + ".sums", np.int64).reshape(-1, 6)[good].sum(0)]
+            pixels = len(good) * S * S
+    manifest["skipped"] = skipped
+    if skipped:
+        print(f"skipped {len(skipped):,} unreadable files (listed in {os.path.join(root, 'manifest.json')})",
+              file=sys.stderr)
+    if pixels == 0:
+        _write_manifest(root, manifest)  # still incomplete, but with the reasons
+        raise UserError(f"{manifest['data']} holds no readable image for training: all "
+                        f"{len(manifest['splits']['train']['sources']):,} failed to decode "
+                        f"(reasons in {os.path.join(root, 'manifest.json')})")
+    # exact integer arithmetic: the same numbers however the preparation was split or resumed
+    manifest["mean"] = [totals[c] / pixels for c in range(3)]
+    manifest["std"] = [((totals[3 + c] * pixels - totals[c] ** 2) / pixels ** 2) ** 0.5 for c in range(3)]
+    manifest["complete"] = True
+    _write_manifest(root, manifest)
+    _remove(root, [s + ext for s in SPLITS for ext in (".done", ".sums", ".skipped.jsonl")])
+    return _open(root, manifest)
+
+
+def _open(root, manifest):
+    def split(name):
+        info = manifest["splits"][name]
+        shape = tuple(info["shape"])
+        if shape[0]:
+            images = np.memmap(os.path.join(root, info["images"]), np.uint8, "r", shape=shape)
+        else:  # an empty file cannot be mapped
+            images = np.zeros(shape, np.uint8)
+            images.flags.writeable = False
+        labels = np.load(os.path.join(root, info["labels"])) if info["labels"] else None
+        return Split(images, labels)
+    return Prepared(train=split("train"), val=split("val"), classes=list(manifest["classes"]),
+                    mean=tuple(manifest["mean"]), std=tuple(manifest["std"]), root=root, manifest=manifest)
+
+
+# ----------------------------------------------------------------------------- small helpers
+def _read_manifest(root):
+    path = os.path.join(root, "manifest.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        manifest["splits"]["train"]["sources"], manifest["settings"]["image_size"]  # the keys we rely on
+        return manifest
+    except (ValueError, KeyError, TypeError) as err:
+        print(f"{root}: starting over: manifest.json is unreadable ({err})", file=sys.stderr)
+        return None
+
+
+def _write_manifest(root, manifest):
+    """Written whole or not at all (a temporary file renamed). Indented, with short lists (a
+    shape, the classes) on one line, except the source lists: one line each, as indenting a
+    million sources takes seconds to write."""
+    head = dict(manifest, splits={s: dict(info, sources=None) for s, info in manifest["splits"].items()})
+    text = json.dumps(head, indent=1)
+    text = re.sub(r"\[\n\s+([^\[\]{}]*?)\n\s*\]", lambda m: "[" + re.sub(r"\n\s+", " ", m.group(1)) + "]", text)
+    for info in manifest["splits"].values():  # in order; inside strings the quotes would be escaped
+        text = text.replace('"sources": null', '"sources": ' + json.dumps(info["sources"]), 1)
+    path = os.path.join(root, "manifest.json")
+    with open(path + ".tmp", "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def _remove(root, names):
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(root, name))
+
+
+@contextlib.contextmanager
+def _locked(root):
+    """Holds the cache folder's lock (several ranks of one run may call prepare at once)."""
+    with open(os.path.join(root, ".lock"), "w") as f:
+        if fcntl:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another process preparing {root}", file=sys.stderr)
+                fcntl.flock(f, fcntl.LOCK_EX)
+        yield

@@ -1,0 +1,54 @@
+"""The networks this project trains, by name, and loading any of them from any checkpoint
+this project reads.
+
+    model = build("nin", num_classes=4, width=1.0, blocks=4)   # or "alexnet"
+    model = load_model("runs/rotnet/model.pt")   # NIN or AlexNet: model.pt, checkpoint.pt,
+                                                 # or a checkpoint of the original code
+
+Every file is read with torch.load(weights_only=True): one that carries code is refused,
+never run. Any problem is a UserError of one line that names the file.
+"""
+import pickle
+
+import torch
+
+from alexnet import AlexNet, alexnet_from_saved
+from errors import UserError
+from nin import NIN, nin_from_saved
+
+
+def build(arch, num_classes, width=1.0, blocks=4):
+    """A fresh network: the paper's NIN (blocks 3-5) or the original's BN-AlexNet."""
+    return NIN(blocks, num_classes, width) if arch == "nin" else AlexNet(num_classes, width)
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True; anything unreadable is a UserError naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only met something that is not plain data
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        why = [ln.strip() for ln in str(err).splitlines() if ln.strip() and not ln.startswith(boilerplate)]
+        why = why[0] if why else type(err).__name__
+        if "GLOBAL" in why:  # a class or function: possibly code, never run
+            raise UserError(f"{path}: refused, it holds objects that are not plain weights ({why})") from None
+        raise UserError(f"{path}: not a readable checkpoint ({why})") from None
+    except Exception as err:  # missing, truncated, garbage: torch raises many kinds
+        first = (str(err).splitlines() or [type(err).__name__])[0].split(". ")[0]
+        raise UserError(f"{path}: not a readable checkpoint ({first})") from None
+
+
+def is_alexnet(saved):
+    if not isinstance(saved, dict):
+        return False
+    if isinstance(saved.get("model_config"), dict):
+        return saved["model_config"].get("arch") == "alexnet"
+    # the original's AlexNet starts with an unnamed conv block; its NIN names its blocks
+    return isinstance(saved.get("network"), dict) and "_feature_blocks.0.0.weight" in saved["network"]
+
+
+def load_model(path, device="cpu"):
+    """A NIN or an AlexNet in eval mode, from this project's files or the original code's."""
+    saved = read_checkpoint(path)
+    model = alexnet_from_saved(saved, path) if is_alexnet(saved) else nin_from_saved(saved, path)
+    return model.to(device).eval()

@@ -1,0 +1,192 @@
+"""What the tests share: CIFAR-10 files written in the original format (every pickle flavour),
+archives, hostile payloads, running a script as a user would, and reading what a run wrote.
+Tests import these helpers by name (`from conftest import write_cifar`); pytest.ini puts the
+repository root on the path, so the tests import the project's modules directly.
+"""
+import hashlib
+import io
+import json
+import os
+import pickle
+import shlex
+import socket
+import struct
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cifar_rows(images):
+    """uint8 [n, 3, 32, 32] -> [n, 3072] as CIFAR-10 stores an image: the red plane, then
+    the green, then the blue, each row by row."""
+    return np.concatenate([images[:, c].reshape(len(images), 1024) for c in range(3)], axis=1)
+
+
+def python2_pickle(batch):
+    """The bytes Python 2's cPickle wrote for the official batches (protocol 2, str as
+    BINSTRING, numpy.core names); Python 3 cannot write str that way, so it is done by hand
+    after the opcodes of the real files."""
+    def s(b):
+        b = b if isinstance(b, bytes) else b.encode("latin1")
+        return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<i", len(b)) + b
+
+    def i(v):
+        return b"J" + struct.pack("<i", v)
+
+    data = batch["data"]
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + i(0) + b"\x85" + s("b") + b"\x87R"
+             + b"(" + i(1) + i(data.shape[0]) + i(data.shape[1]) + b"\x86"
+             + b"cnumpy\ndtype\n" + s("u1") + i(0) + i(1) + b"\x87R"
+             + b"(" + i(3) + s("|") + b"NNN" + i(-1) + i(-1) + i(0) + b"tb"
+             + b"\x89" + s(data.tobytes()) + b"tb")
+    labels = b"](" + b"".join(i(v) for v in batch["labels"]) + b"e"
+    names = b"](" + b"".join(s(f) for f in batch["filenames"]) + b"e"
+    return (b"\x80\x02}(" + s("batch_label") + s(batch["batch_label"]) + s("labels") + labels
+            + s("data") + array + s("filenames") + names + b"u.")
+
+
+def encode_batch(batch, flavour):
+    if flavour == "python2":
+        return python2_pickle(batch)
+    if flavour == "bytes-keys":  # what a Python 2 pickle gives with encoding="bytes"
+        as_bytes = {"batch_label": batch["batch_label"].encode(), "labels": batch["labels"],
+                    "data": batch["data"], "filenames": [f.encode() for f in batch["filenames"]]}
+        return pickle.dumps({k.encode(): v for k, v in as_bytes.items()}, protocol=2)
+    protocol = {"str-keys-protocol2": 2, "python3": 4, "python3-protocol5": 5}[flavour]
+    return pickle.dumps(batch, protocol=protocol)
+
+
+def write_cifar(folder, n_train_per_batch, n_test, flavour="python3", seed=0):
+    """Writes folder/cifar-10-batches-py/{data_batch_1..5,test_batch}; returns what it
+    wrote as (train images, train labels, test images, test labels), images uint8 [n,3,32,32]."""
+    rng = np.random.default_rng(seed)
+    batches_dir = os.path.join(folder, "cifar-10-batches-py")
+    os.makedirs(batches_dir, exist_ok=True)
+    written = {}
+    for name, n in [(f"data_batch_{b}", n_train_per_batch) for b in range(1, 6)] + [("test_batch", n_test)]:
+        images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+        labels = rng.integers(0, 10, n).tolist()
+        batch = {"batch_label": f"{name} of the test", "labels": labels, "data": cifar_rows(images),
+                 "filenames": [f"{name}_{j}.png" for j in range(n)]}
+        with open(os.path.join(batches_dir, name), "wb") as f:
+            f.write(encode_batch(batch, flavour))
+        written[name] = (images, np.array(labels, dtype=np.int64))
+    train = [written[f"data_batch_{b}"] for b in range(1, 6)]
+    return (np.concatenate([t[0] for t in train]), np.concatenate([t[1] for t in train]),
+            written["test_batch"][0], written["test_batch"][1])
+
+
+def make_archive(folder, archive, extra=()):
+    """A .tar.gz of folder/cifar-10-batches-py plus extra members: (name, bytes) or TarInfo."""
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(os.path.join(folder, "cifar-10-batches-py"), arcname="cifar-10-batches-py")
+        for member in extra:
+            info = member if isinstance(member, tarfile.TarInfo) else tarfile.TarInfo(member[0])
+            payload = b"" if isinstance(member, tarfile.TarInfo) else member[1]
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return archive
+
+
+def md5_of(path):
+    with open(path, "rb") as f:
+        return hashlib.md5(f.read()).hexdigest()
+
+
+class RunsCode:
+    """Unpickling this runs a shell command that creates marker: the shape of a hostile file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(self.marker)}",))
+
+
+def cli_command(*args, launcher=(), script="rotnet.py"):
+    return [sys.executable, *launcher, script, *map(str, args)]
+
+
+def cli_env(env=None):
+    # One thread per process: runs are bit-reproducible and two of them share 2 cores.
+    return dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+
+
+def run_cli(*args, check=True, env=None, timeout=180, launcher=(), script="rotnet.py"):
+    """A script (rotnet.py unless told; a launcher such as torchrun may run it) from the repo root."""
+    proc = subprocess.run(cli_command(*args, launcher=launcher, script=script), cwd=REPO, env=cli_env(env),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def tiny_run_flags(data, out, *extra):
+    return ["--data", data, "--width", "0.125", "--device", "cpu", "--out", out, "--batch-size", "32", *extra]
+
+
+def assert_one_line_error(proc, *needles):
+    """What a user should see: a non-zero exit and one line that says what is wrong."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def metrics_of(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def paper_convs(blocks):
+    """(k, in, out) of every conv of the paper's NIN, block by block (PAPER.md)."""
+    return ([(5, 3, 192), (1, 192, 160), (1, 160, 96), (5, 96, 192), (1, 192, 192), (1, 192, 192)]
+            + [(3, 192, 192), (1, 192, 192), (1, 192, 192)] * (blocks - 2))
+
+
+def to_original_names(state, blocks):
+    """This project's NIN state dict in the names of the original code
+    (architectures/NetworkInNetwork.py): the head is the ModuleList entry after the last stage."""
+    out = {}
+    for key, value in state.items():
+        part = key.split(".")
+        if part[0] == "head":
+            out[f"_feature_blocks.{blocks}.Classifier.{part[1]}"] = value
+        else:
+            s, j, layer = int(part[1]), int(part[2]) + 1, {"conv": "Conv", "bn": "BatchNorm"}[part[3]]
+            out[f"_feature_blocks.{s}.Block{s + 1}_ConvB{j}.layers.{layer}.{part[4]}"] = value
+    return out
+
+
+def save_nin(path, blocks=4, num_classes=4, width=0.125, seed=0, **extra):
+    """A model.pt as rotnet.py writes it (untrained: the tests that use it do not care)."""
+    from nin import NIN
+    torch.manual_seed(seed)
+    model = NIN(blocks, num_classes, width)
+    torch.save(dict(model=model.state_dict(), model_config=model.config, **extra), path)
+    return model
+
+
+def pytest_configure(config):
+    # On a GPU machine (tools/gpu_check.sh) the CUDA tests must test the CUDA kernel: a build
+    # without it would make every [cuda] test compare the reference with itself.
+    if os.environ.get("ROT_REQUIRE_CUDA") == "1":
+        import pytest
+        import rot_kernel
+        if not torch.cuda.is_available() or "cuda" not in rot_kernel.backend():
+            raise pytest.UsageError(f"ROT_REQUIRE_CUDA=1, but the backend is {rot_kernel.backend()!r} "
+                                    f"(CUDA available: {torch.cuda.is_available()})")

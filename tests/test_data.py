@@ -1,0 +1,115 @@
+"""data.py: CIFAR-10 or an image folder behind one interface, the resident and the streamed
+split giving the same batches, and the scripts end to end on a folder of images (CPU, tiny
+models, images the tests write).
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import rotnet
+import train
+from conftest import assert_one_line_error, metrics_of, run_cli, write_cifar
+
+
+def write_folder(root, classes=("cat", "dog", "ship"), per_class=12, size=(40, 36), seed=0):
+    """root/<class>/NNN.png of random RGB pictures; returns root."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        os.makedirs(root / c, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / c / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_folder(tmp_path_factory.mktemp("pictures") / "pictures")
+
+
+def test_cifar_and_folders_load_through_one_interface(tmp_path, folder):
+    write_cifar(tmp_path / "cifar", 4, 6)
+    c = data.load(str(tmp_path / "cifar"))
+    assert c.train_x.shape == (20, 3, 32, 32) and c.test_x.shape == (6, 3, 32, 32) and len(c.classes) == 10
+    f = data.load(str(folder), image_size=16, cache=str(tmp_path / "cache"))
+    assert f.classes == ("cat", "dog", "ship")
+    assert f.train_x.dtype == torch.uint8 and f.train_x.shape[1:] == (3, 16, 16)
+    assert len(f.train_x) + len(f.test_x) == 36 and len(f.test_x) >= 3  # a tenth of each class held out
+    assert set(f.train_y.tolist()) == set(f.test_y.tolist()) == {0, 1, 2}
+    pixels = f.train_x.double()
+    mean = pixels.mean(dim=(0, 2, 3))
+    assert torch.allclose(torch.tensor(f.mean, dtype=torch.float64), mean, atol=1e-3)
+
+
+@pytest.mark.parametrize("n, batch", [(37, 8), (5, 5), (1, 4)])
+def test_streamed_batches_equal_resident_ones(n, batch):
+    images = torch.randint(0, 256, (n, 3, 9, 7), dtype=torch.uint8)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+    slices = list(train.batches(n, batch))
+    resident = data.on_device(images, "cpu", stream=False)
+    streamed = data.on_device(images, "cpu", stream=True)
+    seen = 0
+    for s, (source, index), (gathered, none) in zip(slices, resident.batches(order, slices),
+                                                   streamed.batches(order, slices)):
+        assert none is None and torch.equal(gathered, source[index]) and torch.equal(gathered, images[order[s]])
+        seen += 1
+    assert seen == len(slices)
+
+
+def test_a_consumer_that_stops_early_does_not_hang_the_stream():
+    images = torch.zeros(100, 3, 4, 4, dtype=torch.uint8)
+    streamed = data.on_device(images, "cpu", stream=True)
+    slices = list(train.batches(100, 2))
+    batches = streamed.batches(torch.arange(100), slices)
+    next(batches)
+    batches.close()  # joins the thread: returns only if it stopped
+
+
+def test_a_failure_in_the_stream_reaches_the_caller():
+    streamed = data.on_device(torch.zeros(4, 3, 4, 4, dtype=torch.uint8), "cpu", stream=True)
+    with pytest.raises(IndexError):
+        list(streamed.batches(torch.tensor([0, 9]), [slice(0, 2)]))
+
+
+def test_training_on_a_folder_streamed_equals_resident(folder, tmp_path, monkeypatch):
+    """One epoch of pretraining with the split streamed gives the very weights of the resident run."""
+    def run(stream, out):
+        real = data.on_device
+        monkeypatch.setattr(data, "on_device", lambda images, device, stream_=None: real(images, device, stream))
+        rotnet.pretrain(rotnet.Pretraining(data=str(folder), image_size=16, cache=str(tmp_path / "cache"), epochs=1,
+                                           width=0.125, batch_size=8, device="cpu", out=str(out)))
+        return torch.load(out / "model.pt", weights_only=True)["model"]
+    a, b = run(False, tmp_path / "resident"), run(True, tmp_path / "streamed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_scripts_run_on_a_folder(folder, tmp_path):
+    common = ["--data", folder, "--image-size", 32, "--cache", tmp_path / "cache", "--width", 0.125,
+              "--device", "cpu", "--batch-size", 8]
+    run_cli(*common, "--epochs", 2, "--out", tmp_path / "run")
+    assert [m["epoch"] for m in metrics_of(tmp_path / "run")] == [1, 2]
+    model = tmp_path / "run" / "model.pt"
+    proc = run_cli(*common, "--checkpoint", model, "--block", 2, "--classifier", "nonlinear", "--epochs", 1,
+                   "--out", tmp_path / "probe", script="probe.py")
+    results = json.loads((tmp_path / "probe" / "results.json").read_text())
+    assert 0 <= results["test_acc"] <= 100 and "test accuracy" in proc.stdout
+    run_cli(*common, "--per-class", 2, "--checkpoint", model, "--epochs", 1, "--epoch-size", 16,
+            "--out", tmp_path / "semi", script="semi_supervised.py")
+    rows = json.loads((tmp_path / "semi" / "results.json").read_text())["rows"]
+    assert [r["per_class"] for r in rows] == [2]
+
+
+def test_a_probe_on_unlabelled_images_says_it_needs_labels(tmp_path):
+    flat = tmp_path / "flat"
+    write_folder(tmp_path, classes=("flat",), per_class=10)
+    common = ["--data", flat, "--image-size", 16, "--cache", tmp_path / "cache", "--width", 0.125, "--device", "cpu",
+              "--batch-size", 4, "--epochs", 1]
+    run_cli(*common, "--out", tmp_path / "run")  # pretraining needs no labels
+    proc = run_cli(*common, "--checkpoint", tmp_path / "run" / "model.pt", "--out", tmp_path / "probe",
+                   check=False, script="probe.py")
+    assert_one_line_error(proc, "needs labels")

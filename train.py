@@ -1,0 +1,400 @@
+"""The training loop every script shares, written once: the settings every run has, where a
+run computes (device, precision, ranks), one SGD step, one epoch, evaluation, and the run
+files (config.json, metrics.jsonl, checkpoint.pt with --resume), plus the command-line
+flags and the error path every script uses.
+
+A script's own loop reads (rotnet.pretrain, probe.train_classifier):
+
+    first, metrics = restore(ctx, out, config, resume, model, opt, sched)
+    for epoch in range(first, epochs + 1):
+        loss, acc, seen = train_epoch(ctx, net, opt, train, ...)
+        test_acc = evaluate(ctx, net, test, ...)
+        sched.step()
+        end_epoch(ctx, out, epoch_metrics(...), model, opt, sched)
+"""
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import rot_kernel
+from errors import UserError
+from models import read_checkpoint
+
+# ----------------------------------------------------------------------------- settings
+MILESTONES = (0.3, 0.6, 0.8)         # lr x0.2 at these fractions of the run
+LR_DECAY = 0.2
+MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
+EVAL_BATCH = 500                     # test images per forward pass (x rotations)
+
+
+def require(ok, message):
+    if not ok:
+        raise UserError(message)
+
+
+@dataclass(frozen=True)
+class Run:
+    """The settings every training run shares (each script adds its own); config.json
+    records them. Checked when made, so a direct call is validated as the command line is."""
+    data: str = "./data"              # CIFAR-10 (its folder, parent or archive) or a folder of images
+    image_size: int = 256            # S: a folder's images are prepared at S x S (CIFAR is 32)
+    cache: Optional[str] = None      # where a folder is prepared (None: prepared/NAME-S)
+    val_fraction: float = 0.1        # of a folder without val/: held out for testing
+    out: str = "runs/rotnet"
+    batch_size: Optional[int] = None  # source images per step (before rotations); None: the run's own
+    lr: Optional[float] = None        # None: the run's own (the original code's)
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True                 # bf16 autocast on CUDA
+    compile: bool = False
+    resume: bool = False
+    eval_every: int = 1
+    download: bool = False
+
+    def __post_init__(self):
+        require(self.batch_size is None or self.batch_size >= 1, f"batch_size: at least 1, got {self.batch_size}")
+        require(self.eval_every >= 1, f"eval_every: at least 1, got {self.eval_every}")
+        require(self.lr is None or self.lr > 0, f"lr: must be positive, got {self.lr}")
+        require(self.device in ("auto", "cpu", "cuda"), f"device: auto, cpu or cuda, got {self.device!r}")
+        require(self.image_size >= 8, f"image_size: at least 8, got {self.image_size}")
+        require(0 < self.val_fraction < 1, f"val_fraction: between 0 and 1, got {self.val_fraction}")
+
+    def load_data(self, ctx):
+        """The data set (one rank prepares or downloads it, the others wait, then reuse it)."""
+        load = lambda: data.load(self.data, image_size=self.image_size, download=self.download, cache=self.cache,
+                                 val_fraction=self.val_fraction)
+        if ctx.world > 1:
+            if ctx.main:
+                load()
+            dist.barrier()
+        return load()
+
+    @classmethod
+    def from_args(cls, args):
+        """The settings of this class that the parsed flags give (--no-amp is amp=False; a
+        flag left at None keeps the setting's default)."""
+        given = dict(vars(args), amp=not getattr(args, "no_amp", False))
+        return cls(**{f.name: given[f.name] for f in dataclasses.fields(cls) if given.get(f.name) is not None})
+
+    def shared(self):
+        """Just the Run fields: what a script hands on to a run it starts."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(Run)}
+
+
+# ----------------------------------------------------------------------------- where a run computes
+def resolve_device(device):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    require(device != "cuda" or torch.cuda.is_available(), "--device cuda but no CUDA device is available")
+    return device
+
+
+class Context:
+    """Where and how a run computes: device, mixed precision, memory format, ranks."""
+
+    def __init__(self, device="auto", amp=True, compile=False):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.cuda = resolve_device(device) == "cuda"
+        if self.cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.backends.cudnn.benchmark = True
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+        self.amp = amp and self.cuda  # bf16 autocast; on the CPU it would only be slower
+        self.channels_last = self.cuda
+        self.compile = compile
+        if not self.cuda:
+            data.keep_freed_memory()
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.cuda else "gloo")
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
+
+    def prepare(self, model):
+        """The model to train: moved, laid out, compiled and wrapped for the ranks."""
+        model = model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        if self.world > 1:
+            model = nn.parallel.DistributedDataParallel(model)
+        return torch.compile(model) if self.compile else model
+
+    def batch(self, images, index, *, rotations=(0,), mean, std, **view):
+        """The step's batch: view is the crop and flip (shifts, boxes, flips, size)."""
+        # check_bounds=False: every index and box here is drawn inside the split, and the
+        # op's range check would cost a host sync per step on CUDA.
+        return rot_kernel.rotation_batch(images, index, mean=mean, std=std, rotations=rotations,
+                                         channels_last=self.channels_last, check_bounds=False,
+                                         out_dtype=torch.bfloat16 if self.amp else torch.float32, **view)
+
+    def sum(self, values):
+        """Sums numbers (a list or a tensor) over the ranks: one host sync, so once an epoch."""
+        t = torch.as_tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+
+# ----------------------------------------------------------------------------- the loop's pieces
+def milestones(epochs, fractions=MILESTONES):
+    return [max(1, round(f * epochs)) for f in fractions]
+
+
+def make_optimizer(params, lr, epochs, fractions=MILESTONES, decay=LR_DECAY):
+    """SGD with Nesterov momentum and the original step schedule, stepped once per epoch."""
+    opt = torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, nesterov=True)
+    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones(epochs, fractions), gamma=decay)
+
+
+def batches(n, batch_size, rank=0, world=1, least=1):
+    """Slices of one epoch: this rank's share of each global batch of batch_size; a last
+    batch too small to give every rank `least` images is left out."""
+    for start in range(0, n, batch_size):
+        size = min(batch_size, n - start)
+        if size < least * world:
+            break
+        yield slice(start + rank * size // world, start + (rank + 1) * size // world)
+
+
+def train_step(ctx, net, opt, x, y):
+    """One SGD step on a built batch; returns the logits and the loss (on the device). A
+    network of several heads gives logits [heads, B, classes]: their losses are summed."""
+    with ctx.autocast():
+        logits = net(x)
+    # bf16 logits: softmax and its sum in float32
+    if logits.dim() == 3:
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.repeat(len(logits))) * len(logits)
+    else:
+        loss = F.cross_entropy(logits.float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return logits, loss
+
+
+def hits(logits, y, k=1):
+    """How many of y are the top class (k=1) or among the top k: one count, or one per head."""
+    if k == 1:
+        return (logits.argmax(-1) == y).sum(-1)
+    return (logits.topk(min(k, logits.shape[-1]), dim=-1).indices == y[:, None]).any(-1).sum(-1)
+
+
+def percent(correct, total):
+    """100 * correct / total, for one count or one per head."""
+    return [100.0 * c / max(total, 1) for c in correct] if isinstance(correct, list) else 100.0 * correct / max(total, 1)
+
+
+def train_epoch(ctx, net, opt, images, targets=None, *, recipe, mean, std, epoch, seed, batch_size,
+                rotations=(0,), epoch_size=None, desc=None):
+    """One epoch over images (a data.Resident or Streamed split; epoch_size draws of it if
+    given), viewed as the recipe says; targets are class labels (rotations=(0,)) or None
+    (the rotation is the label). Returns (mean loss, accuracy % (one per head), source
+    images seen), summed over the ranks."""
+    net.train()
+    H, W = images.shape[-2:]
+    perm, view = recipe.draws(len(images), epoch, seed, ctx.device, H, W, epoch_size)
+    size = recipe.out_size(H, W)
+    # Sums stay on the device: reading them every step would make the CPU wait for the GPU.
+    loss_sum = torch.zeros((), device=ctx.device)
+    correct = torch.zeros((), device=ctx.device, dtype=torch.int64)
+    outputs = seen = 0
+    steps = list(batches(len(perm), batch_size, ctx.rank, ctx.world, least=2))  # BatchNorm needs 2
+    bar = tqdm(steps, desc=desc or f"epoch {epoch}", leave=False, disable=not ctx.main or None, file=sys.stderr)
+    for s, (source, index) in zip(bar, images.batches(perm, steps)):
+        x, y = ctx.batch(source, index, rotations=rotations, mean=mean, std=std, size=size,
+                         **{k: v[s] for k, v in view.items()})
+        if targets is not None:
+            y = targets[perm[s]].repeat_interleave(len(rotations))
+        logits, loss = train_step(ctx, net, opt, x, y)
+        loss_sum += loss.detach() * len(y)
+        correct = correct + hits(logits, y)
+        outputs += len(y)
+        seen += s.stop - s.start
+    heads = correct.dim() == 1  # one count per head
+    loss_sum, *correct, outputs, seen = ctx.sum([loss_sum.item(), *correct.reshape(-1).tolist(), outputs, seen])
+    return loss_sum / max(outputs, 1), percent(correct if heads else correct[0], outputs), int(seen)
+
+
+@torch.no_grad()
+def evaluate(ctx, net, images, targets=None, *, recipe, mean, std, rotations=(0,), k=1):
+    """Top-k accuracy in % (one per head) over every rotation of every image of a
+    data.Resident or Streamed split, seen as the recipe tests (no augmentation), in eval mode."""
+    net.eval()
+    H, W = images.shape[-2:]
+    correct, seen = torch.zeros((), device=ctx.device, dtype=torch.int64), 0
+    steps = list(batches(len(images), EVAL_BATCH * ctx.world, ctx.rank, ctx.world))
+    order = torch.arange(len(images), device=ctx.device)
+    for s, (source, index) in zip(steps, images.batches(order, steps)):
+        x, y = ctx.batch(source, index, rotations=rotations, mean=mean, std=std, size=recipe.out_size(H, W),
+                         **recipe.test_view(s.stop - s.start, H, W, ctx.device))
+        if targets is not None:
+            y = targets[order[s]].repeat_interleave(len(rotations))
+        with ctx.autocast():
+            correct = correct + hits(net(x), y, k)
+        seen += len(y)
+    heads = correct.dim() == 1
+    *correct, seen = ctx.sum([*correct.reshape(-1).tolist(), seen])
+    return percent(correct if heads else correct[0], seen)
+
+
+# ----------------------------------------------------------------------------- run files
+def atomic_save(obj, path, keep_previous=False):
+    """Written whole or not at all; with keep_previous the file it replaces stays as
+    NAME.prev.pt, so a checkpoint damaged later still leaves a good one to resume from."""
+    torch.save(obj, path + ".tmp")
+    if keep_previous and os.path.exists(path):
+        os.replace(path, path[:-3] + ".prev.pt")
+    os.replace(path + ".tmp", path)
+
+
+def load_resume_checkpoint(ctx, out):
+    """The newest good checkpoint in out: checkpoint.pt, else (damaged or cut short) the
+    one before it. None when out has none; a UserError when none of them is good."""
+    path = os.path.join(out, "checkpoint.pt")
+    problems = []
+    for p in [p for p in (path, path[:-3] + ".prev.pt") if os.path.exists(p)]:
+        try:
+            ckpt = read_checkpoint(p)
+            require(isinstance(ckpt, dict) and {"model", "optimizer", "scheduler", "epoch", "rng"} <= set(ckpt),
+                    f"{p}: not a checkpoint of this project")
+        except UserError as err:
+            problems.append(str(err))
+            continue
+        if problems and ctx.main:
+            print(f"warning: {problems[0]}; resuming from {p} (epoch {ckpt['epoch']}) instead", file=sys.stderr)
+        return ckpt
+    require(not problems, f"{problems[0] if problems else path}; there is no earlier good checkpoint: "
+            f"delete {out} (or run without --resume into another --out) to start again")
+    return None
+
+
+def restore(ctx, out, config, resume, model, opt, sched):
+    """Prepares --out (config.json; metrics.jsonl trimmed to the checkpoint) and, with
+    resume, loads the newest good checkpoint into model, opt, sched and the RNGs.
+    Returns (the first epoch to run, the metrics of the last epoch done)."""
+    ckpt = load_resume_checkpoint(ctx, out) if resume else None
+    if resume and ckpt is None and ctx.main and os.path.isdir(out):
+        print(f"no checkpoint in {out}: starting from the beginning", file=sys.stderr)
+    if ckpt:
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise UserError(f"{out}/checkpoint.pt was made with other settings ({str(err).splitlines()[0]}); "
+                            "give this run another --out") from None
+        sched.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    if ctx.main:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(dict(config, torch=torch.__version__, rot_kernel=rot_kernel.backend(),
+                           device=str(ctx.device), world_size=ctx.world,
+                           device_name=torch.cuda.get_device_name(ctx.device) if ctx.cuda else None), f, indent=1)
+        # Keep exactly the epochs the checkpoint holds: a kill between the two writes of
+        # an epoch leaves a metrics line the checkpoint has not got.
+        done = ckpt["epoch"] if ckpt else 0
+        path = os.path.join(out, "metrics.jsonl")
+        lines = open(path).read().splitlines() if os.path.exists(path) else []
+        with open(path, "w") as f:
+            f.writelines(ln + "\n" for ln in lines if ln and json.loads(ln)["epoch"] <= done)
+    return (ckpt["epoch"] + 1, ckpt["metrics"]) if ckpt else (1, {})
+
+
+def end_epoch(ctx, out, metrics, model, opt, sched, **extra):
+    """One stdout line and one metrics.jsonl line, then checkpoint.pt (atomic, the previous
+    one kept): everything --resume needs. Rank 0 writes."""
+    if not ctx.main:
+        return
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    number = lambda v: f"{v:.4g}" if isinstance(v, float) else ",".join(map(number, v)) if isinstance(v, list) else f"{v}"
+    print(" ".join(f"{k} {number(v)}" for k, v in metrics.items()), flush=True)
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                     epoch=metrics["epoch"], rng=rng, metrics=metrics, **extra),
+                os.path.join(out, "checkpoint.pt"), keep_previous=True)
+
+
+def epoch_metrics(epoch, lr, loss, acc, test_acc, seen, seconds):
+    return dict(epoch=epoch, lr=lr, train_loss=loss, train_acc=acc, test_acc=test_acc,
+                seconds=round(seconds, 3), images_per_s=round(seen / seconds, 1))
+
+
+# ----------------------------------------------------------------------------- command line
+def positive(kind):
+    """An argparse type: a number of this kind above 0."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number ({kind.__name__}), got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+        return value
+    return parse
+
+
+positive_int, positive_float = positive(int), positive(float)
+
+
+def add_common_flags(ap, epochs, out, scaled=False):
+    """The flags every script shares, declared once, with the same meaning everywhere."""
+    ap.add_argument("--data", default="./data", help="CIFAR-10 (its folder, the folder holding it or its archive) "
+                    "or a folder of images: train/<class>/ + val/<class>/, <class>/ folders, or unlabelled images")
+    ap.add_argument("--download", action="store_true", help="fetch CIFAR-10 into --data if it is missing")
+    ap.add_argument("--image-size", type=positive_int, default=256, metavar="S",
+                    help="a folder's images are prepared once at S x S (shorter side to S, centre crop)")
+    ap.add_argument("--cache", help="where a folder is prepared (default: prepared/NAME-S)")
+    ap.add_argument("--val-fraction", type=positive_float, default=0.1,
+                    help="share of a folder held out for testing when it has no val/ (a fixed, seeded split)")
+    ap.add_argument("--epochs", type=positive_int, help=f"default: {epochs}")
+    ap.add_argument("--batch-size", type=positive_int,
+                    help="source images per step, before rotations (default: the original's: 128; AlexNet 192)")
+    ap.add_argument("--lr", type=positive_float, help="default: the original's (0.1; AlexNet 0.01)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--width", type=positive_float, default=1.0,
+                    help="channel multiplier of the networks this run builds (1.0 is the paper's NIN)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--out", default=out, help="folder for config.json, metrics.jsonl, checkpoint.pt and results")
+    ap.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    ap.add_argument("--eval-every", type=positive_int, default=1, help="test every N epochs (and after the last)")
+    if scaled:
+        ap.add_argument("--epochs-scale", type=positive_float, default=1.0,
+                        help="shrink every schedule in proportion (milestones included)")
+
+
+def run_job(job):
+    """Every script's main: run the job, turn a problem the user can fix into one line
+    (exit status 1), end the ranks. The ranks of a finished run leave together: a DDP model
+    that only the garbage collector would free (its hooks make cycles) and a peer still at
+    work (rank 0 writing files) both make gloo abort the process at teardown."""
+    try:
+        result = job()
+        if dist.is_initialized():
+            gc.collect()
+            dist.barrier()
+        return result
+    except UserError as err:
+        sys.exit(f"error: {err}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
