@@ -357,7 +357,9 @@ def _fill_and_finish(root, manifest, workers, progress):
     item = 3 * S * S
     total = sum(len(manifest["splits"][s]["sources"]) for s in SPLITS)
     done = sum(int((np.fromfile(os.path.join(root, s + ".done"), np.uint8) != TODO).sum()) for s in SPLITS)
-    print(f"preparing {total:,} images at {S}x{S} into {root} ({total * item / 1e9:.1f} GB)"
+    size = total * item
+    print(f"preparing {total:,} images at {S}x{S} into {root} "
+          f"({f'{size / 1e9:.1f} GB' if size >= 1e9 else f'{size / 1e6:.1f} MB'})"
           + (f", resuming after {done:,}" if done else ""), file=sys.stderr)
     free = shutil.disk_usage(root).free
     if (total - done) * item > free:

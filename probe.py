@@ -255,12 +255,14 @@ def probe(s: Probing):
     dataset = s.load_data(train.Context(s.device)).labelled("a probe")
     classes, size = len(dataset.classes), dataset.train_x.shape[-1]
     torch.manual_seed(s.seed)
-    describe = dict(classifier=s.classifier, block=s.block, checkpoint=s.checkpoint, finetune=s.finetune, init=s.init)
+    if s.supervised:
+        describe = dict(classifier="supervised", block=None, checkpoint=None, finetune=True, init="random")
+    else:
+        describe = dict(classifier=s.classifier, block=s.block, checkpoint=s.checkpoint, finetune=s.finetune,
+                        init=s.init)
     schedule = lambda kind: dict(kind=kind, describe=describe, epochs=schedule_epochs(kind, s.epochs, s.epochs_scale))
     if s.supervised:
-        model = NIN(blocks=3, num_classes=classes, width=s.width)
-        describe = dict(classifier="supervised", block=None, checkpoint=None, finetune=True, init="random")
-        return train_classifier(model, s, dataset, **schedule("supervised"))
+        return train_classifier(NIN(blocks=3, num_classes=classes, width=s.width), s, dataset, **schedule("supervised"))
     if isinstance(extractor, alexnet.AlexNet):
         require(not s.finetune and s.classifier in ("linear", "nonlinear"),
                 "an AlexNet is probed frozen, by the linear or nonlinear classifier (Tables 5 and 4)")

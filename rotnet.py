@@ -40,7 +40,8 @@ FOUR = (0, 90, 180, 270)             # the paper's rotations
 @dataclass(frozen=True)
 class Arch:
     """What pretraining a network means (the original code's configs): how images are
-    cropped, the schedule (lr x decay at the milestones, fractions of the run) and its size."""
+    cropped, the schedule (lr x decay at the milestones, fractions of the run), the batch
+    size and the number of epochs."""
     recipe: data.Recipe
     lr: float
     decay: float
