@@ -143,15 +143,6 @@ def config_of_original(state):
 
 
 # ----------------------------------------------------------------------------- loading
-def _first_line(err):
-    """The line of a load error that says what went wrong (torch wraps weights_only refusals
-    in paragraphs of advice, some of it to load the file unsafely)."""
-    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    lines = [line.strip() for line in str(err).splitlines()
-             if line.strip() and not line.startswith(boilerplate)]
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-
-
 def _check_state(model, state):
     """The first problem with loading state into model, or None."""
     expected = model.state_dict()
@@ -194,7 +185,8 @@ def alexnet_from_saved(saved, path):
     try:
         model = AlexNet(**config)
     except (TypeError, ValueError, RuntimeError) as err:  # unknown keys, a width of "a", -1 classes
-        raise UserError(f"{path}: its model_config builds no AlexNet ({_first_line(err)})") from None
+        first = (str(err).splitlines() or [""])[0]
+        raise UserError(f"{path}: its model_config builds no AlexNet ({type(err).__name__}: {first})") from None
     # PyTorch < 0.4 (the original's) had no num_batches_tracked; it is only a counter.
     state = {**{k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}, **state}
     if problem := _check_state(model, state):

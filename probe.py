@@ -131,8 +131,8 @@ def make_classifier(kind, feature_shape, num_classes=10):
 
 
 class Probe(nn.Module):
-    """A classifier on block `block` of a NIN. Frozen: the NIN stays in eval mode (its
-    BatchNorm uses running statistics) and gets no gradients."""
+    """A classifier on block `block` of a NIN (or conv `block` of an AlexNet). Frozen: the
+    network stays in eval mode (its BatchNorm uses running statistics) and gets no gradients."""
 
     def __init__(self, extractor, block, classifier, finetune=False):
         super().__init__()
@@ -182,25 +182,19 @@ def alexnet_nonlinear(extractor, block, num_classes):
     return head
 
 
-class LinearHeads(nn.Module):
+class LinearHeads(Probe):
     """Table 5: a linear probe on each of conv1..conv5 of a frozen AlexNet, trained together
     from one forward pass of the network: logits [5, B, classes], their losses summed."""
 
     def __init__(self, extractor, num_classes):
-        super().__init__()
-        self.extractor = extractor.requires_grad_(False)
         channels = [conv.conv.out_channels for conv in extractor.convs]
-        self.heads = nn.ModuleList(alexnet_linear(c, p, num_classes) for c, p in zip(channels, LINEAR_POOLS))
-
-    def train(self, mode=True):
-        super().train(mode)
-        self.extractor.eval()  # frozen: BatchNorm keeps its running statistics
-        return self
+        heads = nn.ModuleList(alexnet_linear(c, p, num_classes) for c, p in zip(channels, LINEAR_POOLS))
+        super().__init__(extractor, len(channels), heads)
 
     def forward(self, x):
         with torch.no_grad():
             maps = self.extractor.feature_maps(x)
-        return torch.stack([head(m) for head, m in zip(self.heads, maps)])
+        return torch.stack([head(m) for head, m in zip(self.classifier, maps)])
 
 
 # ----------------------------------------------------------------------------- training a classifier

@@ -84,8 +84,8 @@ def test_a_crop_larger_than_the_images_is_one_clear_error():
 def test_linear_heads_pool_to_the_papers_sizes():
     extractor = alexnet.AlexNet(width=1.0).eval()
     heads = probe.LinearHeads(extractor, 1000)
-    assert [h[-1].in_features for h in heads.heads] == [9216, 9408, 9600, 9216, 9216]
-    assert all(h[1].weight is None for h in heads.heads)  # BatchNorm without affine parameters
+    assert [h[-1].in_features for h in heads.classifier] == [9216, 9408, 9600, 9216, 9216]
+    assert all(h[1].weight is None for h in heads.classifier)  # BatchNorm without affine parameters
     small = probe.LinearHeads(alexnet.AlexNet(width=0.125), 7).eval()
     assert small(torch.randn(2, 3, 224, 224)).shape == (5, 2, 7)
 
@@ -105,8 +105,8 @@ def test_five_heads_trained_jointly_equal_five_trained_one_at_a_time():
     torch.manual_seed(0)
     extractor = alexnet.AlexNet(width=0.125).eval()
     joint = probe.LinearHeads(extractor, 5)
-    alone = [probe.Probe(extractor, k + 1, copy.deepcopy(joint.heads[k])) for k in range(5)]
-    opt_joint = train.make_optimizer(joint.heads.parameters(), 0.01, 10)[0]
+    alone = [probe.Probe(extractor, k + 1, copy.deepcopy(joint.classifier[k])) for k in range(5)]
+    opt_joint = train.make_optimizer(joint.classifier.parameters(), 0.01, 10)[0]
     opts = [train.make_optimizer(m.classifier.parameters(), 0.01, 10)[0] for m in alone]
     ctx = train.Context("cpu")
     gen = torch.Generator().manual_seed(1)
@@ -118,7 +118,7 @@ def test_five_heads_trained_jointly_equal_five_trained_one_at_a_time():
             model.train()
             train.train_step(ctx, model, opt, x, y)
     for k, model in enumerate(alone):
-        for a, b in zip(joint.heads[k].state_dict().values(), model.classifier.state_dict().values()):
+        for a, b in zip(joint.classifier[k].state_dict().values(), model.classifier.state_dict().values()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not any(p.requires_grad for p in extractor.parameters())
 
