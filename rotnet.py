@@ -7,16 +7,17 @@ ImageNet or any folder of images.
     python rotnet.py --data FOLDER --image-size 32    # your own images, prepared once
     python rotnet.py --arch alexnet --data IMAGENET   # the ImageNet model
     python rotnet.py --benchmark                      # training speed, no data needed
+    python rotnet.py --benchmark --sweep --json P     # ... of each variant (compile, fp32, a DataLoader)
     torchrun --nproc_per_node=G rotnet.py ...         # several GPUs
 
 The data set sits on the training device as uint8 (or is streamed to it); every batch (all
 rotations of each image, cropped, flipped and normalised) is built there by
 rot_kernel.rotation_batch. A run writes config.json, metrics.jsonl, checkpoint.pt (each
-epoch) and model.pt to --out; the loop's pieces that every script shares are in train.py.
+epoch) and model.pt to --out; the loop's pieces that every script shares are in train.py,
+the benchmark in benchmark.py.
 """
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -25,13 +26,11 @@ from typing import Optional
 
 import torch
 
-import cifar
 import data
 from errors import UserError
 from models import build
-from train import (LR_DECAY, MILESTONES, Context, Run, add_common_flags, atomic_save, batches, end_epoch,
-                   epoch_metrics, evaluate, make_optimizer, positive_int, require, restore, run_job, train_epoch,
-                   train_step)
+from train import (LR_DECAY, MILESTONES, Context, Run, add_common_flags, atomic_save, end_epoch, epoch_metrics,
+                   evaluate, make_optimizer, positive_int, require, restore, run_job, train_epoch)
 
 # ----------------------------------------------------------------------------- settings
 FOUR = (0, 90, 180, 270)             # the paper's rotations
@@ -130,54 +129,6 @@ def pretrain(s: Pretraining):
     return metrics
 
 
-def benchmark(s: Pretraining, steps=100):
-    """Training speed on random data of the arch's data set already on the device (CIFAR-10
-    for the NIN: 32x32; ImageNet for AlexNet: 256x256 cropped to 224): images per second,
-    the projected time of an epoch (and of 100), and the share of batch building. Times the
-    same train_step as training."""
-    ctx = Context(s.device, amp=s.amp, compile=s.compile)
-    arch = ARCHS[s.arch]
-    epoch_images, side, pool = (50_000, 32, 50_000) if s.arch == "nin" else (1_281_167, 256, 2048)
-    images = torch.randint(0, 256, (min(pool, steps * s.batch_size), 3, side, side), dtype=torch.uint8,
-                           device=ctx.device)
-    torch.manual_seed(s.seed)
-    model = build(s.arch, num_classes=len(s.rotations), width=s.width, blocks=s.blocks)
-    net = ctx.prepare(model)
-    opt, _ = make_optimizer(net.parameters(), s.lr, 100)
-    perm, view = arch.recipe.draws(len(images), 1, s.seed, ctx.device, side, side, steps * s.batch_size)
-    slices = [sl for _, sl in zip(range(steps), batches(len(perm), s.batch_size))]
-    sync = torch.cuda.synchronize if ctx.cuda else (lambda: None)
-    batch = lambda sl: ctx.batch(images, perm[sl], rotations=s.rotations, mean=cifar.MEAN, std=cifar.STD,
-                                 size=arch.recipe.out_size(side, side), **{k: v[sl] for k, v in view.items()})
-
-    def build_only():
-        for sl in slices:
-            batch(sl)
-
-    def train():
-        net.train()
-        for sl in slices:
-            train_step(ctx, net, opt, *batch(sl))
-
-    def timed(fn):
-        fn()  # warm-up: compilation, cudnn.benchmark, allocator
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - t0
-
-    t_train, t_build = timed(train), timed(build_only)
-    ips = len(slices) * s.batch_size / t_train
-    result = dict(device=str(ctx.device), arch=s.arch, compile=s.compile, amp=ctx.amp, width=s.width,
-                  batch_size=s.batch_size, rotations=list(s.rotations), steps=len(slices), images_per_s=round(ips, 1),
-                  minutes_per_epoch=round(epoch_images / ips / 60, 2),
-                  minutes_per_100_epochs=round(100 * epoch_images / ips / 60, 2),
-                  batch_building_share=round(t_build / t_train, 4))
-    print(json.dumps(result))
-    return result
-
-
 # ----------------------------------------------------------------------------- command line
 def rotation_list(text):
     try:
@@ -199,13 +150,29 @@ def parse_args(argv=None):
                     help="also keep the model of every N-th epoch (model_epochNNN.pt)")
     ap.add_argument("--benchmark", action="store_true", help="time training steps on random data and exit")
     ap.add_argument("--steps", type=positive_int, default=100, help="with --benchmark: steps to time")
-    return ap.parse_args(argv)
+    ap.add_argument("--baseline", action="store_true",
+                    help="with --benchmark: also time the step fed by a conventional DataLoader (baseline.py)")
+    ap.add_argument("--sweep", action="store_true", help="with --benchmark: time each variant (fp32, contiguous, "
+                    "fused SGD, the DataLoader baseline, torch.compile modes) in one run; a table at the end")
+    ap.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1),
+                    help="the DataLoader baseline's worker processes (default: %(default)s)")
+    ap.add_argument("--json", metavar="PATH", help="with --benchmark: also write the result (--sweep: every row) here")
+    args = ap.parse_args(argv)
+    for given, flag in ((args.baseline, "--baseline"), (args.sweep, "--sweep"), (args.json, "--json")):
+        if given and not args.benchmark:
+            ap.error(f"{flag}: only with --benchmark")
+    if args.sweep and (args.compile or args.no_amp):
+        ap.error("--sweep: each variant sets its own precision and compilation; leave out --compile and --no-amp")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.benchmark:
-        run_job(lambda: benchmark(Pretraining.from_args(args), steps=args.steps))
+        import benchmark  # benchmark.py builds on this module's settings
+        timing = dict(steps=args.steps, workers=args.workers, json_path=args.json)
+        run_job(lambda: benchmark.sweep(Pretraining.from_args(args), **timing) if args.sweep
+                else benchmark.benchmark(Pretraining.from_args(args), dataloader=args.baseline, **timing))
     else:
         run_job(lambda: pretrain(Pretraining.from_args(args)))
 

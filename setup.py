@@ -16,7 +16,7 @@ NVCC_FLAGS = ["-O3", "-fmad=false"]
 WITH_CUDA = torch.version.cuda is not None and CUDA_HOME is not None
 
 Extension = CUDAExtension if WITH_CUDA else CppExtension
-sources = [f"{CSRC}/rotation_batch.cpp"] + ([f"{CSRC}/rotation_batch_cuda.cu"] if WITH_CUDA else [])
+sources = [f"{CSRC}/rotation_batch.cpp", f"{CSRC}/emulated.cpp"] + ([f"{CSRC}/rotation_batch_cuda.cu"] if WITH_CUDA else [])
 
 setup(
     name="rotnet",

@@ -102,9 +102,11 @@ def resolve_device(device):
 
 
 class Context:
-    """Where and how a run computes: device, mixed precision, memory format, ranks."""
+    """Where and how a run computes: device, mixed precision, memory format, compilation,
+    ranks. compile is False, True (torch.compile's default mode) or a torch.compile mode
+    name; channels_last None is the device's default (CUDA: yes)."""
 
-    def __init__(self, device="auto", amp=True, compile=False):
+    def __init__(self, device="auto", amp=True, compile=False, channels_last=None):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.cuda = resolve_device(device) == "cuda"
@@ -113,8 +115,11 @@ class Context:
             torch.backends.cudnn.benchmark = True
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
         self.amp = amp and self.cuda  # bf16 autocast; on the CPU it would only be slower
-        self.channels_last = self.cuda
+        self.channels_last = self.cuda if channels_last is None else channels_last
         self.compile = compile
+        # These modes replay CUDA graphs, whose outputs the next replay overwrites: each
+        # batch marks a new step, so that the previous step's outputs are let go explicitly.
+        self.cudagraphs = compile in ("reduce-overhead", "max-autotune")
         if not self.cuda:
             data.keep_freed_memory()
         if self.world > 1 and not dist.is_initialized():
@@ -132,12 +137,16 @@ class Context:
         model = model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         if self.world > 1:
             model = nn.parallel.DistributedDataParallel(model)
-        return torch.compile(model) if self.compile else model
+        if not self.compile:
+            return model
+        return torch.compile(model, mode=None if self.compile is True else self.compile)
 
     def batch(self, images, index, *, rotations=(0,), mean, std, **view):
         """The step's batch: view is the crop and flip (shifts, boxes, flips, size)."""
         # check_bounds=False: every index and box here is drawn inside the split, and the
         # op's range check would cost a host sync per step on CUDA.
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         return rot_kernel.rotation_batch(images, index, mean=mean, std=std, rotations=rotations,
                                          channels_last=self.channels_last, check_bounds=False,
                                          out_dtype=torch.bfloat16 if self.amp else torch.float32, **view)
@@ -155,9 +164,12 @@ def milestones(epochs, fractions=MILESTONES):
     return [max(1, round(f * epochs)) for f in fractions]
 
 
-def make_optimizer(params, lr, epochs, fractions=MILESTONES, decay=LR_DECAY):
-    """SGD with Nesterov momentum and the original step schedule, stepped once per epoch."""
-    opt = torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, nesterov=True)
+def make_optimizer(params, lr, epochs, fractions=MILESTONES, decay=LR_DECAY, fused=False):
+    """SGD with Nesterov momentum and the original step schedule, stepped once per epoch;
+    fused: one fused kernel for the whole update."""
+    # fused=None, not False, when off: torch then picks its own default (foreach on CUDA).
+    opt = torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, nesterov=True,
+                          fused=fused or None)
     return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones(epochs, fractions), gamma=decay)
 
 

@@ -35,7 +35,7 @@ NVCC_FLAGS = ["-O3", "-fmad=false"]
 def _jit_build():
     from torch.utils import cpp_extension
 
-    sources = [os.path.join(_CSRC, "rotation_batch.cpp")]
+    sources = [os.path.join(_CSRC, name) for name in ("rotation_batch.cpp", "emulated.cpp")]
     if torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None:
         sources.append(os.path.join(_CSRC, "rotation_batch_cuda.cu"))
     try:  # a private helper: only used to say that the first build takes a while

@@ -158,7 +158,10 @@ Batch prepare_batch(const at::Tensor& images, const std::optional<at::Tensor>& i
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   batch.out = at::empty({batch.B * p.R, C, h, w},
                         images.options().dtype(out_dtype).memory_format(format));
-  batch.labels = at::arange(p.R, images.options().dtype(at::kLong)).repeat({batch.B});
+  // The kernels write the labels (output b*R + r has label r) next to the batch.
+  batch.labels = batch.out.numel() == 0
+                     ? at::arange(p.R, images.options().dtype(at::kLong)).repeat({batch.B})
+                     : at::empty({batch.B * p.R}, images.options().dtype(at::kLong));
   return batch;
 }
 
@@ -336,6 +339,7 @@ static void rotation_batch_cpu_kernel(const at::Tensor& images, Batch& batch, bo
   const in_t* data = images.data_ptr<in_t>();
   const PerImage per = batch.per();
   out_t* out = batch.out.data_ptr<out_t>();
+  int64_t* labels = batch.labels.data_ptr<int64_t>();
   // At least ~64k output values per task, so small batches do not pay for threads.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, chw * p.R));
   bool sideways = false;  // any turn by 90 or 270 degrees written from the transposed view
@@ -344,6 +348,7 @@ static void rotation_batch_cpu_kernel(const at::Tensor& images, Batch& batch, bo
     std::vector<float> view(chw), transposed(sideways ? chw : 0), row(p.w);
     std::vector<Tap> column_taps(per.boxes ? p.w : 0);
     for (int64_t b = begin; b < end; ++b) {
+      for (int r = 0; r < p.R; ++r) labels[b * p.R + r] = r;
       const ViewSource s = view_source(p, per, b);
       stage_view(data + s.n * images.stride(0), images, s, p, column_taps.data(), view.data());
       if (sideways) transpose_view(view.data(), p, transposed.data());
@@ -372,6 +377,11 @@ std::tuple<at::Tensor, at::Tensor> rotation_batch_cpu(
 TORCH_LIBRARY(rot_kernel, m) {
   m.def(
       "rotation_batch(Tensor images, Tensor? index, Tensor? shifts, Tensor? flips, "
+      "float[] mean, float[] std, int[] rotations, ScalarType out_dtype, bool channels_last, "
+      "SymInt[]? size=None, Tensor? boxes=None, bool check_bounds=True) -> (Tensor, Tensor)");
+  // Test-only: the CUDA kernels' block programs run on the CPU (emulated.cpp).
+  m.def(
+      "rotation_batch_emulated(Tensor images, Tensor? index, Tensor? shifts, Tensor? flips, "
       "float[] mean, float[] std, int[] rotations, ScalarType out_dtype, bool channels_last, "
       "SymInt[]? size=None, Tensor? boxes=None, bool check_bounds=True) -> (Tensor, Tensor)");
 }

@@ -1,0 +1,689 @@
+"""The CUDA kernel of rot_kernel.rotation_batch against the CPU kernel, bit for bit.
+
+Both builds round alike (the .cu is compiled with -fmad=false, the C++ with
+-ffp-contract=off), so every path must give the CPU kernel's exact bits: quarter turns,
+45-degree turns, shifts and resized boxes, in every input and output dtype and memory format,
+through both CUDA paths: the staged one (an image's view in shared memory, written by one
+block per image or per image and rotation, with 16-byte stores where rows divide; taken iff
+C * h * (w + 1) * 4 <= 48 KiB - 512 bytes for an h x w output) and the tiled one (32x32
+output tiles, channels in groups), on both sides of that edge; labels included.
+
+Each comparison runs on two "devices":
+  cuda      rot_kernel.rotation_batch on CUDA tensors (skipped without a CUDA device);
+  emulated  torch.ops.rot_kernel.rotation_batch_emulated: the CUDA kernels' block programs
+            run thread by thread on the CPU, the same 12-argument schema, CPU tensors in and
+            out (skipped where that test-only op is not registered).
+The inputs are built on the CPU and moved with their strides kept; the expected batch is the
+CPU kernel's on the same CPU tensors. Tests of what only a GPU has (errors raised next to
+device data, a non-default stream, opcheck and inductor on CUDA, repeated calls) skip
+without CUDA.
+
+Every output is poisoned before the op writes it: with deterministic algorithms on, torch
+fills each new tensor with NaN, so an element a kernel skips fails the comparison. Inputs
+are random per test (seeded by the test's id; set ROT_TEST_SEED for other draws). Cases are
+kept small in bytes so that the emulated run stays fast.
+"""
+import os
+import subprocess
+import sys
+import warnings
+import zlib
+
+import pytest
+import torch
+
+import rot_kernel
+from rot_kernel import reference
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_CUDA = torch.cuda.is_available()
+EMULATED = getattr(torch.ops.rot_kernel, "rotation_batch_emulated", None)
+
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+needs_emulation = pytest.mark.skipif(
+    EMULATED is None, reason="no torch.ops.rot_kernel.rotation_batch_emulated registered")
+DEVICES = [pytest.param("cuda", marks=needs_cuda), pytest.param("emulated", marks=needs_emulation)]
+
+OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+OUT_IDS = ["f32", "bf16", "f16"]
+ROTATION_SETS = {"four": (0, 90, 180, 270), "half": (0, 180), "sideways": (90, 270),
+                 "eight": tuple(range(0, 360, 45)), "none": (0,)}
+LAYOUTS = ["contiguous", "channels_last", "strided", "broadcast"]
+
+# The CUDA kernel's choice of path (plan_launch in csrc/cuda_blocks.h): the view of one image,
+# C planes of h rows with a pitch of w + 1 floats, must fit in 48 KiB less the mean and 1/std
+# tables.
+STAGED_BYTES = 48 * 1024 - 512
+
+
+def staged(C, h, w):
+    return C * h * (w + 1) * 4 <= STAGED_BYTES
+
+
+def largest_staged_square(C):
+    s = 1
+    while staged(C, s + 1, s + 1):
+        s += 1
+    return s
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs():
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture
+def gen(request):
+    seed = zlib.crc32(request.node.nodeid.encode()) + int(os.environ.get("ROT_TEST_SEED", "0"))
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- inputs (CPU)
+
+def make_images(gen, N, C, H, W, dtype=torch.uint8, layout="contiguous"):
+    """uint8 in [0, 255] or float32 in [0, 1), N x C x H x W, in the asked memory layout."""
+    shape = (N, C, H, 2 * W + 1) if layout == "strided" else (N, C, H, W)
+    if dtype == torch.uint8:
+        x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    else:
+        x = torch.rand(shape, generator=gen)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # every other column of a wider image: no unit stride
+        x = x[..., 1::2]
+    elif layout == "broadcast":  # one image seen N times through a stride-0 dimension
+        x = x[:1].expand(N, C, H, W)
+    return x
+
+
+def between(gen, lo, hi):
+    """int64, uniform in [lo, hi] per entry (lo, hi: ints or tensors of one shape)."""
+    lo, hi = torch.as_tensor(lo, dtype=torch.long), torch.as_tensor(hi, dtype=torch.long)
+    u = torch.rand(torch.broadcast_shapes(lo.shape, hi.shape), generator=gen, dtype=torch.float64)
+    return lo + (u * (hi - lo + 1)).long().clamp(max=hi - lo)
+
+
+def make_picks(gen, N, B):
+    """index int64 [B] into N images and flips bool [B]."""
+    index = torch.randint(0, N, (B,), generator=gen) if N else torch.zeros(0, dtype=torch.long)
+    return index, torch.rand(B, generator=gen) < 0.5
+
+
+def make_crops(gen, kind, B, H, W, h, w):
+    """(shifts, boxes) for B crops of H x W images to h x w outputs; one or both None."""
+    if kind == "corner":  # no shifts: the window at (0, 0)
+        return None, None
+    if kind == "centre":
+        return torch.tensor([[(H - h) // 2, (W - w) // 2]] * B, dtype=torch.long).reshape(B, 2), None
+    if kind == "inside":  # a random crop
+        return torch.stack([between(gen, [0] * B, H - h), between(gen, [0] * B, W - w)], 1), None
+    if kind == "outside":  # windows reaching past every edge, some wholly outside
+        return torch.stack([between(gen, [-h - 2] * B, H + 2), between(gen, [-w - 2] * B, W + 2)], 1), None
+    lo_h, hi_h, lo_w, hi_w = {  # boxes: a size range per kind, placed anywhere they fit
+        "box": (1, H, 1, W),
+        "full": (H, H, W, W),
+        "pixel": (1, 1, 1, 1),
+        "up": (1, max(1, h - 1), 1, max(1, w - 1)),  # smaller than the output
+        "down": (min(h + 1, H), H, min(w + 1, W), W),  # larger than the output
+    }[kind]
+    height, width = between(gen, [lo_h] * B, hi_h), between(gen, [lo_w] * B, hi_w)
+    top, left = between(gen, [0] * B, H - height), between(gen, [0] * B, W - width)
+    return None, torch.stack([top, left, height, width], 1).reshape(B, 4)
+
+
+def normalisation(gen, images):
+    """Random mean and std per channel, in the scale of the images."""
+    C = images.shape[1]
+    if images.dtype == torch.uint8:
+        return dict(mean=(torch.rand(C, generator=gen) * 255).tolist(),
+                    std=(torch.rand(C, generator=gen) * 60 + 30).tolist())
+    return dict(mean=torch.rand(C, generator=gen).tolist(),
+                std=(torch.rand(C, generator=gen) * 0.4 + 0.1).tolist())
+
+
+# ----------------------------------------------------------------------------- running
+
+def copy_with_strides(t, device):
+    """t on `device` with the same sizes, strides and storage offset: views (stride 0, every
+    other column, channels_last) stay views of a copy of the whole storage."""
+    storage = t.untyped_storage()
+    flat = t.new_empty(0).set_(storage, 0, (storage.nbytes() // t.element_size(),), (1,))
+    return flat.to(device, copy=True).as_strided(t.shape, t.stride(), t.storage_offset())
+
+
+def on(device, t):
+    return copy_with_strides(t, "cuda") if device == "cuda" and t is not None else t
+
+
+def emulate(images, index, shifts, flips, *, mean=None, std=None, rotations=(0, 90, 180, 270),
+            out_dtype=torch.float32, channels_last=False, size=None, boxes=None, check_bounds=True):
+    """The emulation op, called with the arguments in the canonical form rotation_batch gives
+    the real op."""
+    mean, std, rotations, (h, w) = reference.check_arguments(
+        images, index, shifts, flips, mean, std, rotations, out_dtype, channels_last, size, boxes,
+        check_bounds)
+    return EMULATED(images, index, shifts, flips, mean, std, rotations, out_dtype, channels_last,
+                    None if size is None else [h, w], boxes, check_bounds)
+
+
+def run(device, images, index=None, shifts=None, flips=None, **kw):
+    """The implementation under test on CPU inputs: the CUDA kernel (inputs moved to the GPU,
+    strides kept) or its emulation on the CPU."""
+    if device == "cuda":
+        kw = dict(kw, boxes=on(device, kw.get("boxes")))
+        return rot_kernel.rotation_batch(*(on(device, t) for t in (images, index, shifts, flips)), **kw)
+    return emulate(images, index, shifts, flips, **kw)
+
+
+def bits(t):
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def check(device, images, index=None, shifts=None, flips=None, **kw):
+    """Runs `device` and the CPU kernel on the same CPU inputs; the batches must have the same
+    bits and format, the labels be equal. Returns the batch, on the CPU."""
+    got, labels = run(device, images, index, shifts, flips, **kw)
+    want, want_labels = rot_kernel.rotation_batch(images, index, shifts, flips, **kw)
+    assert got.device.type == ("cuda" if device == "cuda" else "cpu")
+    assert labels.device == got.device and labels.dtype == torch.int64
+    fmt = torch.channels_last if kw.get("channels_last") else torch.contiguous_format
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert got.is_contiguous(memory_format=fmt)
+    got, labels = got.cpu(), labels.cpu()
+    assert torch.equal(labels, want_labels)
+    assert not got.isnan().any(), "an output element was not written (still NaN)"
+    assert not want.isnan().any(), "the CPU kernel left an output element unwritten (still NaN)"
+    same = bits(got) == bits(want)
+    if not same.all():
+        where = same.logical_not().nonzero()[0].tolist()
+        raise AssertionError(f"{int((~same).sum())} of {same.numel()} elements differ; the first at "
+                             f"{where}: got {got[tuple(where)].item()!r}, want {want[tuple(where)].item()!r}")
+    return got
+
+
+# ----------------------------------------------------------------------------- preconditions
+
+def test_the_oracle_is_the_cpu_kernel():
+    # Every comparison below would be against the plain-torch reference otherwise.
+    assert rot_kernel.backend() != "reference" and "cpu" in rot_kernel.backend()
+
+
+def test_poison_is_on():
+    assert torch.empty(64).isnan().all()
+    assert torch.empty(64, dtype=torch.bfloat16).isnan().all()
+
+
+def test_the_path_rule_has_the_expected_edges():
+    # The cases below are chosen by this rule; it must be the kernel's (48 KiB less 512 bytes).
+    assert (largest_staged_square(3), largest_staged_square(1), largest_staged_square(64)) == (63, 109, 13)
+    assert staged(1, 64, 189) and not staged(1, 64, 190)  # 64 * 190 * 4 bytes is exactly the limit
+
+
+@needs_cuda
+def test_the_compiled_cuda_kernel_is_in_use():
+    assert "cuda" in rot_kernel.backend(), rot_kernel.backend()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("rot_kernel::rotation_batch", "CUDA")
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8, device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the fallback to the reference warns
+        batch, labels = rot_kernel.rotation_batch(images)
+    assert batch.is_cuda and labels.is_cuda and not batch.isnan().any()
+
+
+@needs_emulation
+def test_the_emulation_has_the_ops_schema():
+    op = torch.ops.rot_kernel.rotation_batch.default._schema
+    emulated = EMULATED.default._schema
+    assert str(emulated).replace("rotation_batch_emulated(", "rotation_batch(") == str(op)
+
+
+# ----------------------------------------------------------------------------- staged path
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size", [1, 8, 12, 33])
+@pytest.mark.parametrize("rotations", ROTATION_SETS.values(), ids=ROTATION_SETS.keys())
+@pytest.mark.parametrize("in_dtype", [torch.uint8, torch.float32], ids=["u8", "f32"])
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=OUT_IDS)
+def test_staged(gen, device, size, rotations, in_dtype, out_dtype):
+    assert staged(3, size, size)
+    images = make_images(gen, 7, 3, size, size, in_dtype)
+    index, flips = make_picks(gen, 7, 5)
+    shifts, _ = make_crops(gen, "outside", 5, size, size, size, size)
+    for channels_last in (False, True):
+        check(device, images, index, shifts, flips, rotations=rotations, out_dtype=out_dtype,
+              channels_last=channels_last, **normalisation(gen, images))
+
+
+# (C, h, w, rotation set): output rows (w, or w * C for channels_last) that divide into
+# 16-byte packs of 4 floats or 8 halves, or only of 4, or neither (the vector stores and the
+# general fallback); rows of at most 256 packs and just over (one pack a thread); h != w,
+# one row or column, and the most channels (64).
+STAGED_SHAPES = [(1, 4, 4, "four"), (1, 6, 6, "four"), (3, 10, 10, "eight"), (1, 5, 12, "half"),
+                 (2, 7, 10, "half"), (3, 9, 7, "half"), (5, 11, 16, "half"), (4, 13, 13, "eight"),
+                 (1, 1, 40, "half"), (3, 40, 1, "none"), (64, 5, 5, "eight"), (64, 3, 7, "half"),
+                 (64, 1, 1, "four"), (1, 1, 1024, "half"), (1, 1, 1028, "half"), (1, 2, 2048, "half"),
+                 (1, 2, 2056, "half"), (4, 2, 256, "half"), (4, 2, 260, "half")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C,h,w,rotations", STAGED_SHAPES, ids=[f"{c}c-{h}x{w}-{r}" for c, h, w, r in STAGED_SHAPES])
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=OUT_IDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_staged_shapes(gen, device, C, h, w, rotations, out_dtype, channels_last):
+    assert staged(C, h, w)
+    images = make_images(gen, 6, C, h + 3, w + 2)
+    index, flips = make_picks(gen, 6, 3)
+    for kind in ("outside", "box"):
+        shifts, boxes = make_crops(gen, kind, 3, h + 3, w + 2, h, w)
+        check(device, images, index, shifts, flips, size=(h, w), boxes=boxes, rotations=ROTATION_SETS[rotations],
+              out_dtype=out_dtype, channels_last=channels_last, **normalisation(gen, images))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS[1:])
+@pytest.mark.parametrize("in_dtype", [torch.uint8, torch.float32], ids=["u8", "f32"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_staged_input_layouts(gen, device, layout, in_dtype, channels_last):
+    images = make_images(gen, 6, 3, 19, 22, in_dtype, layout)
+    index, flips = make_picks(gen, 6, 5)
+    for kind, size in (("corner", (19, 22)), ("outside", (15, 15)), ("box", (15, 15))):
+        shifts, boxes = make_crops(gen, kind, 5, 19, 22, *size)
+        rotations = ROTATION_SETS["half" if size[0] != size[1] else "eight"]
+        check(device, images, index, shifts, flips, size=size, boxes=boxes, rotations=rotations,
+              channels_last=channels_last, **normalisation(gen, images))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size", [7, 8])
+@pytest.mark.parametrize("rotations", ["four", "eight"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=OUT_IDS[:2])
+def test_staged_large_batches(gen, device, size, rotations, out_dtype):
+    # With B at least 4 blocks per multiprocessor, a staged block writes all R rotations of
+    # its image; below that, one each (the tests above). 1000 is past 4 x 132 (an H100's).
+    B = 1000
+    images = make_images(gen, 50, 3, size + 2, size + 2)
+    index, flips = make_picks(gen, 50, B)
+    for kind in ("outside", "box"):
+        shifts, boxes = make_crops(gen, kind, B, size + 2, size + 2, size, size)
+        for channels_last in (False, True):
+            check(device, images, index, shifts, flips, size=(size, size), boxes=boxes,
+                  rotations=ROTATION_SETS[rotations], out_dtype=out_dtype, channels_last=channels_last,
+                  **normalisation(gen, images))
+
+
+# ----------------------------------------------------------------------------- tiled path
+
+# name: (C, source H x W, output h x w, rotation set, crop kind). Sizes are not multiples of
+# 32 (partial tiles) but for one; non-square outputs allow only 0 and 180 degrees.
+TILED_CASES = {
+    "3c-70x100-half": (3, (73, 104), (70, 100), "half", "outside"),
+    "3c-40x130-half": (3, (40, 130), (40, 130), "half", "corner"),
+    "3c-96x96-four": (3, (96, 96), (96, 96), "four", "corner"),
+    "1c-111-four": (1, (111, 111), (111, 111), "four", "corner"),
+    "1c-33x400-half": (1, (35, 400), (33, 400), "half", "outside"),
+    "2c-78-eight": (2, (80, 80), (78, 78), "eight", "inside"),
+    "4c-57-eight": (4, (60, 61), (57, 57), "eight", "box"),
+    "5c-50-eight": (5, (50, 50), (50, 50), "eight", "outside"),
+    "3c-80x72to66-eight-box": (3, (80, 72), (66, 66), "eight", "box"),
+    "3c-80x72to66-eight-inside": (3, (80, 72), (66, 66), "eight", "inside"),
+    "3c-80x72to66-sideways-up": (3, (80, 72), (66, 66), "sideways", "up"),
+    "64c-14-eight": (64, (20, 17), (14, 14), "eight", "box"),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", TILED_CASES.keys())
+@pytest.mark.parametrize("out_dtype,channels_last", [(torch.float32, False), (torch.float32, True),
+                                                     (torch.bfloat16, True), (torch.float16, False)],
+                         ids=["f32-nchw", "f32-nhwc", "bf16-nhwc", "f16-nchw"])
+def test_tiled(gen, device, case, out_dtype, channels_last):
+    C, (H, W), (h, w), rotations, kind = TILED_CASES[case]
+    assert not staged(C, h, w)
+    images = make_images(gen, 4, C, H, W)
+    index, flips = make_picks(gen, 4, 2)
+    shifts, boxes = make_crops(gen, kind, 2, H, W, h, w)
+    check(device, images, index, shifts, flips, size=(h, w), boxes=boxes, rotations=ROTATION_SETS[rotations],
+          out_dtype=out_dtype, channels_last=channels_last, **normalisation(gen, images))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS[1:])
+@pytest.mark.parametrize("in_dtype", [torch.uint8, torch.float32], ids=["u8", "f32"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_tiled_input_layouts(gen, device, layout, in_dtype, channels_last):
+    images = make_images(gen, 4, 3, 80, 72, in_dtype, layout)
+    index, flips = make_picks(gen, 4, 2)
+    for kind, rotations in (("outside", "four"), ("box", "eight")):
+        shifts, boxes = make_crops(gen, kind, 2, 80, 72, 66, 66)
+        check(device, images, index, shifts, flips, size=(66, 66), boxes=boxes, rotations=ROTATION_SETS[rotations],
+              channels_last=channels_last, out_dtype=torch.bfloat16, **normalisation(gen, images))
+
+
+# ----------------------------------------------------------------------------- both paths
+
+def edge_cases():
+    """(C, h, w) on both sides of the staged path's limit: the largest staged square and the
+    next, and non-square outputs whose view is exactly 48 KiB - 512 bytes, and one column more."""
+    for C in (1, 2, 3, 4, 5, 64):
+        s = largest_staged_square(C)
+        yield C, s, s
+        yield C, s + 1, s + 1
+    for C, h, w in ((1, 64, 189), (2, 95, 63), (5, 32, 75), (3, 1, 4052)):
+        yield C, h, w
+        yield C, h, w + 1
+
+
+EDGE_CASES = list(edge_cases())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C,h,w", EDGE_CASES, ids=[f"{c}c-{h}x{w}-{'staged' if staged(c, h, w) else 'tiled'}"
+                                                  for c, h, w in EDGE_CASES])
+@pytest.mark.parametrize("kind", ["outside", "box"])
+def test_at_the_shared_memory_edge(gen, device, C, h, w, kind):
+    H, W = h + 4, w + 3
+    images = make_images(gen, 3, C, H, W)
+    index, flips = make_picks(gen, 3, 2)
+    shifts, boxes = make_crops(gen, kind, 2, H, W, h, w)
+    check(device, images, index, shifts, flips, size=(h, w), boxes=boxes,
+          rotations=ROTATION_SETS["eight" if h == w else "half"], **normalisation(gen, images))
+
+
+PATHS = {"staged": (3, 21, 21), "tiled": (3, 67, 67)}  # C and an output size of that path
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS.keys())
+@pytest.mark.parametrize("kind", ["corner", "centre", "inside", "outside", "box", "full", "pixel", "up", "down"])
+def test_crops_and_boxes(gen, device, path, kind):
+    C, h, w = PATHS[path]
+    H, W = h + 6, w + 5  # the source
+    images = make_images(gen, 5, C, H, W)
+    index, flips = make_picks(gen, 5, 3)
+    for size, rotations, channels_last in (((h, w), "eight", False), ((h - 5, w + 2), "half", True)):
+        assert staged(C, *size) == (path == "staged")
+        shifts, boxes = make_crops(gen, kind, 3, H, W, *size)
+        check(device, images, index, shifts, flips, size=size, boxes=boxes, rotations=ROTATION_SETS[rotations],
+              channels_last=channels_last, **normalisation(gen, images))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS.keys())
+def test_shifts_at_and_beyond_the_edges(gen, device, path):
+    C, H, W = PATHS[path]
+    edges = [-2**40, -2**31 - 1, -H - 3, -H, -H + 1, -1, 0, 1, H - 1, H, 2**31, 2**40]
+    if path == "staged":  # every pair
+        shifts = torch.tensor([(dy, dx) for dy in edges for dx in edges])
+    else:  # each edge with three others, in each coordinate
+        shifts = torch.tensor([(dy, edges[(k + j) % len(edges)]) for k, dy in enumerate(edges) for j in (0, 5, 7)])
+        shifts = torch.cat([shifts, shifts.flip(1)])
+    images = make_images(gen, 2, C, H, W)
+    index = torch.arange(len(shifts)) % 2
+    rotations = ROTATION_SETS["eight"] if path == "staged" else (0, 45, 270)
+    for flip in (False, True):
+        check(device, images, index, shifts, torch.full((len(shifts),), flip), rotations=rotations,
+              **normalisation(gen, images))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS.keys())
+@pytest.mark.parametrize("B", [0, 1, 7])
+def test_batch_sizes(gen, device, path, B):
+    C, H, W = PATHS[path]
+    images = make_images(gen, 9, C, H, W)
+    index, flips = make_picks(gen, 9, B)
+    shifts, _ = make_crops(gen, "outside", B, H, W, H, W)
+    got = check(device, images, index, shifts, flips, **normalisation(gen, images))
+    assert got.shape == (4 * B, C, H, W)
+    got = check(device, images[:B], rotations=(90, 0, 45), **normalisation(gen, images))  # every image, in order
+    assert got.shape == (3 * B, C, H, W)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS.keys())
+def test_per_image_arguments_of_any_integer_type_and_stride(gen, device, path):
+    C, H, W = PATHS[path]
+    images = make_images(gen, 6, C, H + 4, W + 4)
+    B = 5
+    index = torch.randint(0, 6, (2 * B,), generator=gen)
+    flips = (torch.rand(2 * B, generator=gen) < 0.5)[1::2]  # no unit stride
+    shifts, _ = make_crops(gen, "outside", B, H + 4, W + 4, H, W)
+    _, boxes = make_crops(gen, "box", B, H + 4, W + 4, H, W)
+    kw = dict(size=(H, W), rotations=(0, 45, 90), **normalisation(gen, images))
+    for index_dtype, dtype in ((torch.uint8, torch.int8), (torch.int16, torch.int16), (torch.int32, torch.int32)):
+        picked = index.to(index_dtype)[::2]  # every other entry: no unit stride
+        column_major = lambda t: t.to(dtype).t().contiguous().t()  # noqa: E731
+        assert not picked.is_contiguous() and not column_major(shifts).is_contiguous()
+        check(device, images, picked, column_major(shifts), flips, **kw)
+        check(device, images, picked, None, flips, boxes=column_major(boxes), **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS.keys())
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_16_bit_stores_round_alike(gen, device, path, out_dtype):
+    # Random float bit patterns (normals, subnormals, infinities, NaNs) and the rounding edges
+    # of both formats, passed through unchanged (mean 0, std 1): each output has the CPU
+    # kernel's bits, NaN where it has NaN (NaN payloads are not compared).
+    edges = [0, 0x7F800000, 0x7F800001, 0x7FC00000, 0x7FFFFFFF, 0x477FE000, 0x477FEFFF,
+             0x477FF000, 0x477FF001, 0x38800000, 0x387FFFFF, 0x33000000, 0x33000001,
+             0x32FFFFFF, 1, 0x00800000, 0x3F808000, 0x3F818000, 0x7F7F8000, 0x7F7FFFFF]
+    edges = torch.tensor(edges + [e | 0x80000000 for e in edges], dtype=torch.int64)
+    side = 8 if path == "staged" else 111  # rows of 8: 16-byte stores; 1 x 111 x 111 is tiled
+    assert staged(1, side, side) == (path == "staged")
+    count = max(2, (1 << 14) // side**2) * side * side
+    noise = torch.randint(0, 2**32, (count - len(edges),), generator=gen, dtype=torch.int64)
+    images = torch.cat([edges, noise]).to(torch.int32).view(torch.float32).reshape(-1, 1, side, side)
+    got, _ = run(device, images, rotations=(0, 90), out_dtype=out_dtype)
+    want, _ = rot_kernel.rotation_batch(images, rotations=(0, 90), out_dtype=out_dtype)
+    got = got.cpu()
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(bits(got)[~nan], bits(want)[~nan])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("side", [3, 4])
+def test_more_than_65535_images(gen, device, side):
+    # One block per image on the staged path: a grid dimension other than x stops at 65,535.
+    # Rows of 3 take the general program, rows of 4 floats the vector stores.
+    B = 65537
+    images = make_images(gen, 5, 1, side, side)
+    index, flips = make_picks(gen, 5, B)
+    shifts, _ = make_crops(gen, "outside", B, side, side, side, side)
+    got = check(device, images, index, shifts, flips, **normalisation(gen, images))
+    assert got.shape == (4 * B, 1, side, side)
+
+
+@needs_cuda
+def test_more_than_65535_images_on_the_tiled_path(gen):
+    # 4 x 55 x 55 outputs are tiled (2 x 2 tiles); a turn by 90 degrees without
+    # normalisation is torch.rot90, in bfloat16 exactly (uint8 values fit its 8 bits).
+    B, C, S = 65537, 4, 55
+    assert not staged(C, S, S)
+    images = make_images(gen, 3, C, S, S)
+    index, _ = make_picks(gen, 3, B)
+    cuda_images, cuda_index = images.cuda(), index.cuda()
+    got, labels = rot_kernel.rotation_batch(cuda_images, cuda_index, rotations=(90,), out_dtype=torch.bfloat16)
+    assert got.shape == (B, C, S, S) and torch.equal(labels, torch.zeros(B, dtype=torch.int64, device="cuda"))
+    want = torch.rot90(cuda_images[cuda_index], 1, dims=(-2, -1)).to(torch.bfloat16)
+    assert torch.equal(bits(got), bits(want))
+    for part in (slice(0, 3), slice(B - 3, B)):  # and the CPU kernel's bits at both ends
+        cpu, _ = rot_kernel.rotation_batch(images, index[part], rotations=(90,), out_dtype=torch.bfloat16)
+        assert torch.equal(bits(got[part].cpu()), bits(cpu))
+
+
+# ----------------------------------------------------------------------------- CUDA only
+
+@needs_cuda
+@pytest.mark.parametrize("path,B", [("staged", 6), ("staged", 1000), ("tiled", 6)])
+def test_repeated_calls_give_the_same_bits(gen, path, B):
+    C, H, W = PATHS[path]
+    images = make_images(gen, 8, C, H + 5, W + 3).cuda()
+    index, flips = (t.cuda() for t in make_picks(gen, 8, B))
+    _, boxes = make_crops(gen, "box", B, H + 5, W + 3, H, W)
+    shifts, _ = make_crops(gen, "outside", B, H + 5, W + 3, H, W)
+    for kw in (dict(boxes=boxes.cuda()), dict(shifts=shifts.cuda())):
+        for channels_last in (False, True):
+            kw.update(size=(H, W), rotations=ROTATION_SETS["eight"], out_dtype=torch.bfloat16,
+                      channels_last=channels_last, **normalisation(gen, images))
+            first, _ = rot_kernel.rotation_batch(images, index, flips=flips, **kw)
+            second, _ = rot_kernel.rotation_batch(images, index, flips=flips, **kw)
+            assert first.data_ptr() != second.data_ptr()
+            assert torch.equal(bits(first), bits(second))
+
+
+def cuda_error_cases():
+    """name: (kwargs on CUDA images [4, 3, 8, 8], the error, a pattern its message matches).
+    The kwargs are built when called, so that nothing touches CUDA at collection."""
+    def index(device="cuda", values=(0, 1)):
+        return torch.tensor(values, device=device)
+
+    def boxes(rows, device="cuda"):
+        return dict(index=index(), boxes=torch.tensor(rows, device=device))
+
+    whole = [[0, 0, 8, 8]] * 2
+    return {
+        "index past the end": (lambda: dict(index=index(values=[0, 4])), IndexError, "index"),
+        "negative index": (lambda: dict(index=index(values=[-1, 0])), IndexError, "index"),
+        "huge index": (lambda: dict(index=index(values=[0, 2**40])), IndexError, "index"),
+        "index on the CPU": (lambda: dict(index=index("cpu")), RuntimeError, r"index.*cuda"),
+        "shifts on the CPU": (lambda: dict(index=index(), shifts=torch.zeros(2, 2, dtype=torch.long)),
+                              RuntimeError, r"shifts.*cuda"),
+        "flips on the CPU": (lambda: dict(index=index(), flips=torch.zeros(2, dtype=torch.bool)),
+                             RuntimeError, r"flips.*cuda"),
+        "boxes on the CPU": (lambda: boxes(whole, "cpu"), RuntimeError, r"boxes.*cuda"),
+        "box below the image": (lambda: boxes([[0, 0, 8, 8], [1, 0, 8, 8]]), ValueError, "boxes"),
+        "box at a negative column": (lambda: boxes([[0, 0, 2, 2], [0, -3, 2, 2]]), ValueError, "boxes"),
+        "empty box": (lambda: boxes([[0, 0, 0, 2], [0, 0, 8, 8]]), ValueError, "boxes"),
+        "huge box": (lambda: boxes([[0, 0, 2**62, 2], [0, 0, 8, 8]]), ValueError, "boxes"),
+    }
+
+
+CUDA_ERRORS = cuda_error_cases()
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", CUDA_ERRORS.keys())
+@pytest.mark.parametrize("call", ["wrapper", "op"])
+def test_errors_with_cuda_tensors_name_the_argument(case, call):
+    make, error, pattern = CUDA_ERRORS[case]
+    kw = make()
+    images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8, device="cuda")
+    with pytest.raises(error, match=pattern):
+        if call == "wrapper":
+            rot_kernel.rotation_batch(images, kw.get("index"), kw.get("shifts"), kw.get("flips"),
+                                      boxes=kw.get("boxes"))
+        else:
+            torch.ops.rot_kernel.rotation_batch.default(
+                images, kw.get("index"), kw.get("shifts"), kw.get("flips"), [0.0] * 3, [1.0] * 3,
+                [0, 90, 180, 270], torch.float32, False, None, kw.get("boxes"), True)
+    assert torch.zeros(3, device="cuda").add(1).sum().item() == 3  # the device is still usable
+
+
+UNCHECKED_SCRIPT = """
+import torch, rot_kernel
+gen = torch.Generator().manual_seed(0)
+index = torch.tensor([0, 3, 4, -1, 2**40, -2**40, 2], device="cuda")
+boxes = torch.tensor([[0, 0, 20, 20], [-5, -5, 10, 10], [30, 30, 40, 40], [0, 0, 0, 0],
+                      [2**40, 0, 1, 1], [0, 0, -3, 2**40], [5, 5, 2**40, 2**40]], device="cuda")
+shifts = torch.tensor([[0, 0], [2**40, 0], [0, -2**40], [-1, 1], [3, 3], [0, 0], [1, 1]], device="cuda")
+for C, side in ((3, 20), (3, 70)):  # the staged path, the tiled path
+    images = torch.randint(0, 256, (4, C, side, side), dtype=torch.uint8, generator=gen).cuda()
+    for kw in (dict(shifts=shifts), dict(boxes=boxes, size=(16, 16)), dict(boxes=boxes)):
+        batch, labels = rot_kernel.rotation_batch(images, index, rotations=tuple(range(0, 360, 45)),
+                                                  check_bounds=False, **kw)
+        assert batch.shape[0] == 7 * 8
+torch.cuda.synchronize()
+print("after", float(torch.ones(8, device="cuda").mul(2).sum()))
+"""
+
+
+@needs_cuda
+def test_unchecked_bad_values_do_not_fault():
+    # check_bounds=False: a bad index or box gives an unspecified batch, never a read out of
+    # bounds. A fault would poison the CUDA context, so this runs in its own process, which
+    # must end cleanly with the device still usable afterwards.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", UNCHECKED_SCRIPT], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.split()[-2:] == ["after", "16.0"], done.stdout
+
+
+@needs_cuda
+def test_opcheck_on_cuda(gen):
+    images = make_images(gen, 6, 3, 10, 10).cuda()
+    index, flips = (t.cuda() for t in make_picks(gen, 6, 4))
+    shifts, _ = make_crops(gen, "outside", 4, 10, 10, 10, 10)
+    _, boxes = make_crops(gen, "box", 4, 10, 10, 8, 8)
+    shifts, boxes = shifts.cuda(), boxes.cuda()
+    large = make_images(gen, 3, 3, 80, 72).cuda()  # 66 x 66 and 60 x 70 outputs are tiled
+    large_index, large_flips = (t.cuda() for t in make_picks(gen, 3, 2))
+    _, large_boxes = make_crops(gen, "box", 2, 80, 72, 60, 70)
+    large_shifts, _ = make_crops(gen, "outside", 2, 80, 72, 66, 66)
+    m, s = [1.0, 2.0, 3.0], [2.0, 3.0, 4.0]
+    samples = [
+        (images, index, shifts, flips, m, s, [0, 90, 180, 270], torch.float32, False),
+        (images.float(), None, None, None, [0.0] * 3, [1.0] * 3, [45, 180], torch.bfloat16, True),
+        (images, index[:0], shifts[:0], flips[:0], [0.0] * 3, [1.0] * 3, [0], torch.float16, False),
+        (images, index, shifts, flips, m, s, [0, 45, 90], torch.float32, False, [7, 7], None, True),
+        (images, index, None, flips, m, s, [0, 90, 180, 270], torch.bfloat16, True, [8, 8], boxes, False),
+        (large, large_index, large_shifts.cuda(), large_flips, m, s, list(range(0, 360, 45)), torch.bfloat16,
+         False, [66, 66], None, True),
+        (large, large_index, None, large_flips, m, s, [0, 180], torch.float32, True, [60, 70],
+         large_boxes.cuda(), False),
+    ]
+    torch.use_deterministic_algorithms(False)  # opcheck compares repeated runs itself
+    for args in samples:
+        torch.library.opcheck(torch.ops.rot_kernel.rotation_batch.default, args)
+
+
+@needs_cuda
+def test_torch_compile_fullgraph_with_inductor_on_cuda(gen):
+    images = make_images(gen, 12, 3, 80, 72).cuda()
+    index, flips = (t.cuda() for t in make_picks(gen, 12, 6))
+    shifts, _ = make_crops(gen, "inside", 6, 80, 72, 32, 32)
+    _, boxes = make_crops(gen, "box", 6, 80, 72, 66, 66)
+    mean, std = [125.3, 123.0, 113.9], [63.0, 62.1, 66.7]
+
+    def step(images, index, shifts, flips, boxes):
+        kw = dict(mean=mean, std=std, out_dtype=torch.bfloat16, check_bounds=False)
+        small, labels = rot_kernel.rotation_batch(images, index, shifts, flips, size=(32, 32), **kw)  # staged
+        large, _ = rot_kernel.rotation_batch(images, index, None, flips, boxes=boxes, size=(66, 66),  # tiled
+                                             rotations=tuple(range(0, 360, 45)), **kw)
+        return small.float().mean(dim=(1, 2, 3)), large.float().mean(dim=(1, 2, 3)), labels
+
+    torch.use_deterministic_algorithms(False)
+    compiled = torch.compile(step, fullgraph=True)
+    args = (images, index, shifts.cuda(), flips, boxes.cuda())
+    got, want = compiled(*args), step(*args)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[2], want[2])
+
+
+@needs_cuda
+def test_runs_on_the_current_stream(gen):
+    # The images are written on a side stream s and the batch built and read back on s, with
+    # no sync between (check_bounds=False): a kernel launched on another stream would race
+    # with the copy (reading stale zeros) and with the read-back (poison NaN left).
+    N, B = 4096, 4096
+    fresh = make_images(gen, N, 3, 32, 32, torch.float32)
+    index, flips = make_picks(gen, N, B)
+    shifts, _ = make_crops(gen, "outside", B, 32, 32, 32, 32)
+    kw = dict(out_dtype=torch.float32, check_bounds=False, **normalisation(gen, fresh))
+    want, want_labels = rot_kernel.rotation_batch(fresh, index, shifts, flips, **kw)
+    fresh_cuda, index, shifts, flips = (t.cuda() for t in (fresh, index, shifts, flips))
+    images = torch.zeros_like(fresh_cuda)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        images.copy_(fresh_cuda)
+        batch, labels = rot_kernel.rotation_batch(images, index, shifts, flips, **kw)
+        got, got_labels = batch.cpu(), labels.cpu()
+    side.synchronize()
+    assert torch.equal(got_labels, want_labels)
+    assert torch.equal(bits(got), bits(want))
