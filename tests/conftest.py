@@ -14,8 +14,10 @@ import struct
 import subprocess
 import sys
 import tarfile
+import zlib
 
 import numpy as np
+import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,11 +183,48 @@ def save_nin(path, blocks=4, num_classes=4, width=0.125, seed=0, **extra):
     return model
 
 
+# ----------------------------------------------------------------------------- the operator's tests
+# (test_rotation_batch.py against the reference, test_cuda_kernel.py against the CPU kernel)
+
+
+@pytest.fixture
+def poison_outputs():
+    """With deterministic algorithms on, torch fills each new tensor (the op's outputs
+    included) with NaN, so an element a kernel skips fails the comparison."""
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture
+def gen(request):
+    """A generator seeded by the test's id (ROT_TEST_SEED shifts every seed: other draws)."""
+    seed = zlib.crc32(request.node.nodeid.encode()) + int(os.environ.get("ROT_TEST_SEED", "0"))
+    return torch.Generator().manual_seed(seed)
+
+
+def make_images(gen, N, C, H, W, dtype=torch.uint8, device="cpu", layout="contiguous"):
+    """uint8 in [0, 255] or float32 in [0, 1), N x C x H x W, in the asked memory layout."""
+    shape = (N, C, H, 2 * W + 1) if layout == "strided" else (N, C, H, W)
+    if dtype == torch.uint8:
+        x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    else:
+        x = torch.rand(shape, generator=gen)
+    x = x.to(device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # every other column of a wider image: no unit stride
+        x = x[..., 1::2]
+    elif layout == "broadcast":  # one image seen N times through a stride-0 dimension
+        x = x[:1].expand(N, C, H, W)
+    return x
+
+
 def pytest_configure(config):
     # On a GPU machine (tools/gpu_check.sh) the CUDA tests must test the CUDA kernel: a build
     # without it would make every [cuda] test compare the reference with itself.
     if os.environ.get("ROT_REQUIRE_CUDA") == "1":
-        import pytest
         import rot_kernel
         if not torch.cuda.is_available() or "cuda" not in rot_kernel.backend():
             raise pytest.UsageError(f"ROT_REQUIRE_CUDA=1, but the backend is {rot_kernel.backend()!r} "

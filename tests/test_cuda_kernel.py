@@ -27,13 +27,15 @@ import os
 import subprocess
 import sys
 import warnings
-import zlib
 
 import pytest
 import torch
 
 import rot_kernel
+from conftest import make_images
 from rot_kernel import reference
+
+pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA = torch.cuda.is_available()
@@ -67,36 +69,12 @@ def largest_staged_square(C):
     return s
 
 
-@pytest.fixture(autouse=True)
-def poison_outputs():
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(False)
 
 
-@pytest.fixture
-def gen(request):
-    seed = zlib.crc32(request.node.nodeid.encode()) + int(os.environ.get("ROT_TEST_SEED", "0"))
-    return torch.Generator().manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------- inputs (CPU)
 
-def make_images(gen, N, C, H, W, dtype=torch.uint8, layout="contiguous"):
-    """uint8 in [0, 255] or float32 in [0, 1), N x C x H x W, in the asked memory layout."""
-    shape = (N, C, H, 2 * W + 1) if layout == "strided" else (N, C, H, W)
-    if dtype == torch.uint8:
-        x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
-    else:
-        x = torch.rand(shape, generator=gen)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    elif layout == "strided":  # every other column of a wider image: no unit stride
-        x = x[..., 1::2]
-    elif layout == "broadcast":  # one image seen N times through a stride-0 dimension
-        x = x[:1].expand(N, C, H, W)
-    return x
 
 
 def between(gen, lo, hi):
@@ -287,7 +265,7 @@ def test_staged_shapes(gen, device, C, h, w, rotations, out_dtype, channels_last
 @pytest.mark.parametrize("in_dtype", [torch.uint8, torch.float32], ids=["u8", "f32"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_staged_input_layouts(gen, device, layout, in_dtype, channels_last):
-    images = make_images(gen, 6, 3, 19, 22, in_dtype, layout)
+    images = make_images(gen, 6, 3, 19, 22, in_dtype, layout=layout)
     index, flips = make_picks(gen, 6, 5)
     for kind, size in (("corner", (19, 22)), ("outside", (15, 15)), ("box", (15, 15))):
         shifts, boxes = make_crops(gen, kind, 5, 19, 22, *size)
@@ -354,7 +332,7 @@ def test_tiled(gen, device, case, out_dtype, channels_last):
 @pytest.mark.parametrize("in_dtype", [torch.uint8, torch.float32], ids=["u8", "f32"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_tiled_input_layouts(gen, device, layout, in_dtype, channels_last):
-    images = make_images(gen, 4, 3, 80, 72, in_dtype, layout)
+    images = make_images(gen, 4, 3, 80, 72, in_dtype, layout=layout)
     index, flips = make_picks(gen, 4, 2)
     for kind, rotations in (("outside", "four"), ("box", "eight")):
         shifts, boxes = make_crops(gen, kind, 2, 80, 72, 66, 66)

@@ -8,13 +8,15 @@ other draws). CUDA cases run where a GPU is present and skip elsewhere.
 import os
 import subprocess
 import sys
-import zlib
 
 import pytest
 import torch
 
 import rot_kernel
+from conftest import make_images
 from rot_kernel import reference
+
+pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device"))]
@@ -24,35 +26,10 @@ ROTATION_SETS = {"four": (0, 90, 180, 270), "half": (0, 180), "sideways": (90, 2
 CIFAR_MEAN, CIFAR_STD = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)
 
 
-@pytest.fixture(autouse=True)
-def poison_outputs():
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(False)
 
 
-@pytest.fixture
-def gen(request):
-    seed = zlib.crc32(request.node.nodeid.encode()) + int(os.environ.get("ROT_TEST_SEED", "0"))
-    return torch.Generator().manual_seed(seed)
 
 
-def make_images(gen, N, C, H, W, dtype, device, layout="contiguous"):
-    """uint8 in [0, 255] or float32 in [0, 1), in the asked memory layout."""
-    shape = (N, C, H, 2 * W + 1) if layout == "strided" else (N, C, H, W)
-    if dtype == torch.uint8:
-        x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
-    else:
-        x = torch.rand(shape, generator=gen)
-    x = x.to(device)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    elif layout == "strided":  # every other column of a wider image: no unit stride
-        x = x[..., 1::2]
-    elif layout == "broadcast":  # one image seen N times through a stride-0 dimension
-        x = x[:1].expand(N, C, H, W)
-    return x
 
 
 def make_batch(gen, N, B, H, W, device, max_shift=4):
