@@ -156,6 +156,12 @@ def run(device, images, index=None, shifts=None, flips=None, **kw):
     return emulate(images, index, shifts, flips, **kw)
 
 
+def planned(device):
+    """How the last call was cut into blocks ("staged vec=8 group=4 wide", "tiled chunk=3"), as
+    the emulation reports it; None on CUDA, which does not."""
+    return torch.ops.rot_kernel.emulated_plan() if device == "emulated" else None
+
+
 def bits(t):
     return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
 
@@ -290,6 +296,80 @@ def test_staged_large_batches(gen, device, size, rotations, out_dtype):
             check(device, images, index, shifts, flips, size=(size, size), boxes=boxes,
                   rotations=ROTATION_SETS[rotations], out_dtype=out_dtype, channels_last=channels_last,
                   **normalisation(gen, images))
+            assert planned(device) is None or f" group={len(ROTATION_SETS[rotations])} " in planned(device)
+
+
+# Staging reads source rows in 16-byte packs when every row is whole, aligned packs (16
+# uint8 or 4 float32 pixels; the CIFAR batches), else pixel by pixel: the kernel's rule
+# (plan_launch), mirrored here so that each case below is pinned to its side of it.
+def wide(images, boxes=None):
+    pack = 16 // images.element_size()
+    sN, sC, sH, sW = images.stride()
+    return (boxes is None and sW == 1 and images.shape[3] % pack == 0 and sH % pack == 0
+            and sC % pack == 0 and sN % pack == 0 and images.data_ptr() % 16 == 0)
+
+
+def placed(images, offset=0, pad=0):
+    """A copy of images `offset` elements into a buffer, its rows `pad` elements apart."""
+    N, C, H, W = images.shape
+    buffer = images.new_zeros(offset + N * C * H * (W + pad))
+    view = buffer[offset:].view(N, C, H, W + pad)[..., :W]
+    view.copy_(images)
+    return view
+
+
+# name: (input dtype, C, source H x W, output h x w, shifts, offset, row padding, wide?)
+# Shifts "pad4" are CIFAR's (at most 4 pixels each way), "outside" reach past every edge;
+# crops of rows of several packs exercise windows that reach only some of them.
+WIDE_CASES = {
+    "u8-cifar": (torch.uint8, 3, (32, 32), (32, 32), "pad4", 0, 0, True),
+    "u8-one-pack": (torch.uint8, 1, (9, 16), (9, 16), "outside", 0, 0, True),
+    "u8-crop-outside": (torch.uint8, 2, (40, 64), (21, 21), "outside", 0, 0, True),
+    "u8-crop-inside": (torch.uint8, 2, (40, 64), (21, 21), "inside", 0, 0, True),
+    "u8-wide-crop": (torch.uint8, 1, (5, 48), (3, 40), "outside", 0, 0, True),
+    "u8-padded-rows": (torch.uint8, 3, (12, 32), (12, 32), "outside", 0, 16, True),
+    "u8-offset-16": (torch.uint8, 3, (12, 32), (12, 32), "outside", 16, 0, True),
+    "u8-offset-1": (torch.uint8, 3, (12, 32), (12, 32), "outside", 1, 0, False),
+    "u8-rows-of-24": (torch.uint8, 3, (12, 24), (12, 24), "outside", 0, 0, False),
+    "u8-rows-apart-8": (torch.uint8, 3, (12, 32), (12, 32), "outside", 0, 8, False),
+    "f32-rows-of-12": (torch.float32, 3, (10, 12), (10, 12), "outside", 0, 0, True),
+    "f32-crop": (torch.float32, 3, (20, 36), (7, 7), "outside", 0, 0, True),
+    "f32-offset-4": (torch.float32, 3, (10, 12), (10, 12), "outside", 4, 0, True),
+    "f32-offset-2": (torch.float32, 3, (10, 12), (10, 12), "outside", 2, 0, False),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", WIDE_CASES.keys())
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=OUT_IDS[:2])
+def test_staging_with_16_byte_loads(gen, device, case, out_dtype):
+    in_dtype, C, (H, W), (h, w), kind, offset, pad, expect_wide = WIDE_CASES[case]
+    images = placed(make_images(gen, 6, C, H, W, in_dtype), offset, pad)
+    assert wide(images) == expect_wide and staged(C, h, w)
+    index, flips = make_picks(gen, 6, 9)
+    if kind == "pad4":
+        shifts = between(gen, [[-4, -4]] * 9, 4)
+    else:
+        shifts, _ = make_crops(gen, kind, 9, H, W, h, w)
+    for rotations, channels_last in (("four", False), ("four", True), ("eight", False)):
+        rotations = ROTATION_SETS[rotations if h == w else "half"]
+        check(device, images, index, shifts, flips, size=(h, w), rotations=rotations, out_dtype=out_dtype,
+              channels_last=channels_last, **normalisation(gen, images))
+        assert planned(device) is None or planned(device).endswith(" wide" if expect_wide else " pixels")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cifar_training_batches(gen, device):
+    # The training batch as rotnet.py asks for it, at B = 128 (a rotation per block) and past
+    # 4 x 132 (every rotation of an image in one block): 16-byte loads and stores throughout.
+    images = make_images(gen, 64, 3, 32, 32)
+    assert wide(images)
+    for B in (128, 600):
+        index, flips = make_picks(gen, 64, B)
+        shifts = between(gen, [[-4, -4]] * B, 4)
+        check(device, images, index, shifts, flips, out_dtype=torch.bfloat16, channels_last=True,
+              mean=[125.3, 123.0, 113.9], std=[63.0, 62.1, 66.7])
+        assert planned(device) in (None, f"staged vec=8 group={1 if B == 128 else 4} wide")
 
 
 # ----------------------------------------------------------------------------- tiled path
@@ -368,6 +448,7 @@ def test_at_the_shared_memory_edge(gen, device, C, h, w, kind):
     shifts, boxes = make_crops(gen, kind, 2, H, W, h, w)
     check(device, images, index, shifts, flips, size=(h, w), boxes=boxes,
           rotations=ROTATION_SETS["eight" if h == w else "half"], **normalisation(gen, images))
+    assert planned(device) is None or planned(device).startswith("staged" if staged(C, h, w) else "tiled")
 
 
 PATHS = {"staged": (3, 21, 21), "tiled": (3, 67, 67)}  # C and an output size of that path

@@ -8,14 +8,18 @@
 // where the kernel puts __syncthreads(). A phase reads only what earlier phases wrote.
 //
 // Staged (the view fits in shared memory; CIFAR): block (b, g) stages image b's h x w view
-// once (normalised, for quarter turns), then writes rotation group g's outputs in 16-byte
-// packs. Every thread works in 32-bit offsets, divides by launch constants with a multiply
+// once (normalised, for quarter turns; with 16-byte loads where source rows are whole,
+// aligned packs), then writes rotation group g's outputs in 16-byte packs. Every thread works in 32-bit offsets, divides by launch constants with a multiply
 // (FastDiv), and walks the view along per-rotation affine steps computed on the host
 // (Walk): no per-element switch, no 64-bit division.
 // Tiled (larger outputs; ImageNet): block (b*R + r, tile) stages, channel group by channel
 // group, the part of the view its 32 x 32 output tile reads, then writes the tile's whole
 // pixels (all channels of the group), so channels_last rows are written contiguously.
 #pragma once
+
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
 
 #include "rotation_batch.h"
 
@@ -64,7 +68,11 @@ struct Staged {
   int vec;              // outputs per store: a 16-byte pack (the fast program), or 1
   int line;             // one output row in memory: w (NCHW) or w * C (channels_last)
   int lines;            // rows per output image: C * h (NCHW) or h (channels_last)
+  bool wide;            // staging loads 16-byte packs of source rows (stage_wide)
+  int packs;            // packs per source row: W / (16 / sizeof(in_t))
+  int reach;            // packs a view row's window reaches, at most
   FastDiv by_w, by_h, by_C, by_lines, by_image;  // image: line * lines outputs
+  FastDiv by_reach;
   Walk walks[kMaxRotations];  // quarter turns, in view pixels
 };
 
@@ -85,6 +93,16 @@ template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
+
+// A pack at `at`. The GPU requires the pack's alignment; the emulation checks it.
+template <typename P, typename T>
+ROT_HD P* pack_at(T* at) {
+#ifndef __CUDA_ARCH__
+  TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(at) % alignof(P) == 0,
+                        "a ", sizeof(P), "-byte access at an unaligned address");
+#endif
+  return reinterpret_cast<P*>(at);
+}
 
 // Everything a launch passes by value.
 template <typename in_t, typename out_t>
@@ -164,19 +182,32 @@ struct StagedBlock {
     return kPixelMajor ? pixel * a.p.C + c : c * a.st.plane + pixel;
   }
 
-  // Phase 1: the view (and the tables, and this block's labels). Loads go out four at a
-  // time before their values are stored, so each thread keeps several reads in flight.
+  // What the view holds for value v of channel c: normalised for the fast program.
+  ROT_HD float staged_value(int c, float v) const {
+    return kFast ? (v - a.p.mean[c]) * a.p.inv_std[c] : v;  // as the CPU kernel rounds it
+  }
+
+  // Phase 1: the view (and the tables, and this block's labels).
   ROT_HD void stage(int t, int T) {
     const Params& p = a.p;
-    const Staged& st = a.st;
     const ViewSource s = view_source(p, a.per, b);
-    const Window win = window_of(p, s);
-    const in_t* image = a.img.data + s.n * a.img.sN;
     if (t < p.C) {
       mean[t] = p.mean[t];
       inv_std[t] = p.inv_std[t];
     }
     if (t < r1 - r0) a.labels[b * p.R + r0 + t] = r0 + t;
+    const in_t* image = a.img.data + s.n * a.img.sN;
+    if (a.st.wide)
+      stage_wide(t, T, window_of(p, s), image);
+    else
+      stage_pixels(t, T, s, window_of(p, s), image);
+  }
+
+  // A view pixel per item, in view order. Loads go out four at a time before their values
+  // are stored, so each thread keeps several reads in flight.
+  ROT_HD void stage_pixels(int t, int T, const ViewSource& s, const Window& win, const in_t* image) {
+    const Params& p = a.p;
+    const Staged& st = a.st;
     const int n = p.C * p.h * p.w;
     constexpr int kAhead = 4;
     for (int e0 = t; e0 < n; e0 += kAhead * T) {
@@ -189,14 +220,70 @@ struct StagedBlock {
         if (e < n) {
           const int row = static_cast<int>(st.by_w.div(e)), x = e - row * p.w;  // row = c*h + y
           const int c = static_cast<int>(st.by_h.div(row)), y = row - c * p.h;
-          v[u] = view_pixel(a.img, image, p, s, win, c, y, x);
-          if (kFast) v[u] = (v[u] - p.mean[c]) * p.inv_std[c];  // as the CPU kernel rounds it
+          v[u] = staged_value(c, view_pixel(a.img, image, p, s, win, c, y, x));
           to[u] = at(c, y, x);
         }
       }
 #pragma unroll
       for (int u = 0; u < kAhead; ++u)
         if (to[u] >= 0) view[to[u]] = v[u];
+    }
+  }
+
+  // A 16-byte pack of a source row per item (plan_launch: rows of whole, aligned packs, no
+  // boxes). The window's columns [dx, dx + w) lie in packs [k0, k0 + reach) of the row, so
+  // item (c, y, kk) loads pack k0 + kk of source row y + dy and stages the view pixels it
+  // holds; the first and last also stage the zeros of the view pixels whose source column is
+  // before or after the loaded packs (outside the image), and an item whose row is outside
+  // stages zeros only. Every view pixel is staged once.
+  ROT_HD void stage_wide(int t, int T, const Window& win, const in_t* image) {
+    constexpr int L = 16 / sizeof(in_t);
+    using P = Pack<in_t, L>;
+    const Params& p = a.p;
+    const Staged& st = a.st;
+    const int first = win.dx > 0 ? win.dx / L : 0;
+    const int k0 = first < st.packs - st.reach ? first : st.packs - st.reach;
+    const int lo = k0 * L, hi = (k0 + st.reach) * L;  // the source columns loaded
+    // The view columns of source columns [s0, s1), clipped to the view, into [x0, x1).
+    const auto columns = [&](int s0, int s1, int& x0, int& x1) {
+      x0 = win.flip ? p.w - s1 + win.dx : s0 - win.dx;
+      x1 = win.flip ? p.w - s0 + win.dx : s1 - win.dx;
+      x0 = x0 > 0 ? x0 : 0;
+      x1 = x1 < p.w ? x1 : p.w;
+    };
+    const int n = p.C * p.h * st.reach;
+    for (int item = t; item < n; item += T) {
+      const int row = static_cast<int>(st.by_reach.div(item)), kk = item - row * st.reach;
+      const int c = static_cast<int>(st.by_h.div(row)), y = row - c * p.h;
+      const int sy = y + win.dy, s0 = lo + kk * L;
+      const bool inside = static_cast<unsigned>(sy) < static_cast<unsigned>(p.H);
+      P pack{};
+      if (inside) pack = *pack_at<const P>(image + c * a.img.sC + sy * a.img.sH + s0);
+      // View pixel x of this row is at base + x * pixel; hoisted, so that the 16 stores are
+      // a convert, two float operations and an address each.
+      const int base = at(c, y, 0), pixel = kPixelMajor ? p.C : 1;
+      const float m = p.mean[c], is = p.inv_std[c];
+      const auto put = [&](int x, float v) { view[base + x * pixel] = kFast ? (v - m) * is : v; };
+      const int x_first = win.flip ? p.w - 1 - (s0 - win.dx) : s0 - win.dx;
+      const int x_step = win.flip ? -1 : 1;
+      const auto in_view = [&](int x) { return static_cast<unsigned>(x) < static_cast<unsigned>(p.w); };
+      if (in_view(x_first) && in_view(x_first + (L - 1) * x_step)) {  // most packs: no test each
+#pragma unroll
+        for (int u = 0; u < L; ++u) put(x_first + u * x_step, static_cast<float>(pack.v[u]));
+      } else {
+#pragma unroll
+        for (int u = 0; u < L; ++u)
+          if (in_view(x_first + u * x_step)) put(x_first + u * x_step, static_cast<float>(pack.v[u]));
+      }
+      int x0, x1;
+      if (kk == 0) {  // source columns before lo: all before the image (-w <= dx)
+        columns(-p.w, lo, x0, x1);
+        for (int x = x0; x < x1; ++x) put(x, 0.f);
+      }
+      if (kk == st.reach - 1) {  // from hi on: those the view reads are past the image
+        columns(hi, p.W + p.w, x0, x1);
+        for (int x = x0; x < x1; ++x) put(x, 0.f);
+      }
     }
   }
 
@@ -216,7 +303,8 @@ struct StagedBlock {
     if (t >= step * slots) return;
     const int slot = t % slots;
     // This thread's outputs in each row: column jj[u], channel cc[u] (NCHW: the row's).
-    int jj[VEC], cc[VEC], off[VEC];
+    int jj[VEC], cc[VEC];
+    const float* from[VEC];  // where in the view: this rotation's offset of each output
 #pragma unroll
     for (int u = 0; u < VEC; ++u) {
       const int e = slot * VEC + u;
@@ -234,7 +322,7 @@ struct StagedBlock {
         r = r0 + rl;
         wk = st.walks[r];
 #pragma unroll
-        for (int u = 0; u < VEC; ++u) off[u] = jj[u] * wk.dj * pstride + cc[u];
+        for (int u = 0; u < VEC; ++u) from[u] = view + jj[u] * wk.dj * pstride + cc[u];
       }
       int base;
       if (CL) {
@@ -243,12 +331,11 @@ struct StagedBlock {
         const int c = static_cast<int>(st.by_h.div(line)), i = line - c * p.h;
         base = c * st.plane + wk.start + i * wk.di;
       }
-      Pack<out_t, VEC> pack;
+      Pack<out_t, VEC> pack;  // an address and a load per output
 #pragma unroll
-      for (int u = 0; u < VEC; ++u) pack.v[u] = static_cast<out_t>(view[base + off[u]]);
-      auto* dst = reinterpret_cast<Pack<out_t, VEC>*>(a.out + (b * p.R + r) * chw +
-                                                      static_cast<int64_t>(line) * st.line);
-      dst[slot] = pack;
+      for (int u = 0; u < VEC; ++u) pack.v[u] = static_cast<out_t>(from[u][base]);
+      out_t* row = a.out + (b * p.R + r) * chw + static_cast<int64_t>(line) * st.line;
+      *pack_at<Pack<out_t, VEC>>(row + slot * VEC) = pack;
     }
   }
 
@@ -442,6 +529,16 @@ Plan plan_launch(Launch<in_t, out_t>& a, int sms) {
   for (int r = 0; r < p.R; ++r) quarter_turns &= p.quarter[r] >= 0;
   st.vec = quarter_turns && st.line % vec == 0 && st.line / vec <= kThreads ? vec : 1;
   st.group = a.B >= 4 * static_cast<int64_t>(sms) ? p.R : 1;
+  // Staging loads 16-byte packs where every source row is whole, aligned packs (uint8 rows
+  // of 16, 32, ... pixels, in memory order; the CIFAR batches).
+  const int load = 16 / static_cast<int>(sizeof(in_t));
+  st.wide = !a.per.boxes && a.img.sW == 1 && p.W % load == 0 && a.img.sH % load == 0 &&
+            a.img.sC % load == 0 && a.img.sN % load == 0 &&
+            reinterpret_cast<uintptr_t>(a.img.data) % 16 == 0;
+  st.packs = p.W / load;
+  st.reach = (p.w + 2 * load - 2) / load;  // w columns from any column reach this many
+  st.reach = st.reach < st.packs ? st.reach : st.packs;
+  st.by_reach = FastDiv(st.reach > 0 ? st.reach : 1);
   st.by_w = FastDiv(p.w);
   st.by_h = FastDiv(p.h);
   st.by_C = FastDiv(p.C);
@@ -461,6 +558,46 @@ Plan plan_launch(Launch<in_t, out_t>& a, int sms) {
   plan.blocks_y = (p.R + st.group - 1) / st.group;
   plan.shared_bytes = (int64_t{p.C} * st.plane + 2 * p.C) * static_cast<int64_t>(sizeof(float));
   return plan;
+}
+
+// ------------------------------------------------------------------------------ the op
+
+// The op on anything that runs block programs, written once for both: the GPU
+// (rotation_batch_cuda.cu) and the emulation (emulated.cpp). Device(images) makes the
+// device current; device.sms is its multiprocessors; device.staged<in_t, out_t, VEC, CL>
+// and device.tiled<in_t, out_t, CL> run a plan's blocks.
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor> rotation_batch_blocks(
+    const at::Tensor& images, const std::optional<at::Tensor>& index,
+    const std::optional<at::Tensor>& shifts, const std::optional<at::Tensor>& flips,
+    at::ArrayRef<double> mean, at::ArrayRef<double> std, at::IntArrayRef rotations,
+    at::ScalarType out_dtype, bool channels_last, at::OptionalIntArrayRef size,
+    const std::optional<at::Tensor>& boxes, bool check_bounds) {
+  const Device device(images);
+  Batch batch = prepare_batch(images, index, shifts, flips, mean, std, rotations, out_dtype,
+                              channels_last, size, boxes, check_bounds);
+  if (batch.out.numel() == 0) return {batch.out, batch.labels};
+  dispatch_dtypes(images.scalar_type(), out_dtype, [&](auto in_tag, auto out_tag) {
+    using in_t = decltype(in_tag);
+    using out_t = decltype(out_tag);
+    constexpr int VEC = 16 / sizeof(out_t);
+    Launch<in_t, out_t> a = make_launch<in_t, out_t>(images, batch, channels_last);
+    const Plan plan = plan_launch(a, device.sms);
+    const auto run = [&](auto channels_last_tag) {
+      constexpr bool CL = decltype(channels_last_tag)::value;
+      if (!plan.staged)
+        device.template tiled<in_t, out_t, CL>(a, plan);
+      else if (plan.vec == VEC)
+        device.template staged<in_t, out_t, VEC, CL>(a, plan);
+      else
+        device.template staged<in_t, out_t, 1, CL>(a, plan);
+    };
+    if (channels_last)
+      run(std::true_type{});
+    else
+      run(std::false_type{});
+  });
+  return {batch.out, batch.labels};
 }
 
 }  // namespace rot_kernel

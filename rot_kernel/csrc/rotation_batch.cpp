@@ -379,11 +379,6 @@ TORCH_LIBRARY(rot_kernel, m) {
       "rotation_batch(Tensor images, Tensor? index, Tensor? shifts, Tensor? flips, "
       "float[] mean, float[] std, int[] rotations, ScalarType out_dtype, bool channels_last, "
       "SymInt[]? size=None, Tensor? boxes=None, bool check_bounds=True) -> (Tensor, Tensor)");
-  // Test-only: the CUDA kernels' block programs run on the CPU (emulated.cpp).
-  m.def(
-      "rotation_batch_emulated(Tensor images, Tensor? index, Tensor? shifts, Tensor? flips, "
-      "float[] mean, float[] std, int[] rotations, ScalarType out_dtype, bool channels_last, "
-      "SymInt[]? size=None, Tensor? boxes=None, bool check_bounds=True) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rot_kernel, CPU, m) { m.impl("rotation_batch", &rotation_batch_cpu); }
