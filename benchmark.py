@@ -35,6 +35,7 @@ class Variant:
     channels_last: Optional[bool] = None  # None: the device's default (CUDA: yes)
     compile: Union[bool, str] = False     # False, True (torch.compile's default mode) or a mode name
     fused_sgd: bool = False
+    check_bounds: bool = False            # the op checks each batch's index: a host sync per step on CUDA
     dataloader: bool = False              # fed by baseline.py's DataLoader instead of the fused op
     cuda_only: str = ""                   # why it is skipped on the CPU ("": it runs there)
 
@@ -44,6 +45,7 @@ SLOW_ON_CPU = "compiling takes about a minute on the CPU (--benchmark --compile 
 # ones come last, the slowest to compile (autotuning) at the end: a run cut short by a time
 # limit still has the others (the JSON is rewritten after every row).
 SWEEP = (Variant("eager"),
+         Variant("eager, index checked each step", check_bounds=True),
          Variant("eager fp32", amp=False, cuda_only="the CPU default is fp32 already"),
          Variant("eager contiguous", channels_last=False, cuda_only="the CPU default is contiguous already"),
          Variant("eager fused SGD", fused_sgd=True),
@@ -151,7 +153,7 @@ def time_dataloader(ctx, net, opt, images, s: Pretraining, steps, workers):
 def measure(s: Pretraining, v: Variant, images, epoch_images, steps, workers=WORKERS):
     """Times variant v of the training step on images, with its own model and optimizer made
     from s.seed; returns its figures. Raises Skipped when it cannot run here."""
-    ctx = Context(s.device, amp=v.amp, compile=v.compile, channels_last=v.channels_last)
+    ctx = Context(s.device, amp=v.amp, compile=v.compile, channels_last=v.channels_last, check_bounds=v.check_bounds)
     if v.cuda_only and not ctx.cuda:
         raise Skipped(v.cuda_only)
     if v.dataloader and baseline_unfit(s):
@@ -169,7 +171,7 @@ def measure(s: Pretraining, v: Variant, images, epoch_images, steps, workers=WOR
     # batch_building_share: building `steps` batches alone over training on them; for the
     # dataloader it runs beside the step, so near 1 or above means the workers hold it back.
     return dict(device=str(ctx.device), arch=s.arch, compile=v.compile, amp=ctx.amp, channels_last=ctx.channels_last,
-                fused_sgd=v.fused_sgd, width=s.width, batch_size=s.batch_size, rotations=list(s.rotations),
+                fused_sgd=v.fused_sgd, check_bounds=v.check_bounds, width=s.width, batch_size=s.batch_size, rotations=list(s.rotations),
                 steps=steps, **(dict(workers=workers) if v.dataloader else {}), images_per_s=round(ips, 1),
                 minutes_per_epoch=round(epoch_images / ips / 60, 2),
                 minutes_per_100_epochs=round(100 * epoch_images / ips / 60, 2),

@@ -104,9 +104,10 @@ def resolve_device(device):
 class Context:
     """Where and how a run computes: device, mixed precision, memory format, compilation,
     ranks. compile is False, True (torch.compile's default mode) or a torch.compile mode
-    name; channels_last None is the device's default (CUDA: yes)."""
+    name; channels_last None is the device's default (CUDA: yes). check_bounds: the op
+    checks every batch's index on the host, a sync per step on CUDA (off: batch says why)."""
 
-    def __init__(self, device="auto", amp=True, compile=False, channels_last=None):
+    def __init__(self, device="auto", amp=True, compile=False, channels_last=None, check_bounds=False):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.cuda = resolve_device(device) == "cuda"
@@ -117,6 +118,7 @@ class Context:
         self.amp = amp and self.cuda  # bf16 autocast; on the CPU it would only be slower
         self.channels_last = self.cuda if channels_last is None else channels_last
         self.compile = compile
+        self.check_bounds = check_bounds
         # These modes replay CUDA graphs, whose outputs the next replay overwrites: each
         # batch marks a new step, so that the previous step's outputs are let go explicitly.
         self.cudagraphs = compile in ("reduce-overhead", "max-autotune")
@@ -143,12 +145,12 @@ class Context:
 
     def batch(self, images, index, *, rotations=(0,), mean, std, **view):
         """The step's batch: view is the crop and flip (shifts, boxes, flips, size)."""
-        # check_bounds=False: every index and box here is drawn inside the split, and the
-        # op's range check would cost a host sync per step on CUDA.
+        # check_bounds=False by default: every index and box here is drawn inside the split,
+        # and the op's range check would cost a host sync per step on CUDA.
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
         return rot_kernel.rotation_batch(images, index, mean=mean, std=std, rotations=rotations,
-                                         channels_last=self.channels_last, check_bounds=False,
+                                         channels_last=self.channels_last, check_bounds=self.check_bounds,
                                          out_dtype=torch.bfloat16 if self.amp else torch.float32, **view)
 
     def sum(self, values):

@@ -182,6 +182,21 @@ def test_cli_benchmark_with_baseline_prints_both_speeds():
                                                             rel=0.02)
 
 
+def test_the_per_step_index_check_is_off_unless_asked_for(monkeypatch):
+    # Training's batches skip the op's index check (on CUDA a host sync per step; the CPU
+    # kernel checks regardless); the sweep's "index checked" variant asks for it.
+    asked = []
+    op = rot_kernel.rotation_batch
+    monkeypatch.setattr(rot_kernel, "rotation_batch", lambda *a, **kw: asked.append(kw["check_bounds"]) or op(*a, **kw))
+    images, index = torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 3])
+    for check_bounds in (False, True):
+        ctx = train.Context("cpu", **({"check_bounds": True} if check_bounds else {}))
+        batch, _ = ctx.batch(images, index, rotations=rotnet.FOUR, mean=cifar.MEAN, std=cifar.STD)
+        assert batch.shape == (8, 3, 8, 8)
+    assert asked == [False, True]
+    assert [v.name for v in benchmark.SWEEP if v.check_bounds] == ["eager, index checked each step"]
+
+
 def test_cli_sweep_writes_a_row_for_every_variant(tmp_path):
     path = tmp_path / "sweep.json"
     proc = run_cli("--benchmark", "--sweep", "--steps", "2", "--width", "0.125", "--device", "cpu",
