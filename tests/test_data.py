@@ -46,32 +46,45 @@ def test_cifar_and_folders_load_through_one_interface(tmp_path, folder):
     assert torch.allclose(torch.tensor(f.mean, dtype=torch.float64), mean, atol=1e-3)
 
 
-@pytest.mark.parametrize("n, batch", [(37, 8), (5, 5), (1, 4)])
-def test_streamed_batches_equal_resident_ones(n, batch):
+# On CUDA a streamed split copies on its own stream from a ring of pinned buffers: the
+# batches must still equal the resident ones while the consumer keeps the GPU busy.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                               reason="no CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n, batch", [(37, 8), (5, 5), (1, 4), (300, 16)])
+def test_streamed_batches_equal_resident_ones(device, n, batch):
     images = torch.randint(0, 256, (n, 3, 9, 7), dtype=torch.uint8)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(n))
     slices = list(train.batches(n, batch))
-    resident = data.on_device(images, "cpu", stream=False)
-    streamed = data.on_device(images, "cpu", stream=True)
+    resident = data.on_device(images, device, stream=False)
+    streamed = data.on_device(images, device, stream=True)
+    assert isinstance(resident, data.Resident) and isinstance(streamed, data.Streamed)
     seen = 0
     for s, (source, index), (gathered, none) in zip(slices, resident.batches(order, slices),
                                                    streamed.batches(order, slices)):
-        assert none is None and torch.equal(gathered, source[index]) and torch.equal(gathered, images[order[s]])
+        assert none is None and gathered.device.type == device
+        if device == "cuda":  # work queued before the comparison: the copies must not overtake it
+            torch.cuda._sleep(1_000_000)
+        assert torch.equal(gathered, source[index]) and torch.equal(gathered.cpu(), images[order[s]])
         seen += 1
     assert seen == len(slices)
 
 
-def test_a_consumer_that_stops_early_does_not_hang_the_stream():
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_consumer_that_stops_early_does_not_hang_the_stream(device):
     images = torch.zeros(100, 3, 4, 4, dtype=torch.uint8)
-    streamed = data.on_device(images, "cpu", stream=True)
+    streamed = data.on_device(images, device, stream=True)
     slices = list(train.batches(100, 2))
     batches = streamed.batches(torch.arange(100), slices)
     next(batches)
     batches.close()  # joins the thread: returns only if it stopped
 
 
-def test_a_failure_in_the_stream_reaches_the_caller():
-    streamed = data.on_device(torch.zeros(4, 3, 4, 4, dtype=torch.uint8), "cpu", stream=True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_failure_in_the_stream_reaches_the_caller(device):
+    streamed = data.on_device(torch.zeros(4, 3, 4, 4, dtype=torch.uint8), device, stream=True)
     with pytest.raises(IndexError):
         list(streamed.batches(torch.tensor([0, 9]), [slice(0, 2)]))
 

@@ -6,9 +6,12 @@
 #   and the operator as it was before the kernel restructure (commit $BEFORE, for the before/after
 #   table) into .device/; both folders are ignored: name them in the device tool's `carry`.
 # There, from the repository root:  bash tools/gpu_check.sh OUT_DIR [STAGE...]
-#   stages: env build tests check sanitize bench ncu before train torchrun runs (default: all)
+#   stages: env build quick tests check sanitize bench ncu before train torchrun runs
+#   (default: all but quick, which the full `tests` includes)
 # Each stage appends to OUT_DIR/STAGE.log (and writes JSON where there is one); `runs` resumes
 # the real runs where a previous call stopped, so a long schedule can be split over calls.
+# Device calls last at most 10 minutes, so, in order (the first finds a broken kernel fast):
+#   1. env build quick check bench     2. tests sanitize ncu before     3. train torchrun runs
 set -uo pipefail
 BEFORE=bf4c3e9  # the last commit with the staged kernel that did per-element 64-bit division
 
@@ -48,6 +51,9 @@ for stage in $stages; do
     build)  # the CUDA kernel, built against this machine's torch (MAX_JOBS: all cores)
       MAX_JOBS=$(nproc) pip install -q --no-build-isolation -e . 2>&1 | tail -20 | log build
       python -c "import rot_kernel; b = rot_kernel.backend(); print(b); assert 'cuda' in b, 'no CUDA kernel'" 2>&1 | log build ;;
+    quick)  # first: the kernel's tests (CUDA and emulated) and the streamed split on CUDA
+      ROT_REQUIRE_CUDA=1 python -m pytest -q -W error::RuntimeWarning -p no:cacheprovider \
+        tests/test_cuda_kernel.py tests/test_data.py -k "cuda" 2>&1 | tail -40 | log quick ;;
     tests)  # CUDA tests included; a fallback to the reference is an error here
       ROT_REQUIRE_CUDA=1 python -m pytest -q -W error::RuntimeWarning -p no:cacheprovider 2>&1 \
         | tail -40 | log tests ;;
