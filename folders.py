@@ -37,6 +37,7 @@ difference rebuilds it from scratch (one line says why). A killed preparation re
 stopped. Nothing in the data folder is ever written.
 """
 import contextlib
+import ctypes
 import json
 import multiprocessing
 import os
@@ -112,6 +113,19 @@ def _to_rgb(im):
         black = Image.new("RGBA", im.size, (0, 0, 0, 255))
         return Image.alpha_composite(black, im.convert("RGBA")).convert("RGB")
     return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _start_worker(main_pid):
+    """A decoding worker ignores Ctrl-C (the main process stops the pool) and, on Linux, is
+    ended with the main process: a killed preparation leaves no worker printing tracebacks
+    into the closed result pipe."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the workers end when their pipe does
+        pass
+    if os.getppid() != main_pid:  # it died before prctl took effect
+        os._exit(0)
 
 
 def _decode(task):
@@ -404,8 +418,8 @@ def _fill(root, split, manifest, workers, progress):
     # images written with pwrite, not through a memmap: one copy per image instead of 48 page faults
     with open(base + ".u8", "r+b") as images, open(base + ".skipped.jsonl", "a") as log, \
             contextlib.ExitStack() as stack:
-        if workers > 1:  # workers ignore Ctrl-C: the main process stops them
-            pool = stack.enter_context(multiprocessing.Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)))
+        if workers > 1:
+            pool = stack.enter_context(multiprocessing.Pool(workers, _start_worker, (os.getpid(),)))
             results = pool.imap(_decode, tasks, chunksize=max(1, min(32, len(tasks) // (4 * workers))))
         else:
             results = map(_decode, tasks)

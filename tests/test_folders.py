@@ -339,7 +339,8 @@ def test_resume_after_interrupt_decodes_only_the_rest(tmp_path, count_decodes):
     assert "not a JPEG" in resumed.manifest["skipped"][0]["reason"]
 
 
-def test_resume_after_kill(tmp_path, count_decodes):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_after_kill(tmp_path, count_decodes, workers):
     data, cache = tmp_path / "d", tmp_path / "c"
     write_classes(data, {"x": 20, "y": 20})
     script = textwrap.dedent(f"""
@@ -352,16 +353,18 @@ def test_resume_after_kill(tmp_path, count_decodes):
             time.sleep(0.05)
             return real(path, size)
         folders.load_image = slow
-        folders.prepare({str(data)!r}, image_size={S}, cache={str(cache)!r}, workers=0, progress=False)
+        folders.prepare({str(data)!r}, image_size={S}, cache={str(cache)!r}, workers={workers}, progress=False)
     """)
-    child = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
+    child = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
     done_file, deadline = cache / "train.done", time.monotonic() + 60
     while time.monotonic() < deadline and child.poll() is None:
         if done_file.exists() and (np.fromfile(done_file, np.uint8) != 0).sum() >= 8:
             break
         time.sleep(0.02)
     child.send_signal(signal.SIGKILL)
-    child.wait()
+    # The pool's workers end with it (the pipe closes only when they have), quietly.
+    _, err = child.communicate(timeout=30)
+    assert "Traceback" not in err, err
     committed = sum(int((np.fromfile(cache / f"{s}.done", np.uint8) != 0).sum()) for s in ("train", "val"))
     assert 8 <= committed <= 30  # killed part way through train (32 images)
     resumed, _ = prepare(data, cache)
