@@ -12,6 +12,10 @@ The ImageNet-style rows crop 256x256 sources to 224x224 outputs: "crop" at rando
 offsets (size + shifts), "resized" from boxes drawn as torchvision's RandomResizedCrop draws
 them (size + boxes, bilinear); the original pipeline had no such rows (its columns show "–").
 
+The "train" row is the call a training step makes (rotnet.py): B = 128, bf16, check_bounds=False
+(no host sync), channels_last on CUDA (contiguous on the CPU, as training there), timed as
+CALLS calls queued back to back, per call.
+
 Reading the table: times are medians in ms for one batch of B source images (B*R outputs);
 img/s and GB/s are the fused op's (bytes = uint8 read + outputs and int64 labels written;
 for crops, the h x w pixels of the output size are counted as read);
@@ -34,12 +38,18 @@ PAD = 4                      # shifts are in [-PAD, PAD], as the original's Rand
 CIFAR_POOL, LARGE_POOL, IMAGENET_POOL = 50_000, 256, 256
 CROP_SOURCE, CROP_SIZE = 256, 224   # "resize 256, crop 224" of the ImageNet experiments
 REPS, ORIG_REPS, WARMUP = 20, 3, 3
+CALLS = 10                   # the train row: calls per timing, as training queues them
+
+def train_layout(device):
+    # how train.Context.batch calls the op on this device
+    return dict(channels_last=device.type == "cuda", check_bounds=False)
 CROP_REPS = 5                # the crop rows' reference takes seconds per batch on a CPU
 ORIG_MAX_B = 512             # the original is slow: bigger batches are timed on this many images
 
 def cases(quick):
     out = [dict(pool="cifar", B=B, dtype=dt) for B in (128, 512, 4096)
            for dt in (torch.float32, torch.bfloat16) if not (quick and B == 4096)]
+    out.append(dict(pool="cifar", B=128, dtype=torch.bfloat16, train=True))
     # quick: a small batch, only to see that the crop paths run
     crops = [dict(pool="imagenet", B=16 if quick else 192, dtype=torch.bfloat16, crop=crop)
              for crop in ("crop", "resized")]
@@ -126,15 +136,16 @@ def check(pools, device):
             continue
         index, shifts, flips = make_inputs(pool, 8)
         want, want_lab = original_batch(*as_numpy(pool, index, shifts, flips), device)
-        for dt in (torch.float32, torch.bfloat16):
+        for dt, layout in ((torch.float32, {}), (torch.bfloat16, {}), (torch.bfloat16, train_layout(device))):
             for op in (rot_kernel.rotation_batch, reference.rotation_batch):
-                got, lab = op(pool, index, shifts, flips, mean=MEAN, std=STD, rotations=ROTATIONS, out_dtype=dt)
+                got, lab = op(pool, index, shifts, flips, mean=MEAN, std=STD, rotations=ROTATIONS, out_dtype=dt,
+                              **layout)
                 torch.testing.assert_close(got, want.to(dt))
                 torch.testing.assert_close(lab, want_lab)
 
 def run_case(case, pool, device, reps, orig_reps):
-    B, dt, crop = case["B"], case["dtype"], case.get("crop")
-    kw = dict(mean=MEAN, std=STD, rotations=ROTATIONS, out_dtype=dt)
+    B, dt, crop, train = case["B"], case["dtype"], case.get("crop"), case.get("train", False)
+    kw = dict(mean=MEAN, std=STD, rotations=ROTATIONS, out_dtype=dt, **(train_layout(device) if train else {}))
     if crop:  # the original pipeline had no crops: fused and reference only
         index, shifts, flips, boxes = make_crop_inputs(pool, B, crop)
         kw.update(size=(CROP_SIZE, CROP_SIZE), boxes=boxes)
@@ -144,22 +155,25 @@ def run_case(case, pool, device, reps, orig_reps):
         nb = min(B, ORIG_MAX_B)
         args = as_numpy(pool, index[:nb], shifts[:nb], flips[:nb])
         orig = lambda: original_batch(*args, device)
-    fused = lambda: rot_kernel.rotation_batch(pool, index, shifts, flips, **kw)
-    ref = lambda: reference.rotation_batch(pool, index, shifts, flips, **kw)
+    calls = CALLS if train else 1
+    fused = lambda: [rot_kernel.rotation_batch(pool, index, shifts, flips, **kw) for _ in range(calls)]
+    ref = lambda: [reference.rotation_batch(pool, index, shifts, flips, **kw) for _ in range(calls)]
     for _ in range(WARMUP): fused(); ref()
     if orig: orig()
     t = {"fused": [], "reference": [], "original": []}
     for i in range(reps):  # interleaved, so drifts in clock or load hit every implementation
-        t["fused"].append(timed(fused, device))
-        t["reference"].append(timed(ref, device))
+        t["fused"].append(timed(fused, device) / calls)
+        t["reference"].append(timed(ref, device) / calls)
         if i < orig_reps: t["original"].append(timed(orig, device) * B / nb)
     ms = {k: 1e3 * float(np.median(v)) if v else None for k, v in t.items()}
     _, C, H, W = pool.shape
     h, w = (CROP_SIZE, CROP_SIZE) if crop else (H, W)
     R = len(ROTATIONS)
     nbytes = B * C * h * w * pool.element_size() + B * R * (C * h * w * dt.itemsize + 8)
-    return dict(pool=case["pool"], crop=crop, B=B, C=C, H=H, W=W, h=h, w=w, R=R,
-                out_dtype=str(dt).replace("torch.", ""),
+    return dict(pool=case["pool"], crop=crop, train=train, B=B, C=C, H=H, W=W, h=h, w=w, R=R,
+                out_dtype=str(dt).replace("torch.", ""), channels_last=kw.get("channels_last", False),
+                check_bounds=kw.get("check_bounds", True),
+                calls_per_timing=calls,
                 ms=ms, reps={k: len(v) for k, v in t.items()}, original_scaled_from=nb if nb < B else None,
                 images_per_s=B / (ms["fused"] / 1e3), bytes=nbytes, GB_per_s=nbytes / ms["fused"] / 1e6,
                 speedup_vs_reference=ms["reference"] / ms["fused"],
@@ -170,6 +184,8 @@ def ratio(x):
 
 def shape(c):
     out = f"{c['H']}x{c['W']}"
+    if c["train"]:
+        return f"{out} train"
     return out if not c["crop"] else f"{out} {c['crop']} {c['h']}x{c['w']}"
 
 COLUMNS = [  # (header, cell) of the printed table; "–" where the original has no such case

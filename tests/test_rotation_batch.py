@@ -5,6 +5,7 @@ fills each new tensor (ours included) with NaN, so an element the kernel skips f
 comparison. Inputs are random per test (seeded by the test's id; set ROT_TEST_SEED for
 other draws). CUDA cases run where a GPU is present and skip elsewhere.
 """
+import json
 import os
 import subprocess
 import sys
@@ -582,3 +583,23 @@ def test_falls_back_to_the_reference_without_a_compiler(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["reference", "1"]
+
+
+def test_the_benchmark_checks_then_times_every_row(tmp_path):
+    # python -m rot_kernel.bench --quick: the three implementations are checked to agree
+    # first (a wrong answer stops it), then every row is timed and written; no speed asserted.
+    path = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "rot_kernel.bench", "--quick", "--device", "cpu", "--json", str(path)],
+                          cwd=os.path.dirname(os.path.dirname(rot_kernel.__file__)), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(path.read_text())
+    rows = [(c["B"], c["out_dtype"], c["crop"], c["train"]) for c in result["cases"]]
+    assert rows == [(128, "float32", None, False), (128, "bfloat16", None, False), (512, "float32", None, False),
+                    (512, "bfloat16", None, False), (128, "bfloat16", None, True),
+                    (16, "bfloat16", "crop", False), (16, "bfloat16", "resized", False)]
+    for c in result["cases"]:
+        assert c["ms"]["fused"] > 0 and c["ms"]["reference"] > 0 and c["speedup_vs_reference"] > 0
+    train = next(c for c in result["cases"] if c["train"])
+    assert train["check_bounds"] is False and train["calls_per_timing"] > 1
+    assert result["backend"] == rot_kernel.backend() and "| 128 | 32x32 train | bfloat16 |" in done.stdout
