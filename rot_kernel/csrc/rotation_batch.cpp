@@ -280,6 +280,16 @@ struct Store<at::Half> {
   }
 };
 
+// A row of floats stored as out_t (for float, the row is the output already).
+template <typename out_t>
+static void store_row(const float* row, int64_t n, out_t* out) {
+  if constexpr (!std::is_same_v<out_t, float>) {  // a narrowing store
+    using S = Store<out_t>;
+    auto* dst = reinterpret_cast<typename S::raw*>(out);
+    for (int64_t j = 0; j < n; ++j) dst[j] = S::convert(row[j]);
+  }
+}
+
 // One output row: the normalised line into a float row (read in any direction), then
 // stored as out_t by a forward loop. Two simple loops vectorise where one fused loop of a
 // reversed read and a narrowing store does not.
@@ -293,11 +303,7 @@ static void write_line(const float* src, int64_t step, int W, float m, float s, 
     for (int j = 0; j < W; ++j) row[j] = (src[-j] - m) * s;
   else
     for (int j = 0; j < W; ++j) row[j] = (src[j * step] - m) * s;
-  if constexpr (!std::is_same_v<out_t, float>) {  // a narrowing store
-    using S = Store<out_t>;
-    auto* dst = reinterpret_cast<typename S::raw*>(out);
-    for (int j = 0; j < W; ++j) dst[j] = S::convert(row[j]);
-  }
+  store_row(row, W, out);
 }
 
 // Rotation r of the staged view (and its transpose, for quarter turns), normalised, into
@@ -320,6 +326,24 @@ static void write_turn(const float* view, const float* transposed, const Params&
         write_line(plane + start, along_rows ? l.sx : l.sy, W, p.mean[c], p.inv_std[c], row,
                    out + c * HW + static_cast<int64_t>(i) * W);
       }
+    return;
+  }
+  if (k >= 0) {
+    // Quarter turns into channels_last: an output row is a line of the view, its pixels'
+    // channels interleaved.
+    for (int i = 0; i < H; ++i) {
+      const Line l = quarter_turn_row(k, i, H, W);
+      const float* src = view + static_cast<int64_t>(l.y0) * W + l.x0;
+      const int64_t step = static_cast<int64_t>(l.sy) * W + l.sx;
+      out_t* dst = out + static_cast<int64_t>(i) * W * C;
+      float* line = row;
+      if constexpr (std::is_same_v<out_t, float>) line = dst;
+      for (int c = 0; c < C; ++c) {
+        const float m = p.mean[c], s = p.inv_std[c];
+        for (int j = 0; j < W; ++j) line[j * C + c] = (src[c * HW + j * step] - m) * s;
+      }
+      store_row(line, static_cast<int64_t>(W) * C, dst);
+    }
     return;
   }
   const auto load = [&](int c, int y, int x) { return view[c * HW + static_cast<int64_t>(y) * W + x]; };
@@ -345,7 +369,7 @@ static void rotation_batch_cpu_kernel(const at::Tensor& images, Batch& batch, bo
   bool sideways = false;  // any turn by 90 or 270 degrees written from the transposed view
   for (int r = 0; r < p.R; ++r) sideways |= p.quarter[r] % 2 == 1 && !channels_last;
   at::parallel_for(0, batch.B, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> view(chw), transposed(sideways ? chw : 0), row(p.w);
+    std::vector<float> view(chw), transposed(sideways ? chw : 0), row(channels_last ? p.w * p.C : p.w);
     std::vector<Tap> column_taps(per.boxes ? p.w : 0);
     for (int64_t b = begin; b < end; ++b) {
       for (int r = 0; r < p.R; ++r) labels[b * p.R + r] = r;
