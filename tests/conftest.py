@@ -221,6 +221,37 @@ def make_images(gen, N, C, H, W, dtype=torch.uint8, device="cpu", layout="contig
     return x
 
 
+def between(gen, lo, hi):
+    """int64, uniform in [lo, hi] per entry (lo, hi: ints or tensors of one shape)."""
+    lo, hi = torch.as_tensor(lo, dtype=torch.long), torch.as_tensor(hi, dtype=torch.long)
+    u = torch.rand(torch.broadcast_shapes(lo.shape, hi.shape), generator=gen, dtype=torch.float64)
+    return lo + (u * (hi - lo + 1)).long().clamp(max=hi - lo)
+
+
+def make_crops(gen, kind, B, H, W, h, w, device="cpu"):
+    """(shifts, boxes) for B crops of H x W images to h x w outputs, on device; one or both
+    None. kind: corner, centre, inside, outside (shifts) or box, full, pixel, up, down."""
+    shifts = boxes = None
+    if kind == "centre":
+        shifts = torch.tensor([[(H - h) // 2, (W - w) // 2]] * B, dtype=torch.long).reshape(B, 2)
+    elif kind == "inside":  # a random crop
+        shifts = torch.stack([between(gen, [0] * B, H - h), between(gen, [0] * B, W - w)], 1)
+    elif kind == "outside":  # windows reaching past every edge, some wholly outside
+        shifts = torch.stack([between(gen, [-h - 2] * B, H + 2), between(gen, [-w - 2] * B, W + 2)], 1)
+    elif kind != "corner":  # corner: no shifts, the window at (0, 0)
+        lo_h, hi_h, lo_w, hi_w = {  # boxes: a size range per kind, placed anywhere they fit
+            "box": (1, H, 1, W),
+            "full": (H, H, W, W),
+            "pixel": (1, 1, 1, 1),
+            "up": (1, max(1, h - 1), 1, max(1, w - 1)),  # smaller than the output
+            "down": (min(h + 1, H), H, min(w + 1, W), W),  # larger than the output
+        }[kind]
+        height, width = between(gen, [lo_h] * B, hi_h), between(gen, [lo_w] * B, hi_w)
+        top, left = between(gen, [0] * B, H - height), between(gen, [0] * B, W - width)
+        boxes = torch.stack([top, left, height, width], 1).reshape(B, 4)
+    return tuple(None if t is None else t.to(device) for t in (shifts, boxes))
+
+
 def pytest_configure(config):
     # On a GPU machine (tools/gpu_check.sh) the CUDA tests must test the CUDA kernel: a build
     # without it would make every [cuda] test compare the reference with itself.

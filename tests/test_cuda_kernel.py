@@ -32,7 +32,7 @@ import pytest
 import torch
 
 import rot_kernel
-from conftest import make_images
+from conftest import between, make_crops, make_images
 from rot_kernel import reference
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")
@@ -75,41 +75,10 @@ def largest_staged_square(C):
 
 # ----------------------------------------------------------------------------- inputs (CPU)
 
-
-
-def between(gen, lo, hi):
-    """int64, uniform in [lo, hi] per entry (lo, hi: ints or tensors of one shape)."""
-    lo, hi = torch.as_tensor(lo, dtype=torch.long), torch.as_tensor(hi, dtype=torch.long)
-    u = torch.rand(torch.broadcast_shapes(lo.shape, hi.shape), generator=gen, dtype=torch.float64)
-    return lo + (u * (hi - lo + 1)).long().clamp(max=hi - lo)
-
-
 def make_picks(gen, N, B):
     """index int64 [B] into N images and flips bool [B]."""
     index = torch.randint(0, N, (B,), generator=gen) if N else torch.zeros(0, dtype=torch.long)
     return index, torch.rand(B, generator=gen) < 0.5
-
-
-def make_crops(gen, kind, B, H, W, h, w):
-    """(shifts, boxes) for B crops of H x W images to h x w outputs; one or both None."""
-    if kind == "corner":  # no shifts: the window at (0, 0)
-        return None, None
-    if kind == "centre":
-        return torch.tensor([[(H - h) // 2, (W - w) // 2]] * B, dtype=torch.long).reshape(B, 2), None
-    if kind == "inside":  # a random crop
-        return torch.stack([between(gen, [0] * B, H - h), between(gen, [0] * B, W - w)], 1), None
-    if kind == "outside":  # windows reaching past every edge, some wholly outside
-        return torch.stack([between(gen, [-h - 2] * B, H + 2), between(gen, [-w - 2] * B, W + 2)], 1), None
-    lo_h, hi_h, lo_w, hi_w = {  # boxes: a size range per kind, placed anywhere they fit
-        "box": (1, H, 1, W),
-        "full": (H, H, W, W),
-        "pixel": (1, 1, 1, 1),
-        "up": (1, max(1, h - 1), 1, max(1, w - 1)),  # smaller than the output
-        "down": (min(h + 1, H), H, min(w + 1, W), W),  # larger than the output
-    }[kind]
-    height, width = between(gen, [lo_h] * B, hi_h), between(gen, [lo_w] * B, hi_w)
-    top, left = between(gen, [0] * B, H - height), between(gen, [0] * B, W - width)
-    return None, torch.stack([top, left, height, width], 1).reshape(B, 4)
 
 
 def normalisation(gen, images):
@@ -267,20 +236,6 @@ def test_staged_shapes(gen, device, C, h, w, rotations, out_dtype, channels_last
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("layout", LAYOUTS[1:])
-@pytest.mark.parametrize("in_dtype", [torch.uint8, torch.float32], ids=["u8", "f32"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_staged_input_layouts(gen, device, layout, in_dtype, channels_last):
-    images = make_images(gen, 6, 3, 19, 22, in_dtype, layout=layout)
-    index, flips = make_picks(gen, 6, 5)
-    for kind, size in (("corner", (19, 22)), ("outside", (15, 15)), ("box", (15, 15))):
-        shifts, boxes = make_crops(gen, kind, 5, 19, 22, *size)
-        rotations = ROTATION_SETS["half" if size[0] != size[1] else "eight"]
-        check(device, images, index, shifts, flips, size=size, boxes=boxes, rotations=rotations,
-              channels_last=channels_last, **normalisation(gen, images))
-
-
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("size", [7, 8])
 @pytest.mark.parametrize("rotations", ["four", "eight"])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=OUT_IDS[:2])
@@ -407,19 +362,6 @@ def test_tiled(gen, device, case, out_dtype, channels_last):
           out_dtype=out_dtype, channels_last=channels_last, **normalisation(gen, images))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("layout", LAYOUTS[1:])
-@pytest.mark.parametrize("in_dtype", [torch.uint8, torch.float32], ids=["u8", "f32"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_tiled_input_layouts(gen, device, layout, in_dtype, channels_last):
-    images = make_images(gen, 4, 3, 80, 72, in_dtype, layout=layout)
-    index, flips = make_picks(gen, 4, 2)
-    for kind, rotations in (("outside", "four"), ("box", "eight")):
-        shifts, boxes = make_crops(gen, kind, 2, 80, 72, 66, 66)
-        check(device, images, index, shifts, flips, size=(66, 66), boxes=boxes, rotations=ROTATION_SETS[rotations],
-              channels_last=channels_last, out_dtype=torch.bfloat16, **normalisation(gen, images))
-
-
 # ----------------------------------------------------------------------------- both paths
 
 def edge_cases():
@@ -449,6 +391,30 @@ def test_at_the_shared_memory_edge(gen, device, C, h, w, kind):
     check(device, images, index, shifts, flips, size=(h, w), boxes=boxes,
           rotations=ROTATION_SETS["eight" if h == w else "half"], **normalisation(gen, images))
     assert planned(device) is None or planned(device).startswith("staged" if staged(C, h, w) else "tiled")
+
+
+# path: (images, picks, source H x W, [(crop kind, output size, rotation set)], out dtype)
+INPUT_LAYOUT_CASES = {
+    "staged": (6, 5, (19, 22), [("corner", (19, 22), "half"), ("outside", (15, 15), "eight"),
+                                ("box", (15, 15), "eight")], torch.float32),
+    "tiled": (4, 2, (80, 72), [("outside", (66, 66), "four"), ("box", (66, 66), "eight")], torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", INPUT_LAYOUT_CASES.keys())
+@pytest.mark.parametrize("layout", LAYOUTS[1:])
+@pytest.mark.parametrize("in_dtype", [torch.uint8, torch.float32], ids=["u8", "f32"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_input_layouts(gen, device, path, layout, in_dtype, channels_last):
+    N, B, (H, W), crops, out_dtype = INPUT_LAYOUT_CASES[path]
+    images = make_images(gen, N, 3, H, W, in_dtype, layout=layout)
+    index, flips = make_picks(gen, N, B)
+    for kind, size, rotations in crops:
+        assert staged(3, *size) == (path == "staged")
+        shifts, boxes = make_crops(gen, kind, B, H, W, *size)
+        check(device, images, index, shifts, flips, size=size, boxes=boxes, rotations=ROTATION_SETS[rotations],
+              channels_last=channels_last, out_dtype=out_dtype, **normalisation(gen, images))
 
 
 PATHS = {"staged": (3, 21, 21), "tiled": (3, 67, 67)}  # C and an output size of that path

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import rot_kernel
-from conftest import make_images
+from conftest import make_crops, make_images
 from rot_kernel import reference
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")
@@ -206,39 +206,6 @@ def test_16_bit_stores_round_like_torch(gen, device, out_dtype):
 
 
 # ----------------------------------------------------------------------------- crops and boxes
-
-def uniform_ints(gen, lo, hi):
-    """One int per entry of the broadcast bounds, uniform in [lo, hi] (tensors or ints)."""
-    lo, hi = torch.as_tensor(lo, dtype=torch.long), torch.as_tensor(hi, dtype=torch.long)
-    shape = torch.broadcast_shapes(lo.shape, hi.shape)
-    return lo + (torch.rand(shape, generator=gen, dtype=torch.float64) * (hi - lo + 1)).long().clamp(max=hi - lo)
-
-
-def make_crops(gen, kind, B, H, W, h, w, device):
-    """(shifts, boxes) for B crops of the H x W images to h x w, one of them or both None."""
-    def pairs(lo_y, hi_y, lo_x, hi_x):
-        return torch.stack([uniform_ints(gen, lo_y, hi_y), uniform_ints(gen, lo_x, hi_x)], 1)
-
-    if kind == "corner":  # no shifts: the window at (0, 0)
-        return None, None
-    if kind == "centre":
-        return torch.tensor([[(H - h) // 2, (W - w) // 2]] * B, device=device), None
-    if kind == "inside":  # a random crop
-        return pairs([0] * B, H - h, [0] * B, W - w).to(device), None
-    if kind == "outside":  # windows reaching past every edge, some wholly outside
-        return pairs([-h - 2] * B, H + 2, [-w - 2] * B, W + 2).to(device), None
-    # boxes: (height, width) in a range per kind, then (top, left) anywhere they fit
-    lo_h, hi_h, lo_w, hi_w = {
-        "box": (1, H, 1, W),
-        "full": (H, H, W, W),
-        "pixel": (1, 1, 1, 1),
-        "up": (1, max(1, h - 1), 1, max(1, w - 1)),  # smaller than the output
-        "down": (min(h + 1, H), H, min(w + 1, W), W),  # larger than the output
-    }[kind]
-    size = pairs([lo_h] * B, hi_h, [lo_w] * B, hi_w)
-    corner = pairs([0] * B, H - size[:, 0], [0] * B, W - size[:, 1])
-    return None, torch.cat([corner, size], 1).to(device)
-
 
 # (H, W) source -> (h, w) output, with the rotation sets tried on it: every set on a
 # non-square source cropped square, a few elsewhere; quarter turns only where h == w.

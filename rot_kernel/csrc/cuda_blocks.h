@@ -197,10 +197,11 @@ struct StagedBlock {
     }
     if (t < r1 - r0) a.labels[b * p.R + r0 + t] = r0 + t;
     const in_t* image = a.img.data + s.n * a.img.sN;
+    const Window win = window_of(p, s);
     if (a.st.wide)
-      stage_wide(t, T, window_of(p, s), image);
+      stage_wide(t, T, win, image);
     else
-      stage_pixels(t, T, s, window_of(p, s), image);
+      stage_pixels(t, T, s, win, image);
   }
 
   // A view pixel per item, in view order. Loads go out four at a time before their values
