@@ -217,10 +217,8 @@ CROP_SHAPES = {"37x41to29": ((37, 41, 29, 29), ROTATION_SETS.keys()),
 
 
 def crop_cases(kinds):
-    for shape, (sizes, rotation_sets) in CROP_SHAPES.items():
-        for name in rotation_sets:
-            for kind in kinds:
-                yield pytest.param(sizes, ROTATION_SETS[name], kind, id=f"{shape}-{name}-{kind}")
+    return [pytest.param(sizes, ROTATION_SETS[name], kind, id=f"{shape}-{name}-{kind}")
+            for shape, (sizes, rotation_sets) in CROP_SHAPES.items() for name in rotation_sets for kind in kinds]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -6,12 +6,25 @@
 #   and the operator as it was before the kernel restructure (commit $BEFORE, for the before/after
 #   table) into .device/; both folders are ignored: name them in the device tool's `carry`.
 # There, from the repository root:  bash tools/gpu_check.sh OUT_DIR [STAGE...]
-#   stages: env build quick tests check sanitize bench ncu before train torchrun runs
+#   stages: env build quick tests check sanitize bench ncu before train torchrun runs collect
 #   (default: all but quick, which the full `tests` includes)
-# Each stage appends to OUT_DIR/STAGE.log (and writes JSON where there is one); `runs` resumes
-# the real runs where a previous call stopped, so a long schedule can be split over calls.
-# Device calls last at most 10 minutes, so, in order (the first finds a broken kernel fast):
-#   1. env build quick check bench     2. tests sanitize ncu before     3. train torchrun runs
+# Each stage writes its whole output to OUT_DIR/STAGE.log (JSON too where there is one) and
+# prints the log's last lines; summary.log says when each stage began and how it ended.
+#
+# A device machine goes back 30 s after a call, so plan on every call finding a bare one:
+# each stage that needs the operator builds it first if this machine lacks it (about 2 min).
+# A call lasts at most 10 minutes and brings back at most 8 files: run the script under a
+# shorter timeout and bundle the folder, so that a stage cut off still returns its log:
+#   run(carry=CARRY, timeout_s=600, command="timeout 550 bash tools/gpu_check.sh /tmp/gc STAGES;
+#       bash tools/gpu_check.sh /tmp/gc collect; tar czf $OUT/gc.tgz -C /tmp/gc .; cp rot_kernel/_C*.so $OUT/")
+# with, in order (the first call finds a broken kernel fast, and has the headline numbers):
+#   1. STAGES = env build quick check bench train    CARRY = ["data", ".device"]
+#   2. STAGES = tests sanitize ncu before torchrun   3. STAGES = runs
+# Calls 2 and 3 skip the build: copy the operator call 1 brought back into rot_kernel/ here
+# and add that file (rot_kernel/_C.cpython-312-x86_64-linux-gnu.so: the device's Python is
+# 3.12) to CARRY.
+# `runs` resumes the real runs where a previous call stopped when the machine is still warm;
+# `collect` copies what they have finished (tables, metrics, the figure; no checkpoints).
 set -uo pipefail
 BEFORE=bf4c3e9  # the last commit with the staged kernel that did per-element 64-bit division
 
@@ -28,67 +41,90 @@ fi
 
 out=${1:?usage: bash tools/gpu_check.sh OUT_DIR [STAGE...]  (or --prepare, on the CPU machine)}
 shift
-stages=${*:-env build tests check sanitize bench ncu before train torchrun runs}
+stages=${*:-env build tests check sanitize bench ncu before train torchrun runs collect}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
+# The device image's python3 holds torch; a plain `python` may not exist there.
+PY=$(command -v python3 || command -v python)
 export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
-log() { tee -a "$out/$1.log"; }
 # Nsight Compute: leave the clocks alone; where the time goes (issue vs DRAM), bank conflicts.
 NCU_METRICS=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,\
 smsp__issue_active.avg.pct_of_peak_sustained_active,sm__inst_executed.sum,\
 l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,launch__registers_per_thread,\
 sm__warps_active.avg.pct_of_peak_sustained_active
 ncu_run() { ncu --clock-control none -k regex:'staged|tiled' --metrics "$NCU_METRICS" --csv "$@"; }
+# Stages report failures in their logs and the script goes on to the next one.
+pytest_cuda() { ROT_REQUIRE_CUDA=1 "$PY" -m pytest -q -W error::RuntimeWarning -p no:cacheprovider "$@"; }
+has_cuda_op() { "$PY" -c "import rot_kernel, sys; sys.exit('cuda' not in rot_kernel.backend())" 2>/dev/null; }
+build() {  # the CUDA kernel, built against this machine's torch (MAX_JOBS: all cores)
+  MAX_JOBS=$(nproc) "$PY" -m pip install -q --no-build-isolation -e . 2>&1 | tail -20
+  "$PY" -c "import rot_kernel; b = rot_kernel.backend(); print(b); assert 'cuda' in b, 'no CUDA kernel'"
+}
 
-for stage in $stages; do
-  echo "== $stage $(date +%T)" | log summary
-  case $stage in
+stage_body() {
+  case $1 in
     env)
-      { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
-        nvcc --version | tail -1; nproc
-        python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-      } 2>&1 | log env ;;
-    build)  # the CUDA kernel, built against this machine's torch (MAX_JOBS: all cores)
-      MAX_JOBS=$(nproc) pip install -q --no-build-isolation -e . 2>&1 | tail -20 | log build
-      python -c "import rot_kernel; b = rot_kernel.backend(); print(b); assert 'cuda' in b, 'no CUDA kernel'" 2>&1 | log build ;;
+      echo "python: $PY"
+      nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+      nvcc --version | tail -1; nproc
+      "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+      "$PY" -m pip list 2>/dev/null | grep -iE "^(torch|numpy|pytest|tqdm|matplotlib|pillow|ninja) " ;;
+    build) build ;;
     quick)  # first: the kernel's tests (CUDA and emulated) and the streamed split on CUDA
-      ROT_REQUIRE_CUDA=1 python -m pytest -q -W error::RuntimeWarning -p no:cacheprovider \
-        tests/test_cuda_kernel.py tests/test_data.py -k "cuda" 2>&1 | tail -40 | log quick ;;
-    tests)  # CUDA tests included; a fallback to the reference is an error here
-      ROT_REQUIRE_CUDA=1 python -m pytest -q -W error::RuntimeWarning -p no:cacheprovider 2>&1 \
-        | tail -40 | log tests ;;
+      pytest_cuda tests/test_cuda_kernel.py tests/test_data.py -k "cuda" ;;
+    tests)  # CUDA tests included; a fallback to the reference is an error here. The suite passes
+      # under pytest-xdist (checked on the CPU), which the device image has: 8 processes.
+      if "$PY" -c "import xdist" 2>/dev/null; then pytest_cuda -n 8; else pytest_cuda; fi ;;
     check)  # the independent checker: every path against the CPU kernel, then kernel times
-      python .device/gpu_check.py 2>&1 | tail -60 | log check
-      python .device/gpu_check.py --perf 2>&1 | tail -60 | log check ;;
+      "$PY" .device/gpu_check.py
+      "$PY" .device/gpu_check.py --perf ;;
     sanitize)  # memcheck without the caching allocator (it hides overruns), racecheck, synccheck
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --print-limit 20 \
-        python .device/gpu_check.py --quick 2>&1 | tail -30 | log sanitize
+        "$PY" .device/gpu_check.py --quick
       for tool in racecheck synccheck; do
-        compute-sanitizer --tool "$tool" --print-limit 20 python .device/gpu_check.py --quick 2>&1 | tail -15 | log sanitize
+        compute-sanitizer --tool "$tool" --print-limit 20 "$PY" .device/gpu_check.py --quick
       done ;;
     bench)
-      python -m rot_kernel.bench --device cuda --json "$out/bench_cuda.json" 2>&1 | log bench ;;
+      "$PY" -m rot_kernel.bench --device cuda --json "$out/bench_cuda.json" ;;
     ncu)    # the benchmark cases once each, kernel by kernel
-      ncu_run python .device/gpu_check.py --ncu > "$out/ncu_after.csv" 2> "$out/ncu_after.err"
-      tail -5 "$out/ncu_after.err" | log ncu ;;
+      ncu_run "$PY" .device/gpu_check.py --ncu > "$out/ncu_after.csv" ;;
     before) # the pre-restructure operator: its benchmark and counters, for the before/after table
-      ( cd .device/before && MAX_JOBS=$(nproc) python setup.py -q build_ext --inplace > "$out/before_build.log" 2>&1 \
-        && python -m rot_kernel.bench --device cuda --json "$out/bench_cuda_before.json" 2>&1 | log before \
-        && PYTHONPATH=$PWD ncu_run python ../gpu_check.py --ncu > "$out/ncu_before.csv" 2> "$out/ncu_before.err" ) ;;
+      ( cd .device/before && MAX_JOBS=$(nproc) "$PY" setup.py -q build_ext --inplace 2>&1 | tail -20 \
+        && "$PY" -m rot_kernel.bench --device cuda --json "$out/bench_cuda_before.json" \
+        && PYTHONPATH=$PWD ncu_run "$PY" ../gpu_check.py --ncu > "$out/ncu_before.csv" ) ;;
     train)  # the training step: every variant and the DataLoader baseline in one table; AlexNet
-      python rotnet.py --benchmark --sweep --device cuda --json "$out/train_sweep.json" 2>&1 | log train
-      python rotnet.py --benchmark --device cuda --arch alexnet --steps 30 2>&1 | log train ;;
+      "$PY" rotnet.py --benchmark --sweep --device cuda --json "$out/train_sweep.json"
+      "$PY" rotnet.py --benchmark --device cuda --arch alexnet --steps 30 ;;
     torchrun)  # one process through torchrun on CUDA (NCCL); several GPUs cannot be tried here
-      torchrun --standalone --nproc_per_node=1 rotnet.py --data data --epochs 1 --width 0.25 \
-        --out runs/gpu/torchrun 2>&1 | tail -5 | log torchrun ;;
-    runs)   # the real runs on the sample, full width, resumed across calls
-      python rotnet.py --data data --epochs 100 --out runs/gpu/rotnet --resume 2>&1 | tail -5 | log runs
-      for t in 3 1 2; do python probe.py --table "$t" --data data --out runs/gpu/tables 2>&1 | tail -20 | log runs; done
-      python semi_supervised.py --data data --per-class 20,100,400 --checkpoint runs/gpu/rotnet/model.pt \
-        --out runs/gpu/semi 2>&1 | tail -10 | log runs
-      cp runs/gpu/rotnet/metrics.jsonl "$out/rotnet_metrics.jsonl" 2>/dev/null
-      cp runs/gpu/tables/table*.md runs/gpu/semi/semi_supervised.* "$out/" 2>/dev/null ;;
-    *) echo "unknown stage $stage" | log summary ;;
+      "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 rotnet.py --data data --epochs 1 \
+        --width 0.25 --out runs/gpu/torchrun ;;
+    runs)   # the real runs on the sample, full width, resumed; semi needs the 100-epoch RotNet
+      "$PY" rotnet.py --data data --epochs 100 --out runs/gpu/rotnet --resume
+      "$PY" probe.py --table 3 --data data --out runs/gpu/tables
+      "$PY" semi_supervised.py --data data --per-class 20,100,400 --checkpoint runs/gpu/rotnet/model.pt \
+        --out runs/gpu/semi
+      for t in 1 2; do "$PY" probe.py --table "$t" --data data --out runs/gpu/tables; done ;;
+    collect)  # the finished results of `runs`, small files only
+      mkdir -p "$out/results"
+      cp runs/gpu/rotnet/metrics.jsonl "$out/results/rotnet_metrics.jsonl" 2>/dev/null
+      cp runs/gpu/tables/table*.md runs/gpu/tables/table*.json runs/gpu/semi/semi_supervised.* \
+        runs/gpu/semi/results.json "$out/results/" 2>/dev/null
+      ls -la "$out/results" ;;
+    *) echo "unknown stage $1"; return 2 ;;
   esac
+}
+
+needs_op=" quick tests check sanitize bench ncu train torchrun runs "
+for stage in $stages; do
+  start=$(date +%s)
+  echo "== $stage $(date +%T)" | tee -a "$out/summary.log"
+  if [[ $needs_op == *" $stage "* ]] && ! has_cuda_op; then
+    echo "(building the operator first)" | tee -a "$out/summary.log"
+    build >> "$out/build.log" 2>&1
+  fi
+  stage_body "$stage" >> "$out/$stage.log" 2>&1
+  rc=$?
+  tail -n 15 "$out/$stage.log"
+  echo "== $stage exit $rc after $(( $(date +%s) - start )) s" | tee -a "$out/summary.log"
 done
-echo "== done $(date +%T)" | log summary
+echo "== done $(date +%T)" | tee -a "$out/summary.log"
