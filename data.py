@@ -111,7 +111,10 @@ class Recipe:
 
     def test_view(self, count, H, W, device):
         h, w = self.out_size(H, W)
-        return dict(shifts=torch.tensor([(H - h) // 2, (W - w) // 2], device=device).expand(count, 2))
+        # Filled on the device: a copy from host memory would wait for the GPU every batch.
+        shifts = torch.empty((count, 2), dtype=torch.long, device=device)
+        shifts[:, 0], shifts[:, 1] = (H - h) // 2, (W - w) // 2
+        return dict(shifts=shifts)
 
 
 # ----------------------------------------------------------------------------- on the device
@@ -168,6 +171,8 @@ class Streamed:
         def gather():
             try:
                 for step, s in enumerate(slices):
+                    if stop.is_set():  # the consumer has left (an error, Ctrl-C): read no more
+                        return
                     index = order[s]
                     slot = step % len(ring)
                     host, copied = ring[slot] or (None, None)

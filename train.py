@@ -14,6 +14,7 @@ A script's own loop reads (rotnet.pretrain, probe.train_classifier):
 """
 import argparse
 import dataclasses
+import datetime
 import gc
 import json
 import os
@@ -75,7 +76,7 @@ class Run:
         """The data set (one rank prepares or downloads it, the others wait, then reuse it)."""
         load = lambda: data.load(self.data, image_size=self.image_size, download=self.download, cache=self.cache,
                                  val_fraction=self.val_fraction)
-        if ctx.world > 1:
+        if ctx.distributed:
             if ctx.main:
                 load()
             dist.barrier()
@@ -110,6 +111,9 @@ class Context:
     def __init__(self, device="auto", amp=True, compile=False, channels_last=None, check_bounds=False):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        # Under torchrun even one process runs as a rank (process group, DDP), so that a
+        # one-GPU machine tries the multi-GPU path.
+        self.distributed = self.world > 1 or dist.is_torchelastic_launched()
         self.cuda = resolve_device(device) == "cuda"
         if self.cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -124,8 +128,12 @@ class Context:
         self.cudagraphs = compile in ("reduce-overhead", "max-autotune")
         if not self.cuda:
             data.keep_freed_memory()
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.cuda else "gloo")
+        if self.distributed and not dist.is_initialized():
+            # device_id: NCCL's collectives (the barriers) know their GPU. The timeout covers
+            # rank 0 preparing an image folder while the others wait (load_data): NCCL's
+            # default, 10 minutes, would end them first.
+            backend = dict(backend="nccl", device_id=self.device) if self.cuda else dict(backend="gloo")
+            dist.init_process_group(**backend, timeout=datetime.timedelta(hours=3))
 
     @property
     def main(self):
@@ -137,7 +145,7 @@ class Context:
     def prepare(self, model):
         """The model to train: moved, laid out, compiled and wrapped for the ranks."""
         model = model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
-        if self.world > 1:
+        if self.distributed:
             model = nn.parallel.DistributedDataParallel(model)
         if not self.compile:
             return model
@@ -156,7 +164,7 @@ class Context:
     def sum(self, values):
         """Sums numbers (a list or a tensor) over the ranks: one host sync, so once an epoch."""
         t = torch.as_tensor(values, dtype=torch.float64, device=self.device)
-        if self.world > 1:
+        if self.distributed:
             dist.all_reduce(t)
         return t.tolist()
 
@@ -319,7 +327,7 @@ def restore(ctx, out, config, resume, model, opt, sched):
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(dict(config, torch=torch.__version__, rot_kernel=rot_kernel.backend(),
-                           device=str(ctx.device), world_size=ctx.world,
+                           device=str(ctx.device), world_size=ctx.world, distributed=ctx.distributed,
                            device_name=torch.cuda.get_device_name(ctx.device) if ctx.cuda else None), f, indent=1)
         # Keep exactly the epochs the checkpoint holds: a kill between the two writes of
         # an epoch leaves a metrics line the checkpoint has not got.

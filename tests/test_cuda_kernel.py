@@ -609,6 +609,21 @@ def test_errors_with_cuda_tensors_name_the_argument(case, call):
     assert torch.zeros(3, device="cuda").add(1).sum().item() == 3  # the device is still usable
 
 
+@needs_cuda
+@pytest.mark.parametrize("call", ["wrapper", "op"])
+def test_cpu_images_with_a_cuda_index_name_the_images(call):
+    # A CUDA argument sends the op to the CUDA kernel: it must name the images, not fail in
+    # the device guard (the reverse case is "index on the CPU" above).
+    images, index = torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1], device="cuda")
+    pattern = r"index: expected a tensor on cpu" if call == "wrapper" else r"images: expected a CUDA tensor"
+    with pytest.raises(RuntimeError, match=pattern):
+        if call == "wrapper":
+            rot_kernel.rotation_batch(images, index)
+        else:
+            torch.ops.rot_kernel.rotation_batch.default(images, index, None, None, [0.0] * 3, [1.0] * 3, [0, 90],
+                                                        torch.float32, False, None, None, True)
+
+
 UNCHECKED_SCRIPT = """
 import torch, rot_kernel
 gen = torch.Generator().manual_seed(0)

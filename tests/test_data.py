@@ -73,13 +73,21 @@ def test_streamed_batches_equal_resident_ones(device, n, batch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_consumer_that_stops_early_does_not_hang_the_stream(device):
-    images = torch.zeros(100, 3, 4, 4, dtype=torch.uint8)
+def test_a_consumer_that_stops_early_stops_the_stream(device):
+    images = torch.zeros(1000, 3, 4, 4, dtype=torch.uint8)
     streamed = data.on_device(images, device, stream=True)
-    slices = list(train.batches(100, 2))
-    batches = streamed.batches(torch.arange(100), slices)
+    read = []
+
+    def slices():  # counts the steps the worker gathers
+        for s in train.batches(1000, 2):
+            read.append(s)
+            yield s
+
+    batches = streamed.batches(torch.arange(1000), slices())
     next(batches)
     batches.close()  # joins the thread: returns only if it stopped
+    # it stops within the steps it had queued ahead, not after the epoch's 500 reads
+    assert len(read) <= data.PREFETCH + 3, len(read)
 
 
 @pytest.mark.parametrize("device", DEVICES)

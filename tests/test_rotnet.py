@@ -119,13 +119,16 @@ def test_cli_resume_after_kill_equals_an_uninterrupted_run(cifar_dir, tmp_path):
     assert untimed(metrics_of(out_b)) == untimed(metrics_of(out_a))
 
 
-def test_cli_two_cpu_ranks_with_torchrun(cifar_dir, tmp_path):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_cli_cpu_ranks_with_torchrun(cifar_dir, tmp_path, ranks):
+    # One process under torchrun is a rank too (process group, DDP): what a one-GPU machine can try.
     out = tmp_path / "out"
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={free_port()}"]
     proc = run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1"), launcher=launcher)
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "config.json", "metrics.jsonl", "model.pt"]
     assert len(metrics_of(out)) == 1
-    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    config = json.loads((out / "config.json").read_text())
+    assert (config["world_size"], config["distributed"]) == (ranks, True)
     assert sum(ln.startswith("epoch ") for ln in proc.stdout.splitlines()) == 1  # rank 0 alone reports
     models.load_model(out / "model.pt")
 

@@ -23,8 +23,9 @@
 # Calls 2 and 3 skip the build: copy the operator call 1 brought back into rot_kernel/ here
 # and add that file (rot_kernel/_C.cpython-312-x86_64-linux-gnu.so: the device's Python is
 # 3.12) to CARRY.
-# `runs` resumes the real runs where a previous call stopped when the machine is still warm;
-# `collect` copies what they have finished (tables, metrics, the figure; no checkpoints).
+# `runs` resumes the real runs where a previous call stopped if the machine is still warm
+# (else it starts again: checkpoints are too big to bring back and carry); `collect` bundles
+# what they have written but the checkpoints (tables, each run's results and metrics).
 set -uo pipefail
 BEFORE=bf4c3e9  # the last commit with the staged kernel that did per-element 64-bit division
 
@@ -66,7 +67,8 @@ stage_body() {
     env)
       echo "python: $PY"
       nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
-      nvcc --version | tail -1; nproc
+      nvcc --version | tail -1; nproc; uname -r
+      df -h /dev/shm | tail -1  # the DataLoader baseline's workers hand batches over through it
       "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
       "$PY" -m pip list 2>/dev/null | grep -iE "^(torch|numpy|pytest|tqdm|matplotlib|pillow|ninja) " ;;
     build) build ;;
@@ -92,24 +94,25 @@ stage_body() {
       ( cd .device/before && MAX_JOBS=$(nproc) "$PY" setup.py -q build_ext --inplace 2>&1 | tail -20 \
         && "$PY" -m rot_kernel.bench --device cuda --json "$out/bench_cuda_before.json" \
         && PYTHONPATH=$PWD ncu_run "$PY" ../gpu_check.py --ncu > "$out/ncu_before.csv" ) ;;
-    train)  # the training step: every variant and the DataLoader baseline in one table; AlexNet
-      "$PY" rotnet.py --benchmark --sweep --device cuda --json "$out/train_sweep.json"
-      "$PY" rotnet.py --benchmark --device cuda --arch alexnet --steps 30 ;;
+    train)  # the AlexNet step (short); then every variant and the DataLoader baseline in one
+      # table, the slowest to compile last (the JSON is rewritten after each row)
+      "$PY" rotnet.py --benchmark --device cuda --arch alexnet --steps 30
+      "$PY" rotnet.py --benchmark --sweep --device cuda --json "$out/train_sweep.json" ;;
     torchrun)  # one process through torchrun on CUDA (NCCL); several GPUs cannot be tried here
       "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 rotnet.py --data data --epochs 1 \
         --width 0.25 --out runs/gpu/torchrun ;;
-    runs)   # the real runs on the sample, full width, resumed; semi needs the 100-epoch RotNet
+    runs)   # the real runs on the sample, full width, the paper's schedules, resumed. By the
+      # FLOPs (about 1.5 GFLOP per rotated image, forward and backward), at 150 TFLOP/s: the
+      # RotNet 0.5 min, Table 3 2, Table 1 3, Table 2 3, the semi-supervised sweep 6 (its
+      # epochs are 50,000 images whatever the labels); more than one call holds
       "$PY" rotnet.py --data data --epochs 100 --out runs/gpu/rotnet --resume
-      "$PY" probe.py --table 3 --data data --out runs/gpu/tables
+      for t in 3 1 2; do "$PY" probe.py --table "$t" --data data --out runs/gpu/tables; done
       "$PY" semi_supervised.py --data data --per-class 20,100,400 --checkpoint runs/gpu/rotnet/model.pt \
-        --out runs/gpu/semi
-      for t in 1 2; do "$PY" probe.py --table "$t" --data data --out runs/gpu/tables; done ;;
-    collect)  # the finished results of `runs`, small files only
-      mkdir -p "$out/results"
-      cp runs/gpu/rotnet/metrics.jsonl "$out/results/rotnet_metrics.jsonl" 2>/dev/null
-      cp runs/gpu/tables/table*.md runs/gpu/tables/table*.json runs/gpu/semi/semi_supervised.* \
-        runs/gpu/semi/results.json "$out/results/" 2>/dev/null
-      ls -la "$out/results" ;;
+        --out runs/gpu/semi ;;
+    collect)  # what `runs` has written so far, but the checkpoints: tables, each run's
+      # results, metrics and settings (a table cut off still shows its finished runs)
+      [ -d runs/gpu ] && tar czf "$out/runs_results.tgz" --exclude='*.pt' runs/gpu
+      ls -la "$out" ;;
     *) echo "unknown stage $1"; return 2 ;;
   esac
 }

@@ -5,15 +5,18 @@
 // alignment of its 16-byte loads and stores; what only a GPU can check (the launch itself,
 // races, the hardware's conversions) is left to the tests that run there.
 //
-// Shared memory is NaN before every block and fenced by NaN on both sides, so a read of an
-// element no phase wrote, or a read outside the block's allocation, shows as NaN in the
-// output. Labels start at -1, so a label no block wrote shows too. emulated_plan() says how
+// Shared memory is NaN before every block (and, in the tiled kernel, before every channel
+// group) and fenced by NaN on both sides, so a read of an element no phase wrote, or a read
+// outside the block's allocation, shows as NaN in the output; a write outside it changes a
+// fence, which is checked after every block. Labels start at -1, so a label no block wrote
+// shows too. emulated_plan() says how
 // the last call was cut into blocks, so that tests can pin their cases to a path.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <limits>
+#include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -25,12 +28,34 @@ namespace {
 constexpr int kEmulatedSMs = 132;  // an H100's multiprocessors: decides the rotation groups
 constexpr int64_t kFence = 4096;   // floats of NaN on each side of the block's shared memory
 
+// A NaN with a payload of its own: no staged value has these bits, not even a NaN pixel.
+constexpr uint32_t kPoisonBits = 0x7FC0DEADu;
+
 struct SharedMemory {
   std::vector<float> words;
-  explicit SharedMemory(int64_t bytes) : words(bytes / sizeof(float) + 2 * kFence) {}
+  int64_t size;  // floats between the fences
+  explicit SharedMemory(int64_t bytes) : words(bytes / sizeof(float) + 2 * kFence), size(bytes / sizeof(float)) {}
+  static float poison() {
+    float nan;
+    std::memcpy(&nan, &kPoisonBits, sizeof nan);
+    return nan;
+  }
   float* fresh() {  // what a block starts with
-    std::fill(words.begin(), words.end(), std::numeric_limits<float>::quiet_NaN());
+    std::fill(words.begin(), words.end(), poison());
     return words.data() + kFence;
+  }
+  void repoison() { std::fill_n(words.data() + kFence, size, poison()); }  // keeps the fences
+  void check_fences(int64_t x, int y) const {  // a block's writes stayed inside its allocation
+    auto intact = [](const float* begin, const float* end) {
+      return std::all_of(begin, end, [](float v) {
+        uint32_t bits;
+        std::memcpy(&bits, &v, sizeof bits);
+        return bits == kPoisonBits;
+      });
+    };
+    const float* data = words.data();
+    TORCH_CHECK(intact(data, data + kFence) && intact(data + kFence + size, data + words.size()),
+                "emulated block (", x, ", ", y, ") wrote outside its ", size * sizeof(float), " bytes of shared memory");
   }
 };
 
@@ -52,6 +77,7 @@ struct Emulator {
         StagedBlock<in_t, out_t, VEC, CL> block(a, x, y, shared.fresh());
         for (int t = 0; t < kThreads; ++t) block.stage(t, kThreads);
         for (int t = 0; t < kThreads; ++t) block.write(t, kThreads);  // after __syncthreads()
+        shared.check_fences(x, y);
       }
   }
 
@@ -64,9 +90,11 @@ struct Emulator {
       for (int y = 0; y < plan.blocks_y; ++y) {
         TiledBlock<in_t, out_t, CL> block(a, x, y, shared.fresh());
         for (int c0 = 0; c0 < a.p.C; c0 += a.tl.chunk) {
+          if (c0 > 0) shared.repoison();  // a group must not read what the previous one staged
           for (int t = 0; t < kThreads; ++t) block.stage(t, kThreads, c0);
           for (int t = 0; t < kThreads; ++t) block.write(t, kThreads, c0);
         }
+        shared.check_fences(x, y);
       }
   }
 };

@@ -237,7 +237,9 @@ static void transpose_view(const float* view, const Params& p, float* transposed
 
 // How a float is stored as out_t. Both 16-bit types round to nearest even with integer
 // ops and selects that the compiler vectorises (c10's scalar conversions do not), and give
-// c10's bits for every float (a NaN becomes the canonical quiet NaN, with its sign).
+// c10's bits for every number. A NaN stays a NaN, but its bits are not part of the contract:
+// here the canonical quiet NaN with its sign, on the GPU what cvt.rn gives (0x7FFF), so the
+// tests compare NaNs by position.
 template <typename out_t>
 struct Store {
   using raw = out_t;

@@ -39,13 +39,21 @@ int multiprocessors(int device) {
   return count;
 }
 
+// The dispatcher picks this kernel when any argument is on CUDA; the images must be, before
+// a guard is made from their device (prepare_batch then checks every other argument).
+c10::Device cuda_device_of(const at::Tensor& images) {
+  TORCH_CHECK(images.is_cuda(), "images: expected a CUDA tensor, as another argument is, got ",
+                    images.device());
+  return images.device();
+}
+
 struct Gpu {
   c10::cuda::CUDAGuard guard;
   int sms;
   cudaStream_t stream;
 
   explicit Gpu(const at::Tensor& images)
-      : guard(images.device()),
+      : guard(cuda_device_of(images)),
         sms(multiprocessors(images.get_device())),
         stream(c10::cuda::getCurrentCUDAStream()) {}
 
