@@ -112,8 +112,20 @@ def emulate(images, index, shifts, flips, *, mean=None, std=None, rotations=(0, 
     mean, std, rotations, (h, w) = reference.check_arguments(
         images, index, shifts, flips, mean, std, rotations, out_dtype, channels_last, size, boxes,
         check_bounds)
-    return EMULATED(images, index, shifts, flips, mean, std, rotations, out_dtype, channels_last,
-                    None if size is None else [h, w], boxes, check_bounds)
+    call = lambda: EMULATED(images, index, shifts, flips, mean, std, rotations, out_dtype, channels_last,
+                            None if size is None else [h, w], boxes, check_bounds)
+    batch, labels = call()
+    # Again with each phase's threads run last to first: a GPU keeps no order, so a result
+    # that depends on it is a race between threads (one reading what another writes, or two
+    # writing one element), which the sanitizer's racecheck would find only on a GPU.
+    torch.ops.rot_kernel.emulated_reverse_threads(True)
+    try:
+        reversed_batch, reversed_labels = call()
+    finally:
+        torch.ops.rot_kernel.emulated_reverse_threads(False)
+    assert torch.equal(bits(reversed_batch), bits(batch)) and torch.equal(reversed_labels, labels), \
+        "the emulated kernel's result depends on the order of its threads: a race"
+    return batch, labels
 
 
 def run(device, images, index=None, shifts=None, flips=None, **kw):

@@ -3,7 +3,9 @@
 // barriers. The same plan, the same 32-bit index math and the same float operations as on
 // the GPU, so CI can check the GPU's mapping against the CPU kernel bit for bit, and the
 // alignment of its 16-byte loads and stores; what only a GPU can check (the launch itself,
-// races, the hardware's conversions) is left to the tests that run there.
+// the hardware's conversions, races that do not change the result with the order of the
+// threads) is left to the tests that run there. emulated_reverse_threads(True) runs each
+// phase's threads last to first: a result that changes with it is a race.
 //
 // Shared memory is NaN before every block (and, in the tiled kernel, before every channel
 // group) and fenced by NaN on both sides, so a read of an element no phase wrote, or a read
@@ -60,6 +62,14 @@ struct SharedMemory {
 };
 
 thread_local std::string last_plan;
+// The order in which a phase's threads run. A GPU runs them in no order: a program whose
+// result depends on it has a race, so the tests run every case both ways and compare.
+thread_local bool reverse_threads = false;
+
+template <typename F>
+void each_thread(F&& phase) {
+  for (int i = 0; i < kThreads; ++i) phase(reverse_threads ? kThreads - 1 - i : i);
+}
 
 struct Emulator {
   int sms = kEmulatedSMs;
@@ -75,8 +85,8 @@ struct Emulator {
     for (int64_t x = 0; x < plan.blocks_x; ++x)
       for (int y = 0; y < plan.blocks_y; ++y) {
         StagedBlock<in_t, out_t, VEC, CL> block(a, x, y, shared.fresh());
-        for (int t = 0; t < kThreads; ++t) block.stage(t, kThreads);
-        for (int t = 0; t < kThreads; ++t) block.write(t, kThreads);  // after __syncthreads()
+        each_thread([&](int t) { block.stage(t, kThreads); });
+        each_thread([&](int t) { block.write(t, kThreads); });  // after __syncthreads()
         shared.check_fences(x, y);
       }
   }
@@ -91,8 +101,8 @@ struct Emulator {
         TiledBlock<in_t, out_t, CL> block(a, x, y, shared.fresh());
         for (int c0 = 0; c0 < a.p.C; c0 += a.tl.chunk) {
           if (c0 > 0) shared.repoison();  // a group must not read what the previous one staged
-          for (int t = 0; t < kThreads; ++t) block.stage(t, kThreads, c0);
-          for (int t = 0; t < kThreads; ++t) block.write(t, kThreads, c0);
+          each_thread([&](int t) { block.stage(t, kThreads, c0); });
+          each_thread([&](int t) { block.write(t, kThreads, c0); });
         }
         shared.check_fences(x, y);
       }
@@ -108,6 +118,7 @@ TORCH_LIBRARY_FRAGMENT(rot_kernel, m) {
       "float[] mean, float[] std, int[] rotations, ScalarType out_dtype, bool channels_last, "
       "SymInt[]? size=None, Tensor? boxes=None, bool check_bounds=True) -> (Tensor, Tensor)");
   m.def("emulated_plan() -> str", [] { return last_plan; });
+  m.def("emulated_reverse_threads(bool reverse) -> ()", [](bool reverse) { reverse_threads = reverse; });
 }
 
 TORCH_LIBRARY_IMPL(rot_kernel, CPU, m) {
