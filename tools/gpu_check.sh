@@ -11,18 +11,18 @@
 # Each stage writes its whole output to OUT_DIR/STAGE.log (JSON too where there is one) and
 # prints the log's last lines; summary.log says when each stage began and how it ended.
 #
-# A device machine goes back 30 s after a call, so plan on every call finding a bare one:
-# each stage that needs the operator builds it first if this machine lacks it (about 2 min).
+# A device machine goes back 30 s after a call, so plan on every call finding a bare one.
+# A stage that needs the operator first makes sure it has the one of these sources: built
+# on this machine, or carried in .device/op from an earlier call, or else built now (2 min).
 # A call lasts at most 10 minutes and brings back at most 8 files: run the script under a
 # shorter timeout and bundle the folder, so that a stage cut off still returns its log:
-#   run(carry=CARRY, timeout_s=600, command="timeout 550 bash tools/gpu_check.sh /tmp/gc STAGES;
-#       bash tools/gpu_check.sh /tmp/gc collect; tar czf $OUT/gc.tgz -C /tmp/gc .; cp rot_kernel/_C*.so $OUT/")
+#   run(carry=["data", ".device"], timeout_s=600, command="timeout 550 bash tools/gpu_check.sh
+#       /tmp/gc STAGES; bash tools/gpu_check.sh /tmp/gc collect; tar czf $OUT/gc.tgz -C /tmp/gc .")
 # with, in order (the first call finds a broken kernel fast, and has the headline numbers):
-#   1. STAGES = env build quick check bench train    CARRY = ["data", ".device"]
-#   2. STAGES = tests sanitize ncu before torchrun   3. STAGES = runs
-# Calls 2 and 3 skip the build: copy the operator call 1 brought back into rot_kernel/ here
-# and add that file (rot_kernel/_C.cpython-312-x86_64-linux-gnu.so: the device's Python is
-# 3.12) to CARRY.
+#   1. env build quick check bench train   2. tests sanitize ncu before torchrun   3. runs
+# After call 1, here: unpack its gc.tgz and copy its op/ folder (the built operator and the
+# hash of its sources) to .device/op, so that calls 2 and 3 skip the build; a change to
+# rot_kernel/csrc since then changes the hash, and the operator is built again.
 # `runs` resumes the real runs where a previous call stopped if the machine is still warm
 # (else it starts again: checkpoints are too big to bring back and carry); `collect` bundles
 # what they have written but the checkpoints (tables, each run's results and metrics).
@@ -48,6 +48,9 @@ out=$(cd "$out" && pwd)
 # The device image's python3 holds torch; a plain `python` may not exist there.
 PY=$(command -v python3 || command -v python)
 export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
+# The repository's rot_kernel for every script (.device/gpu_check.py too) even where no
+# install was made, as on a bare machine that was carried the operator built before.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Nsight Compute: leave the clocks alone; where the time goes (issue vs DRAM), bank conflicts.
 NCU_METRICS=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,\
 smsp__issue_active.avg.pct_of_peak_sustained_active,sm__inst_executed.sum,\
@@ -56,10 +59,26 @@ sm__warps_active.avg.pct_of_peak_sustained_active
 ncu_run() { ncu --clock-control none -k regex:'staged|tiled' --metrics "$NCU_METRICS" --csv "$@"; }
 # Stages report failures in their logs and the script goes on to the next one.
 pytest_cuda() { ROT_REQUIRE_CUDA=1 "$PY" -m pytest -q -W error::RuntimeWarning -p no:cacheprovider "$@"; }
-has_cuda_op() { "$PY" -c "import rot_kernel, sys; sys.exit('cuda' not in rot_kernel.backend())" 2>/dev/null; }
-build() {  # the CUDA kernel, built against this machine's torch (MAX_JOBS: all cores)
+op_sources() { cat rot_kernel/csrc/* setup.py | sha256sum | cut -c1-16; }
+build() {  # the CUDA kernel, built against this machine's torch (MAX_JOBS: all cores); a copy
+  # goes to OUT_DIR/op with the hash of its sources, for later calls to carry in .device/op
   MAX_JOBS=$(nproc) "$PY" -m pip install -q --no-build-isolation -e . 2>&1 | tail -20
-  "$PY" -c "import rot_kernel; b = rot_kernel.backend(); print(b); assert 'cuda' in b, 'no CUDA kernel'"
+  "$PY" -c "import rot_kernel; b = rot_kernel.backend(); print(b); assert 'cuda' in b, 'no CUDA kernel'" \
+    && mkdir -p build "$out/op" && op_sources | tee build/op.sources > "$out/op/sources" \
+    && cp rot_kernel/_C*.so "$out/op/"
+}
+ensure_op() {  # the operator of these sources: built on this machine, carried in, or built now
+  local want; want=$(op_sources)
+  if ls rot_kernel/_C*.so > /dev/null 2>&1 && [ "$(cat build/op.sources 2>/dev/null)" = "$want" ]; then
+    return 0
+  fi
+  if [ "$(cat .device/op/sources 2>/dev/null)" = "$want" ] && cp .device/op/_C*.so rot_kernel/ 2>/dev/null; then
+    mkdir -p build && echo "$want" > build/op.sources
+    echo "(the operator an earlier call built from these sources)"
+    return 0
+  fi
+  echo "(building the operator first)"
+  build >> "$out/build.log" 2>&1
 }
 
 stage_body() {
@@ -121,10 +140,7 @@ needs_op=" quick tests check sanitize bench ncu train torchrun runs "
 for stage in $stages; do
   start=$(date +%s)
   echo "== $stage $(date +%T)" | tee -a "$out/summary.log"
-  if [[ $needs_op == *" $stage "* ]] && ! has_cuda_op; then
-    echo "(building the operator first)" | tee -a "$out/summary.log"
-    build >> "$out/build.log" 2>&1
-  fi
+  [[ $needs_op == *" $stage "* ]] && ensure_op | tee -a "$out/summary.log"
   stage_body "$stage" >> "$out/$stage.log" 2>&1
   rc=$?
   tail -n 15 "$out/$stage.log"
