@@ -128,6 +128,13 @@ def _start_worker(main_pid):
         os._exit(0)
 
 
+def _pool_context():
+    """Forked workers on Linux, whatever the default: _start_worker's check needs the main
+    process as their parent, and under forkserver (Python 3.14's default) the parent is the
+    server, so every worker would quit at once and the pool would wait forever."""
+    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+
+
 def _decode(task):
     """(path, S) -> (image, None, channel sums and sums of squares) or (None, reason, None).
     Runs in the worker processes."""
@@ -419,7 +426,7 @@ def _fill(root, split, manifest, workers, progress):
     with open(base + ".u8", "r+b") as images, open(base + ".skipped.jsonl", "a") as log, \
             contextlib.ExitStack() as stack:
         if workers > 1:
-            pool = stack.enter_context(multiprocessing.Pool(workers, _start_worker, (os.getpid(),)))
+            pool = stack.enter_context(_pool_context().Pool(workers, _start_worker, (os.getpid(),)))
             results = pool.imap(_decode, tasks, chunksize=max(1, min(32, len(tasks) // (4 * workers))))
         else:
             results = map(_decode, tasks)

@@ -459,6 +459,24 @@ def test_worker_pool_gives_the_same_result(tmp_path):
     assert_same(pooled, alone)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pool forks on Linux only")
+def test_the_pool_works_whatever_the_default_start_method(tmp_path):
+    # Python 3.14 made forkserver the default: the workers must still start (they quit at
+    # once when their parent was not the main process, and the pool waited forever).
+    data = tmp_path / "d"
+    write_classes(data, {"x": 6, "y": 6})
+    script = textwrap.dedent(f"""
+        import multiprocessing, sys
+        sys.path.insert(0, {REPO!r})
+        import folders
+        multiprocessing.set_start_method("forkserver")
+        folders.prepare({str(data)!r}, image_size={S}, cache={str(tmp_path / "c")!r}, workers=2, progress=False)
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60, capture_output=True)
+    pooled, _ = prepare(data, tmp_path / "c")  # reused: complete and the same as decoded here
+    assert_same(pooled, prepare(data, tmp_path / "alone")[0])
+
+
 def test_only_broken_files_is_one_user_error(tmp_path, capsys):
     data = tmp_path / "bad"
     write_bytes(f"{data}/a.jpg", b"nope")
