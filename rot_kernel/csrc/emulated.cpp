@@ -11,8 +11,8 @@
 // group) and fenced by NaN on both sides, so a read of an element no phase wrote, or a read
 // outside the block's allocation, shows as NaN in the output; a write outside it changes a
 // fence, which is checked after every block. Labels start at -1, so a label no block wrote
-// shows too. emulated_plan() says how
-// the last call was cut into blocks, so that tests can pin their cases to a path.
+// shows too. emulated_plan() says how the last call was cut into blocks, so that tests can
+// pin their cases to a path.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -35,8 +35,8 @@ constexpr uint32_t kPoisonBits = 0x7FC0DEADu;
 
 struct SharedMemory {
   std::vector<float> words;
-  int64_t size;  // floats between the fences
-  explicit SharedMemory(int64_t bytes) : words(bytes / sizeof(float) + 2 * kFence), size(bytes / sizeof(float)) {}
+  explicit SharedMemory(int64_t bytes) : words(bytes / sizeof(float) + 2 * kFence) {}
+  int64_t size() const { return static_cast<int64_t>(words.size()) - 2 * kFence; }  // floats between the fences
   static float poison() {
     float nan;
     std::memcpy(&nan, &kPoisonBits, sizeof nan);
@@ -46,7 +46,7 @@ struct SharedMemory {
     std::fill(words.begin(), words.end(), poison());
     return words.data() + kFence;
   }
-  void repoison() { std::fill_n(words.data() + kFence, size, poison()); }  // keeps the fences
+  void repoison() { std::fill_n(words.data() + kFence, size(), poison()); }  // keeps the fences
   void check_fences(int64_t x, int y) const {  // a block's writes stayed inside its allocation
     auto intact = [](const float* begin, const float* end) {
       return std::all_of(begin, end, [](float v) {
@@ -56,8 +56,9 @@ struct SharedMemory {
       });
     };
     const float* data = words.data();
-    TORCH_CHECK(intact(data, data + kFence) && intact(data + kFence + size, data + words.size()),
-                "emulated block (", x, ", ", y, ") wrote outside its ", size * sizeof(float), " bytes of shared memory");
+    TORCH_CHECK(intact(data, data + kFence) && intact(data + kFence + size(), data + words.size()),
+                "emulated block (", x, ", ", y, ") wrote outside its ", size() * sizeof(float),
+                " bytes of shared memory");
   }
 };
 

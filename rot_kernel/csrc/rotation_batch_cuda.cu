@@ -43,7 +43,7 @@ int multiprocessors(int device) {
 // a guard is made from their device (prepare_batch then checks every other argument).
 c10::Device cuda_device_of(const at::Tensor& images) {
   TORCH_CHECK(images.is_cuda(), "images: expected a CUDA tensor, as another argument is, got ",
-                    images.device());
+              images.device());
   return images.device();
 }
 
