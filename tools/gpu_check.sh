@@ -1,48 +1,90 @@
 #!/usr/bin/env bash
 # The GPU session's checklist (issue 8), in order, every result under one folder.
 #
-# Here, on the CPU machine, once:   bash tools/gpu_check.sh --prepare
-#   copies the CIFAR-10 sample into data/, the independent checker (../shared/tools/gpu_check.py)
-#   and the operator as it was before the kernel restructure (commit $BEFORE, for the before/after
-#   table) into .device/; both folders are ignored: name them in the device tool's `carry`.
+# Here, on the CPU machine, once:   bash tools/gpu_check.sh --prepare [PY]
+#   copies into .device/ (ignored: name it in the device tool's `carry`) the CIFAR-10 sample
+#   (.device/data), the independent checker (../shared/tools/gpu_check.py) and the operator as it
+#   was before the kernel restructure (commit $BEFORE, for the before/after table).
+#   With PY, a Python with the device's stack (3.12, torch 2.11.0+cu130 from PyPI), it also
+#   builds both operators for sm_90 (.device/op, .device/before), which saves the device
+#   about 3 minutes of building (4 min here). Such a Python, from this machine's pyenv:
+#     ~/.pyenv/versions/3.12.1/bin/python -m venv /tmp/venv-312
+#     /tmp/venv-312/bin/pip install torch==2.11.0 numpy ninja setuptools
 # There, from the repository root:  bash tools/gpu_check.sh OUT_DIR [STAGE...]
 #   stages: env build quick tests check sanitize bench ncu before train torchrun runs collect
-#   (default: all but quick, which the full `tests` includes)
+#   (default: all but build and quick; `build` builds anew, the others only when they must, and
+#   the full `tests` includes `quick`)
 # Each stage writes its whole output to OUT_DIR/STAGE.log (JSON too where there is one) and
 # prints the log's last lines; summary.log says when each stage began and how it ended.
 #
 # A device machine goes back 30 s after a call, so plan on every call finding a bare one.
 # A stage that needs the operator first makes sure it has the one of these sources: built
-# on this machine, or carried in .device/op from an earlier call, or else built now (2 min).
-# A call lasts at most 10 minutes and brings back at most 8 files: run the script under a
-# shorter timeout and bundle the folder, so that a stage cut off still returns its log:
-#   run(carry=["data", ".device"], timeout_s=600, command="timeout 550 bash tools/gpu_check.sh
-#       /tmp/gc STAGES; bash tools/gpu_check.sh /tmp/gc collect; tar czf $OUT/gc.tgz -C /tmp/gc .")
+# on this machine, or carried in .device/op (by --prepare PY, or from an earlier call) if it
+# loads there, or else built now (2 min).
+# A call lasts at most 10 minutes and brings back at most 8 files of 16 MiB: run the script
+# under a shorter timeout and bundle the folder in parts, so that a stage cut off still
+# returns its log:
+#   run(carry=[".device", "runs/gpu"], timeout_s=600, command="timeout 550 bash
+#       tools/gpu_check.sh /tmp/gc STAGES; bash tools/gpu_check.sh /tmp/gc collect;
+#       tar czf - -C /tmp/gc . | split -b 15m - $OUT/gc.tgz.part-")
 # with, in order (the first call finds a broken kernel fast, and has the headline numbers):
-#   1. env build quick check bench train   2. tests sanitize ncu before torchrun   3. runs
-# After call 1, here: unpack its gc.tgz and copy its op/ folder (the built operator and the
-# hash of its sources) to .device/op, so that calls 2 and 3 skip the build; a change to
-# rot_kernel/csrc since then changes the hash, and the operator is built again.
-# `runs` resumes the real runs where a previous call stopped if the machine is still warm
-# (else it starts again: checkpoints are too big to bring back and carry); `collect` bundles
-# what they have written but the checkpoints (tables, each run's results and metrics).
+#   1. env quick check bench train   2. tests sanitize ncu before torchrun   3. runs (4. runs)
+# After each call, here:  bash tools/gpu_check.sh --unpack FILES_AT
+#   puts the call's logs in runs/gpu-calls/N, the operator it built (if it did) in .device/op
+#   (a change to rot_kernel/csrc changes the hash, and it is built again), and the real runs
+#   it finished in runs/gpu: `collect` brings back all they wrote but the checkpoints, and
+#   carrying runs/gpu out again lets `runs` go on from the finished ones in the next call, or
+#   the next session (all six RotNets' model.pt take 40 MB).
 set -uo pipefail
 BEFORE=bf4c3e9  # the last commit with the staged kernel that did per-element 64-bit division
+DATA=.device/data  # the CIFAR-10 sample (--prepare)
+
+op_sources() { cat rot_kernel/csrc/* setup.py | sha256sum | cut -c1-16; }
 
 if [ "${1:-}" = "--prepare" ]; then
   shared=${SHARED:-../shared}
-  mkdir -p data .device
-  cp "$shared"/data/cifar-10-sample-python.tar.gz data/
+  rm -rf .device/data && mkdir -p .device/data  # the archive alone: the runs unpack it there
+  cp "$shared"/data/cifar-10-sample-python.tar.gz .device/data/
   cp "$shared"/tools/gpu_check.py .device/
-  rm -rf .device/before && mkdir -p .device/before
+  rm -rf .device/before .device/op && mkdir -p .device/before
   git archive "$BEFORE" rot_kernel setup.py | tar -x -C .device/before
-  du -sh data .device
+  if [ -n "${2:-}" ]; then  # both operators built here, for sm_90, with the device's own stack
+    export TORCH_CUDA_ARCH_LIST=9.0 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=2
+    "$2" -c "import sys, torch; print(sys.version.split()[0], torch.__version__)"
+    tmp=$(mktemp -d) && cp -r rot_kernel setup.py "$tmp"/ && rm -f "$tmp"/rot_kernel/_C*.so
+    ( cd "$tmp" && "$2" setup.py -q build_ext --inplace ) > .device/prebuild.log 2>&1 \
+      && mkdir -p .device/op && cp "$tmp"/rot_kernel/_C*.so .device/op/ && op_sources > .device/op/sources \
+      && ( cd .device/before && "$2" setup.py -q build_ext --inplace ) >> .device/prebuild.log 2>&1 \
+      || { echo "a build failed: see .device/prebuild.log"; exit 1; }
+    strip --strip-debug .device/op/_C*.so .device/before/rot_kernel/_C*.so  # 9 MB -> 2: carried
+    for dir in "$tmp" .device/before; do  # each imports as built, its CUDA kernel registered
+      ( cd "$dir" && "$2" -c "import rot_kernel as k; b = k.backend(); print(b); assert b == 'cpu+cuda (prebuilt)'" ) \
+        || { echo "the operator in $dir does not import with its CUDA kernel"; exit 1; }
+    done
+    rm -rf "$tmp" .device/before/build
+  fi
+  du -sh .device  # with the working tree, at most 64 MiB travel
+  exit 0
+fi
+
+if [ "${1:-}" = "--unpack" ]; then  # here, after each call: what it brought back, into place
+  from=${2:?usage: bash tools/gpu_check.sh --unpack FILES_AT  (the folder the device tool named)}
+  n=1; while [ -e "runs/gpu-calls/$n" ]; do n=$((n + 1)); done
+  dest=runs/gpu-calls/$n && mkdir -p "$dest"
+  cat "$from"/gc.tgz.part-* | tar xzf - -C "$dest" || exit 1
+  if [ -f "$dest/op/sources" ]; then  # the operator that call built: later calls carry it
+    rm -rf .device/op && cp -r "$dest/op" .device/op
+  fi
+  [ -f "$dest/runs_results.tgz" ] && tar xzf "$dest/runs_results.tgz"  # merged into runs/gpu
+  cat "$dest/summary.log"
+  echo "unpacked into $dest; the next call carries .device and runs/gpu (with the tree, <= 64 MiB):"
+  du -shc .device runs/gpu 2>/dev/null | tail -1
   exit 0
 fi
 
 out=${1:?usage: bash tools/gpu_check.sh OUT_DIR [STAGE...]  (or --prepare, on the CPU machine)}
 shift
-stages=${*:-env build tests check sanitize bench ncu before train torchrun runs collect}
+stages=${*:-env tests check sanitize bench ncu before train torchrun runs collect}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 # The device image's python3 holds torch; a plain `python` may not exist there.
@@ -59,13 +101,12 @@ sm__warps_active.avg.pct_of_peak_sustained_active
 ncu_run() { ncu --clock-control none -k regex:'staged|tiled' --metrics "$NCU_METRICS" --csv "$@"; }
 # Stages report failures in their logs and the script goes on to the next one.
 pytest_cuda() { ROT_REQUIRE_CUDA=1 "$PY" -m pytest -q -W error::RuntimeWarning -p no:cacheprovider "$@"; }
-op_sources() { cat rot_kernel/csrc/* setup.py | sha256sum | cut -c1-16; }
 build() {  # the CUDA kernel, built against this machine's torch (MAX_JOBS: all cores); a copy
   # goes to OUT_DIR/op with the hash of its sources, for later calls to carry in .device/op
   MAX_JOBS=$(nproc) "$PY" -m pip install -q --no-build-isolation -e . 2>&1 | tail -20
   "$PY" -c "import rot_kernel; b = rot_kernel.backend(); print(b); assert 'cuda' in b, 'no CUDA kernel'" \
     && mkdir -p build "$out/op" && op_sources | tee build/op.sources > "$out/op/sources" \
-    && cp rot_kernel/_C*.so "$out/op/"
+    && cp rot_kernel/_C*.so "$out/op/" && { strip --strip-debug "$out"/op/_C*.so 2>/dev/null || true; }
 }
 ensure_op() {  # the operator of these sources: built on this machine, carried in, or built now
   local want; want=$(op_sources)
@@ -73,9 +114,13 @@ ensure_op() {  # the operator of these sources: built on this machine, carried i
     return 0
   fi
   if [ "$(cat .device/op/sources 2>/dev/null)" = "$want" ] && cp .device/op/_C*.so rot_kernel/ 2>/dev/null; then
-    mkdir -p build && echo "$want" > build/op.sources
-    echo "(the operator an earlier call built from these sources)"
-    return 0
+    if "$PY" -c "import rot_kernel as k; assert k.backend() == 'cpu+cuda (prebuilt)'" 2>/dev/null; then
+      mkdir -p build && echo "$want" > build/op.sources
+      echo "(the operator of these sources carried in .device/op)"
+      return 0
+    fi
+    rm -f rot_kernel/_C*.so
+    echo "(the operator carried in .device/op does not load here)"
   fi
   echo "(building the operator first)"
   build >> "$out/build.log" 2>&1
@@ -110,7 +155,9 @@ stage_body() {
     ncu)    # the benchmark cases once each, kernel by kernel
       ncu_run "$PY" .device/gpu_check.py --ncu > "$out/ncu_after.csv" ;;
     before) # the pre-restructure operator: its benchmark and counters, for the before/after table
-      ( cd .device/before && MAX_JOBS=$(nproc) "$PY" setup.py -q build_ext --inplace 2>&1 | tail -20 \
+      # (built here unless --prepare built it on the CPU machine)
+      ( cd .device/before && { ls rot_kernel/_C*.so > /dev/null 2>&1 \
+          || MAX_JOBS=$(nproc) "$PY" setup.py -q build_ext --inplace 2>&1 | tail -20; } \
         && "$PY" -m rot_kernel.bench --device cuda --json "$out/bench_cuda_before.json" \
         && PYTHONPATH=$PWD ncu_run "$PY" ../gpu_check.py --ncu > "$out/ncu_before.csv" ) ;;
     train)  # the AlexNet step (short); then every variant and the DataLoader baseline in one
@@ -118,19 +165,21 @@ stage_body() {
       "$PY" rotnet.py --benchmark --device cuda --arch alexnet --steps 30
       "$PY" rotnet.py --benchmark --sweep --device cuda --json "$out/train_sweep.json" ;;
     torchrun)  # one process through torchrun on CUDA (NCCL); several GPUs cannot be tried here
-      "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 rotnet.py --data data --epochs 1 \
+      "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 rotnet.py --data "$DATA" --epochs 1 \
         --width 0.25 --out runs/gpu/torchrun ;;
-    runs)   # the real runs on the sample, full width, the paper's schedules, resumed. By the
-      # FLOPs (about 1.5 GFLOP per rotated image, forward and backward), at 150 TFLOP/s: the
-      # RotNet 0.5 min, Table 3 2, Table 1 3, Table 2 3, the semi-supervised sweep 6 (its
-      # epochs are 50,000 images whatever the labels); more than one call holds
-      "$PY" rotnet.py --data data --epochs 100 --out runs/gpu/rotnet --resume
-      for t in 3 1 2; do "$PY" probe.py --table "$t" --data data --out runs/gpu/tables; done
-      "$PY" semi_supervised.py --data data --per-class 20,100,400 --checkpoint runs/gpu/rotnet/model.pt \
+    runs)   # the real runs on the sample, full width, the paper's schedules. By the FLOPs
+      # (about 1.5 GFLOP per rotated image, forward and backward), at 150 TFLOP/s: the RotNet
+      # 0.5 min, Table 3 2, Table 1 3, Table 2 3, the semi-supervised sweep 6 (its epochs are
+      # 50,000 images whatever the labels): more than one call holds. Every finished run (its
+      # model.pt or results.json) comes back and goes out again with runs/gpu, so the runs
+      # go on across calls and sessions; a run that was cut off starts again.
+      [ -f runs/gpu/rotnet/model.pt ] || "$PY" rotnet.py --data "$DATA" --epochs 100 --out runs/gpu/rotnet --resume
+      for t in 3 1 2; do "$PY" probe.py --table "$t" --data "$DATA" --out runs/gpu/tables; done
+      "$PY" semi_supervised.py --data "$DATA" --per-class 20,100,400 --checkpoint runs/gpu/rotnet/model.pt \
         --out runs/gpu/semi ;;
-    collect)  # what `runs` has written so far, but the checkpoints: tables, each run's
-      # results, metrics and settings (a table cut off still shows its finished runs)
-      [ -d runs/gpu ] && tar czf "$out/runs_results.tgz" --exclude='*.pt' runs/gpu
+    collect)  # what `runs` has written so far but the checkpoints (too big, and not needed
+      # to go on): tables, each run's results, metrics and settings, the RotNets' model.pt
+      [ -d runs/gpu ] && tar czf "$out/runs_results.tgz" --exclude='checkpoint*.pt' runs/gpu
       ls -la "$out" ;;
     *) echo "unknown stage $1"; return 2 ;;
   esac

@@ -214,7 +214,7 @@ struct StagedBlock {
     for (int e0 = t; e0 < n; e0 += kAhead * T) {
       float v[kAhead];
       int to[kAhead];
-#pragma unroll
+      ROT_UNROLL
       for (int u = 0; u < kAhead; ++u) {
         const int e = e0 + u * T;
         to[u] = -1;
@@ -225,7 +225,7 @@ struct StagedBlock {
           to[u] = at(c, y, x);
         }
       }
-#pragma unroll
+      ROT_UNROLL
       for (int u = 0; u < kAhead; ++u)
         if (to[u] >= 0) view[to[u]] = v[u];
     }
@@ -269,10 +269,10 @@ struct StagedBlock {
       const int x_step = win.flip ? -1 : 1;
       const auto in_view = [&](int x) { return static_cast<unsigned>(x) < static_cast<unsigned>(p.w); };
       if (in_view(x_first) && in_view(x_first + (L - 1) * x_step)) {  // most packs: no test each
-#pragma unroll
+        ROT_UNROLL
         for (int u = 0; u < L; ++u) put(x_first + u * x_step, static_cast<float>(pack.v[u]));
       } else {
-#pragma unroll
+        ROT_UNROLL
         for (int u = 0; u < L; ++u)
           if (in_view(x_first + u * x_step)) put(x_first + u * x_step, static_cast<float>(pack.v[u]));
       }
@@ -306,11 +306,12 @@ struct StagedBlock {
     // This thread's outputs in each row: column jj[u], channel cc[u] (NCHW: the row's).
     int jj[VEC], cc[VEC];
     const float* from[VEC];  // where in the view: this rotation's offset of each output
-#pragma unroll
+    ROT_UNROLL
     for (int u = 0; u < VEC; ++u) {
       const int e = slot * VEC + u;
       jj[u] = CL ? static_cast<int>(st.by_C.div(e)) : e;
       cc[u] = CL ? e - jj[u] * p.C : 0;
+      from[u] = view;  // set for the first row's rotation below (g++ cannot see that it is)
     }
     const int pstride = CL ? p.C : 1;  // floats per view pixel
     const int64_t chw = static_cast<int64_t>(p.C) * p.h * p.w;
@@ -322,7 +323,7 @@ struct StagedBlock {
       if (r0 + rl != r) {  // a new rotation: new offsets of this thread's outputs
         r = r0 + rl;
         wk = st.walks[r];
-#pragma unroll
+        ROT_UNROLL
         for (int u = 0; u < VEC; ++u) from[u] = view + jj[u] * wk.dj * pstride + cc[u];
       }
       int base;
@@ -333,7 +334,7 @@ struct StagedBlock {
         base = c * st.plane + wk.start + i * wk.di;
       }
       Pack<out_t, VEC> pack;  // an address and a load per output
-#pragma unroll
+      ROT_UNROLL
       for (int u = 0; u < VEC; ++u) pack.v[u] = static_cast<out_t>(from[u][base]);
       out_t* row = a.out + (b * p.R + r) * chw + static_cast<int64_t>(line) * st.line;
       *pack_at<Pack<out_t, VEC>>(row + slot * VEC) = pack;

@@ -17,8 +17,10 @@
 
 #ifdef __CUDACC__
 #define ROT_HD __host__ __device__ __forceinline__
+#define ROT_UNROLL _Pragma("unroll")
 #else
 #define ROT_HD inline
+#define ROT_UNROLL  // the CPU emulation: g++ knows no `#pragma unroll`, and needs none
 #endif
 
 namespace rot_kernel {
