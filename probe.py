@@ -233,8 +233,7 @@ def train_classifier(model, s: train.Run, dataset, *, kind, epochs, describe, su
     if kind.startswith("alexnet"):  # the ImageNet tables give top-5 too
         results["test_top5"] = train.evaluate(ctx, net, test_x, test_y, k=5, **views)
     if ctx.main:
-        with open(os.path.join(s.out, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        train.write_results(results, os.path.join(s.out, "results.json"))
         accuracy = results["test_acc"] if isinstance(results["test_acc"], list) else [results["test_acc"]]
         print(f"test accuracy {', '.join(f'{a:.2f}' for a in accuracy)} % ({s.out}/results.json)")
     return results
@@ -357,8 +356,9 @@ def format_table(number, columns, rows):
 
 
 def run_plan(nets, probes, imagenet=False):
-    """Pretrains the RotNets and runs the probes that are not finished (a stopped one
-    resumes); every folder's settings are checked before anything trains. Returns each
+    """Runs the probes that are not finished (a stopped one resumes), first pretraining the
+    RotNets they need; every folder's settings are checked before anything trains. A RotNet
+    whose probes are all finished is not needed: its model.pt may be deleted. Returns each
     probe's results, by folder."""
     for net in nets:
         check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed)
@@ -366,15 +366,16 @@ def run_plan(nets, probes, imagenet=False):
     for p in probes:
         check_reusable(p.out, epochs=schedule_epochs(kind(p), p.epochs, p.epochs_scale), seed=p.seed,
                        checkpoint=p.checkpoint)
+    finished = lambda p: os.path.exists(os.path.join(p.out, "results.json"))
+    needed = {p.checkpoint for p in probes if not finished(p)}
     for net in nets:
-        if not os.path.exists(os.path.join(net.out, "model.pt")):
+        if os.path.join(net.out, "model.pt") in needed and not os.path.exists(os.path.join(net.out, "model.pt")):
             rotnet.pretrain(net)
     results = {}
     for p in probes:
-        path = os.path.join(p.out, "results.json")
-        if not os.path.exists(path):
+        if not finished(p):
             probe(p)
-        with open(path) as f:
+        with open(os.path.join(p.out, "results.json")) as f:
             results[p.out] = json.load(f)
     return results
 

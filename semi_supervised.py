@@ -155,8 +155,8 @@ def sweep(s: Sweep):
     if not main_rank:
         return
     os.makedirs(s.out, exist_ok=True)
-    with open(os.path.join(s.out, "results.json"), "w") as f:
-        json.dump(dict(rows=rows, checkpoint=checkpoint, epoch_size=s.epoch_size), f, indent=1)
+    train.write_results(dict(rows=rows, checkpoint=checkpoint, epoch_size=s.epoch_size),
+                        os.path.join(s.out, "results.json"))
     with open(os.path.join(s.out, "semi_supervised.md"), "w") as f:
         f.write(markdown(rows))
     plot(rows, os.path.join(s.out, "semi_supervised.png"))

@@ -284,6 +284,14 @@ def atomic_save(obj, path, keep_previous=False):
     os.replace(path + ".tmp", path)
 
 
+def write_results(results, path):
+    """results.json, written whole or not at all: the file marks a finished run, which the
+    tables and sweeps then reuse, so a run stopped while writing it must leave none."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def load_resume_checkpoint(ctx, out):
     """The newest good checkpoint in out: checkpoint.pt, else (damaged or cut short) the
     one before it. None when out has none; a UserError when none of them is good."""

@@ -127,6 +127,12 @@ def test_a_whole_table_at_a_tiny_scale(cifar_dir, tmp_path, table):
     # A second call reuses every finished run: no training, the same table.
     again = run_probe(*flags)
     assert "epoch 1" not in again.stdout and json.loads((tmp_path / f"table{table}.json").read_text()) == saved
+    # Nor are the RotNets needed once their probes are finished: they may be deleted.
+    for model in tmp_path.glob("rotnet_*/model.pt"):
+        model.unlink()
+    again = run_probe(*flags)
+    assert "epoch 1" not in again.stdout and json.loads((tmp_path / f"table{table}.json").read_text()) == saved
+    assert not list(tmp_path.glob("rotnet_*/model.pt"))
     # Runs made at another scale are not silently taken for this one.
     other = run_probe(*[0.01 if f == 0.005 else f for f in flags], check=False)
     assert_one_line_error(other, "other settings", "epochs")

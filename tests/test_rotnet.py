@@ -313,6 +313,23 @@ def test_resume_from_a_damaged_checkpoint_continues_from_the_previous_one(cifar_
     assert [m["epoch"] for m in metrics_of(b)] == [1, 2, 3]
 
 
+def test_results_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    # results.json marks a finished run (the tables reuse it): one stopped while writing it
+    # must leave the previous file, or none, never half of one.
+    path = str(tmp_path / "results.json")
+    train.write_results({"test_acc": 1.0}, path)
+
+    def stopped(obj, f, **kwargs):  # half the file written, then the process is stopped
+        f.write('{"test_acc": ')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dump", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train.write_results({"test_acc": 2.0}, path)
+    monkeypatch.undo()
+    assert json.loads(open(path).read()) == {"test_acc": 1.0}
+
+
 def test_resume_with_no_good_checkpoint_says_what_to_delete(cifar_dir, tmp_path):
     out = tmp_path / "out"
     run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1"))
