@@ -1,6 +1,6 @@
 """data.py: CIFAR-10 or an image folder behind one interface, the resident and the streamed
-split giving the same batches, and the scripts end to end on a folder of images (CPU, tiny
-models, images the tests write).
+split giving the same batches (also to two ranks, each streaming its share), and the scripts
+end to end on a folder of images (CPU, tiny models, images the tests write).
 """
 import json
 import os
@@ -13,7 +13,7 @@ from PIL import Image
 import data
 import rotnet
 import train
-from conftest import assert_one_line_error, metrics_of, run_cli, write_cifar
+from conftest import assert_one_line_error, free_port, metrics_of, run_cli, write_cifar
 
 
 def write_folder(root, classes=("cat", "dog", "ship"), per_class=12, size=(40, 36), seed=0):
@@ -104,6 +104,35 @@ def test_training_on_a_folder_streamed_equals_resident(folder, tmp_path, monkeyp
         monkeypatch.setattr(data, "on_device", lambda images, device, stream_=None: real(images, device, stream))
         rotnet.pretrain(rotnet.Pretraining(data=str(folder), image_size=16, cache=str(tmp_path / "cache"), epochs=1,
                                            width=0.125, batch_size=8, device="cpu", out=str(out)))
+        return torch.load(out / "model.pt", weights_only=True)["model"]
+    a, b = run(False, tmp_path / "resident"), run(True, tmp_path / "streamed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def pretrain_as_a_rank(rank, port, stream, settings):
+    """One of two gloo ranks (a spawned process) pretraining with its split streamed or not."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    real = data.on_device
+    data.on_device = lambda images, device, stream_=None: real(images, device, stream)
+    train.run_job(lambda: rotnet.pretrain(rotnet.Pretraining(**settings)))
+
+
+def test_ranks_streaming_their_shares_train_as_resident_ones(folder, tmp_path):
+    """Two ranks (gloo) each stream only their share of every step, as an ImageNet run on
+    several GPUs does: the same weights as two ranks holding the split resident."""
+    def run(stream, out):
+        settings = dict(data=str(folder), image_size=16, cache=str(tmp_path / "cache"), epochs=1, width=0.125,
+                        batch_size=8, device="cpu", out=str(out))
+        spawn = torch.multiprocessing.get_context("spawn")  # fork would copy pytest's OpenMP threads
+        port = free_port()
+        ranks = [spawn.Process(target=pretrain_as_a_rank, args=(r, port, stream, settings)) for r in range(2)]
+        for p in ranks:
+            p.start()
+        for p in ranks:
+            p.join(timeout=300)
+        assert [p.exitcode for p in ranks] == [0, 0]
+        assert json.loads((out / "config.json").read_text())["world_size"] == 2
         return torch.load(out / "model.pt", weights_only=True)["model"]
     a, b = run(False, tmp_path / "resident"), run(True, tmp_path / "streamed")
     assert all(torch.equal(a[k], b[k]) for k in a)
