@@ -29,6 +29,10 @@
 #       tar czf - -C /tmp/gc . | split -b 15m - $OUT/gc.tgz.part-")
 # with, in order (the first call finds a broken kernel fast, and has the headline numbers):
 #   1. env quick check bench train   2. tests sanitize ncu before torchrun   3. runs (4. runs)
+# A session has 30 minutes of device time, counted from the machine's start (a minute or
+# more) until it goes back: issue each call as soon as the one before returns, and read what
+# that one brought back beside it (its files are here by then); a gap of over 30 s costs a
+# new start.
 # After each call, here:  bash tools/gpu_check.sh --unpack FILES_AT
 #   puts the call's logs in runs/gpu-calls/N, the operator it built (if it did) in .device/op
 #   (a change to rot_kernel/csrc changes the hash, and it is built again), and the real runs
@@ -179,7 +183,7 @@ stage_body() {
         --out runs/gpu/semi ;;
     collect)  # what `runs` has written so far but the checkpoints (too big, and not needed
       # to go on): tables, each run's results, metrics and settings, the RotNets' model.pt
-      [ -d runs/gpu ] && tar czf "$out/runs_results.tgz" --exclude='checkpoint*.pt' runs/gpu
+      [ -d runs/gpu ] && tar czf "$out/runs_results.tgz" --exclude='checkpoint*.pt' --exclude='*.tmp' runs/gpu
       ls -la "$out" ;;
     *) echo "unknown stage $1"; return 2 ;;
   esac
