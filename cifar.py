@@ -116,8 +116,8 @@ def find_cifar(data, download_missing=False):
         if os.path.isdir(folder):
             return folder
         raise UserError(f"{archives[0]} holds no cifar-10-batches-py folder")
-    raise UserError(f"CIFAR-10 not found: looked for {folder} and {data}/cifar-10-python.tar.gz; "
-                    "run with --download to fetch it (or point --data at the folder)")
+    raise UserError(f"{data} holds neither images nor CIFAR-10 (looked for {folder} and "
+                    f"{data}/cifar-10-python.tar.gz): point --data at one, or add --download to fetch CIFAR-10")
 
 
 def load_cifar(data, download_missing=False):

@@ -13,8 +13,11 @@ images from the file into pinned memory and copies them on a side stream while t
 current step runs. Both give the same batches for the same draws.
 """
 import ctypes
+import json
+import os
 import queue
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -59,6 +62,9 @@ def as_tensor(array):
 def load(data, *, image_size=256, download=False, cache=None, val_fraction=0.1, seed=0):
     """The data set in --data: CIFAR-10 (image_size is then 32), or an image folder,
     prepared into `cache` on first use at image_size x image_size."""
+    if not os.path.exists(data) and not download:  # before any guess at which data set it is
+        raise UserError(f"{data}: no such folder (--data is CIFAR-10's folder, the folder holding it "
+                        "or its archive, or a folder of images; --download fetches CIFAR-10)")
     if not folders.is_image_folder(data):
         train_x, train_y, test_x, test_y = cifar.load_cifar(data, download)
         return Dataset(train_x, train_y, test_x, test_y, cifar.MEAN, cifar.STD, cifar.CLASSES)
@@ -229,9 +235,6 @@ def benchmark(data_dir, *, image_size=256, batch_size=192, steps=50, device="cpu
     """The loader alone: images/s from a prepared folder's file into device batches (random
     order, as training reads it), with the page cache cold (the file's pages dropped
     first) and then warm. Prints one JSON line and returns it."""
-    import json
-    import os
-    import time
     p = folders.prepare(data_dir, image_size=image_size, cache=cache)
     keep_freed_memory()  # as a CPU training run does: batch buffers are reused, not faulted in anew
     images = as_tensor(p.train.images)

@@ -140,8 +140,13 @@ def test_an_archive_already_there_is_not_downloaded_again(tmp_path, local_only_d
 # ----------------------------------------------------------------------------- data errors, as the CLI shows them
 def test_cli_missing_data_says_where_it_looked(tmp_path):
     proc = run_cli(*tiny_run_flags(tmp_path / "nothing", tmp_path / "out", "--epochs", "1"), check=False)
-    assert_one_line_error(proc, tmp_path / "nothing", "--download")
+    assert_one_line_error(proc, tmp_path / "nothing", "no such folder", "--download")
     assert not (tmp_path / "out").exists()
+    # A folder that exists but holds neither (an ImageNet path one level off, say)
+    os.makedirs(tmp_path / "empty")
+    proc = run_cli(*tiny_run_flags(tmp_path / "empty", tmp_path / "out", "--epochs", "1", "--arch", "alexnet"),
+                   check=False)
+    assert_one_line_error(proc, tmp_path / "empty", "neither images nor CIFAR-10", "--download")
 
 
 def test_cli_truncated_batch_names_the_file(tmp_path):
