@@ -242,6 +242,7 @@ def train_classifier(model, s: train.Run, dataset, *, kind, epochs, describe, su
 def probe(s: Probing):
     """The probe s describes (or the supervised NIN); returns its results."""
     require(s.supervised or s.init == "random" or s.checkpoint, "a probe needs a checkpoint (or init='random')")
+    s.check_out()
     extractor = load_model(s.checkpoint) if not s.supervised and s.init == "checkpoint" else None
     blocks = len(extractor.convs if isinstance(extractor, alexnet.AlexNet) else extractor.blocks) if extractor else 0
     require(not extractor or s.block <= blocks, f"--block {s.block}: the network has blocks 1 to {blocks}")

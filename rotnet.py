@@ -90,6 +90,7 @@ class Pretraining(Run):
 # ----------------------------------------------------------------------------- pretraining
 def pretrain(s: Pretraining):
     """RotNet pretraining; writes the run files to s.out and returns the last epoch's metrics."""
+    s.check_out()
     ctx = Context(s.device, amp=s.amp, compile=s.compile)
     arch = ARCHS[s.arch]
     dataset = s.load_data(ctx)

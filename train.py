@@ -72,6 +72,14 @@ class Run:
         require(self.image_size >= 8, f"image_size: at least 8, got {self.image_size}")
         require(0 < self.val_fraction < 1, f"val_fraction: between 0 and 1, got {self.val_fraction}")
 
+    def check_out(self):
+        """Without resume a run starts afresh: refused if out holds a run already, whose files
+        it would overwrite (hours of training lost to a command run again without --resume)."""
+        held = [n for n in ("checkpoint.pt", "model.pt", "results.json") if os.path.exists(os.path.join(self.out, n))]
+        if held and not self.resume:
+            raise UserError(f"{self.out} holds a run already ({held[0]}): add --resume to continue it, or give "
+                            "another --out (or delete it to start again)")
+
     def load_data(self, ctx):
         """The data set (one rank prepares or downloads it, the others wait, then reuse it)."""
         load = lambda: data.load(self.data, image_size=self.image_size, download=self.download, cache=self.cache,

@@ -313,6 +313,18 @@ def test_resume_from_a_damaged_checkpoint_continues_from_the_previous_one(cifar_
     assert [m["epoch"] for m in metrics_of(b)] == [1, 2, 3]
 
 
+def test_a_finished_run_is_not_overwritten_without_resume(cifar_dir, tmp_path):
+    out = tmp_path / "out"
+    run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1"))
+    before = {name: (out / name).read_bytes() for name in ("model.pt", "checkpoint.pt", "metrics.jsonl")}
+    proc = run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1"), check=False)  # the same command again
+    assert_one_line_error(proc, str(out), "holds a run already", "--resume", "another --out")
+    assert {name: (out / name).read_bytes() for name in before} == before
+    probe = run_cli("--data", cifar_dir, "--checkpoint", out / "model.pt", "--block", "1", "--epochs", "1",
+                    "--device", "cpu", "--out", out, script="probe.py", check=False)  # a probe into it
+    assert_one_line_error(probe, str(out), "holds a run already")
+
+
 def test_results_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     # results.json marks a finished run (the tables reuse it): one stopped while writing it
     # must leave the previous file, or none, never half of one.

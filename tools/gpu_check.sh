@@ -169,6 +169,7 @@ stage_body() {
       "$PY" rotnet.py --benchmark --device cuda --arch alexnet --steps 30
       "$PY" rotnet.py --benchmark --sweep --device cuda --json "$out/train_sweep.json" ;;
     torchrun)  # one process through torchrun on CUDA (NCCL); several GPUs cannot be tried here
+      rm -rf runs/gpu/torchrun  # a fresh run each time (a run refuses an --out that holds one)
       "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 rotnet.py --data "$DATA" --epochs 1 \
         --width 0.25 --out runs/gpu/torchrun ;;
     runs)   # the real runs on the sample, full width, the paper's schedules. By the FLOPs
