@@ -22,7 +22,7 @@ import rot_kernel
 from errors import UserError
 from models import build
 from rotnet import ARCHS, Pretraining
-from train import Context, batches, make_optimizer, require, train_step
+from train import Context, batches, make_optimizer, require, resolve_device, train_step
 
 WORKERS = min(8, os.cpu_count() or 1)  # the DataLoader baseline's worker processes
 
@@ -196,6 +196,10 @@ def benchmark(s: Pretraining, steps=100, *, dataloader=False, workers=WORKERS, j
     require(not dataloader or not baseline_unfit(s), f"--baseline: {baseline_unfit(s)}")
     if json_path:
         write_json(json_path, {})  # a path that cannot be written stops the run before it starts
+    # A full-width step on a CPU can take seconds: say what is being timed before it starts.
+    print(f"timing {steps} training steps ({s.arch}, width {s.width}, {s.batch_size} images x {len(s.rotations)} "
+          f"rotations) on {resolve_device(s.device)}, after {steps} untimed ones to warm up", file=sys.stderr,
+          flush=True)
     images, epoch_images = random_images(s, steps)
     variant = Variant(amp=s.amp, compile=s.compile)
     result = measure(s, variant, images, epoch_images, steps, workers)

@@ -92,9 +92,10 @@ def pick_images(labels, n, classes=10):
     return (firsts + [i for i in range(len(labels)) if i not in chosen])[:n]
 
 
-def attention_figure(rotnet_path, supervised_path, data_dir, out, images=6, power=2.0, device="cpu", image_size=256):
+def attention_figure(rotnet_path, supervised_path, data_dir, out, images=6, power=2.0, device="cpu", image_size=256,
+                     cache=None):
     nets = [("RotNet", load(rotnet_path, device)), ("Supervised", load(supervised_path, device))]
-    dataset = data.load(data_dir, image_size=image_size)
+    dataset = data.load(data_dir, image_size=image_size, cache=cache)
     test_y = dataset.test_y if dataset.test_y is not None else torch.zeros(len(dataset.test_x), dtype=torch.int64)
     index = pick_images(test_y, images, len(dataset.classes))
     pictures = dataset.test_x[index]
@@ -204,21 +205,22 @@ def rotation_accuracy(path):
     return torch.load(path, map_location="cpu", weights_only=True)["metrics"]["test_acc"]
 
 
-def object_accuracy(path, epoch, run_dir, data_dir, probe_epochs, device, image_size=256):
+def object_accuracy(path, epoch, run_dir, data_dir, probe_epochs, device, image_size=256, cache=None):
     """Test accuracy of the non-linear probe on ConvB2 of one snapshot, trained unless its
     results.json is there (an interrupted probe resumes)."""
     out = os.path.join(run_dir, "figure5a_probes", f"epoch{epoch:03d}")
     results = os.path.join(out, "results.json")
     if not os.path.exists(results):
         probe.probe(probe.Probing(checkpoint=path, block=PROBE_BLOCK, classifier="nonlinear", data=data_dir,
-                                  image_size=image_size, device=device, out=out, resume=True, epochs=probe_epochs))
+                                  image_size=image_size, cache=cache, device=device, out=out, resume=True,
+                                  epochs=probe_epochs))
     with open(results) as f:
         return json.load(f)["test_acc"]
 
 
-def rotation_vs_object_figure(run_dir, data_dir, out, probe_epochs=None, device="cpu", image_size=256):
+def rotation_vs_object_figure(run_dir, data_dir, out, probe_epochs=None, device="cpu", image_size=256, cache=None):
     rows = [(epoch, rotation_accuracy(path),
-             object_accuracy(path, epoch, run_dir, data_dir, probe_epochs, device, image_size))
+             object_accuracy(path, epoch, run_dir, data_dir, probe_epochs, device, image_size, cache))
             for epoch, path in snapshots(run_dir)]
     print("epoch  rotation %  object %")
     for epoch, rot, obj in rows:
@@ -251,10 +253,14 @@ def parse_args(argv=None):
         p.add_argument("--rotnet", required=True, help="a RotNet model.pt, checkpoint.pt or original checkpoint")
         p.add_argument("--supervised", required=True, help="a supervised NIN (probe.py --supervised: checkpoint.pt)")
 
+    def images(p, help):  # as the training scripts take them
+        p.add_argument("--data", default="./data", help=help)
+        p.add_argument("--image-size", type=train.positive_int, default=256, help="S of an image folder")
+        p.add_argument("--cache", help="where the image folder is prepared (default: prepared/NAME-S)")
+
     p = command("attention", "Figure 3: attention maps of every block of both networks on a few test images")
     networks(p)
-    p.add_argument("--data", default="./data", help="CIFAR-10 or an image folder (the test images come from it)")
-    p.add_argument("--image-size", type=train.positive_int, default=256, help="S of an image folder")
+    images(p, "CIFAR-10 or an image folder (the test images come from it)")
     p.add_argument("--images", type=train.positive_int, default=6, help="how many test images (rows)")
     p.add_argument("--power", type=float, default=2.0, help="p in mean over channels of |activation|^p")
     p = command("filters", "Figure 4: the first-layer 5x5 filters of both networks")
@@ -266,8 +272,7 @@ def parse_args(argv=None):
                 "(rotnet.py --save-every N). Trains one non-linear probe on ConvB2 PER SNAPSHOT, in "
                 "RUN_DIR/figure5a_probes/epochNNN, and reuses those already finished.")
     p.add_argument("run", metavar="RUN_DIR")
-    p.add_argument("--data", default="./data", help="CIFAR-10 or an image folder")
-    p.add_argument("--image-size", type=train.positive_int, default=256, help="S of an image folder")
+    images(p, "CIFAR-10 or an image folder")
     p.add_argument("--probe-epochs", type=train.positive_int, default=None,
                    help="epochs of each probe (default: probe.py's full schedule, 100)")
     return ap.parse_args(argv)
@@ -276,13 +281,14 @@ def parse_args(argv=None):
 def figure(args):
     device = train.resolve_device(args.device)
     if args.command == "attention":
-        return attention_figure(args.rotnet, args.supervised, args.data, args.out, args.images, args.power, device,
-                                args.image_size)
+        return attention_figure(args.rotnet, args.supervised, args.data, args.out, images=args.images,
+                                power=args.power, device=device, image_size=args.image_size, cache=args.cache)
     if args.command == "filters":
         return filters_figure(args.rotnet, args.supervised, args.out)
     if args.command == "curves":
         return curves_figure(args.runs, args.out)
-    return rotation_vs_object_figure(args.run, args.data, args.out, args.probe_epochs, device, args.image_size)
+    return rotation_vs_object_figure(args.run, args.data, args.out, probe_epochs=args.probe_epochs, device=device,
+                                     image_size=args.image_size, cache=args.cache)
 
 
 def main(argv=None):

@@ -478,7 +478,8 @@ def _finish(root, manifest):
             pixels = len(good) * S * S
     manifest["skipped"] = skipped
     if skipped:
-        print(f"skipped {len(skipped):,} unreadable files (listed in {os.path.join(root, 'manifest.json')})",
+        files = "file" if len(skipped) == 1 else "files"
+        print(f"skipped {len(skipped):,} unreadable {files} (listed in {os.path.join(root, 'manifest.json')})",
               file=sys.stderr)
     if pixels == 0:
         _write_manifest(root, manifest)  # still incomplete, but with the reasons

@@ -131,6 +131,23 @@ def test_attention_figure(nets, cifar_dir, tmp_path):
     assert_png(path, (columns * figures.ATTENTION_CELL, 3 * figures.ATTENTION_CELL + figures.ATTENTION_HEADER))
 
 
+def test_attention_figure_on_an_image_folder_prepared_elsewhere(nets, tmp_path):
+    # --cache as the training scripts take it: the folder is prepared (once) where it says
+    from PIL import Image
+    for c in ("cat", "dog"):
+        os.makedirs(tmp_path / "pictures" / c)
+        for i in range(10):
+            pixels = torch.randint(0, 256, (40, 36, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+            Image.fromarray(pixels.numpy()).save(tmp_path / "pictures" / c / f"{i}.png")
+    out = tmp_path / "figs"
+    figures.main(["attention", "--rotnet", nets[0], "--supervised", nets[1], "--data", str(tmp_path / "pictures"),
+                  "--image-size", "32", "--cache", str(tmp_path / "cache"), "--images", "2", "--device", "cpu",
+                  "--out", str(out)])
+    cell = figures.ATTENTION_CELL
+    assert_png(str(out / "attention.png"), (8 * cell, 2 * cell + figures.ATTENTION_HEADER))
+    assert (tmp_path / "cache" / "manifest.json").exists()
+
+
 def test_filter_grid_scales_each_filter_on_its_own():
     weight = torch.randn(24, 3, 5, 5) * torch.logspace(-3, 3, 24).view(24, 1, 1, 1)
     grid = figures.filter_grid(weight)
