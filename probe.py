@@ -370,7 +370,8 @@ def run_plan(nets, probes, imagenet=False):
     finished = lambda p: os.path.exists(os.path.join(p.out, "results.json"))
     needed = {p.checkpoint for p in probes if not finished(p)}
     for net in nets:
-        if os.path.join(net.out, "model.pt") in needed and not os.path.exists(os.path.join(net.out, "model.pt")):
+        model = os.path.join(net.out, "model.pt")
+        if model in needed and not os.path.exists(model):
             rotnet.pretrain(net)
     results = {}
     for p in probes:

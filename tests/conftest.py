@@ -19,6 +19,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,6 +62,17 @@ def encode_batch(batch, flavour):
         return pickle.dumps({k.encode(): v for k, v in as_bytes.items()}, protocol=2)
     protocol = {"str-keys-protocol2": 2, "python3": 4, "python3-protocol5": 5}[flavour]
     return pickle.dumps(batch, protocol=protocol)
+
+
+def write_folder(root, classes=("cat", "dog", "ship"), per_class=12, size=(40, 36), seed=0):
+    """root/<class>/NNN.png of random RGB pictures; returns root."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        os.makedirs(root / c, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / c / f"{i:03d}.png")
+    return root
 
 
 def write_cifar(folder, n_train_per_batch, n_test, flavour="python3", seed=0):

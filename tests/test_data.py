@@ -5,26 +5,13 @@ end to end on a folder of images (CPU, tiny models, images the tests write).
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import data
 import rotnet
 import train
-from conftest import assert_one_line_error, free_port, metrics_of, run_cli, write_cifar
-
-
-def write_folder(root, classes=("cat", "dog", "ship"), per_class=12, size=(40, 36), seed=0):
-    """root/<class>/NNN.png of random RGB pictures; returns root."""
-    rng = np.random.default_rng(seed)
-    for c in classes:
-        os.makedirs(root / c, exist_ok=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / c / f"{i:03d}.png")
-    return root
+from conftest import assert_one_line_error, free_port, metrics_of, run_cli, write_cifar, write_folder
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch.nn as nn
 import cifar
 import conftest
 import figures
-from conftest import RunsCode, assert_one_line_error, run_cli, write_cifar
+from conftest import RunsCode, assert_one_line_error, run_cli, write_cifar, write_folder
 from nin import NIN
 
 
@@ -133,14 +133,9 @@ def test_attention_figure(nets, cifar_dir, tmp_path):
 
 def test_attention_figure_on_an_image_folder_prepared_elsewhere(nets, tmp_path):
     # --cache as the training scripts take it: the folder is prepared (once) where it says
-    from PIL import Image
-    for c in ("cat", "dog"):
-        os.makedirs(tmp_path / "pictures" / c)
-        for i in range(10):
-            pixels = torch.randint(0, 256, (40, 36, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
-            Image.fromarray(pixels.numpy()).save(tmp_path / "pictures" / c / f"{i}.png")
+    pictures = write_folder(tmp_path / "pictures", classes=("cat", "dog"), per_class=10)
     out = tmp_path / "figs"
-    figures.main(["attention", "--rotnet", nets[0], "--supervised", nets[1], "--data", str(tmp_path / "pictures"),
+    figures.main(["attention", "--rotnet", nets[0], "--supervised", nets[1], "--data", str(pictures),
                   "--image-size", "32", "--cache", str(tmp_path / "cache"), "--images", "2", "--device", "cpu",
                   "--out", str(out)])
     cell = figures.ATTENTION_CELL

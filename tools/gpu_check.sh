@@ -44,6 +44,8 @@ BEFORE=bf4c3e9  # the last commit with the staged kernel that did per-element 64
 DATA=.device/data  # the CIFAR-10 sample (--prepare)
 
 op_sources() { cat rot_kernel/csrc/* setup.py | sha256sum | cut -c1-16; }
+# Whether python $1, here, imports the built operator with its CUDA kernel registered.
+op_loads() { "$1" -c "import rot_kernel as k; b = k.backend(); print(b); assert b == 'cpu+cuda (prebuilt)', b"; }
 
 if [ "${1:-}" = "--prepare" ]; then
   shared=${SHARED:-../shared}
@@ -61,9 +63,8 @@ if [ "${1:-}" = "--prepare" ]; then
       && ( cd .device/before && "$2" setup.py -q build_ext --inplace ) >> .device/prebuild.log 2>&1 \
       || { echo "a build failed: see .device/prebuild.log"; exit 1; }
     strip --strip-debug .device/op/_C*.so .device/before/rot_kernel/_C*.so  # 9 MB -> 2: carried
-    for dir in "$tmp" .device/before; do  # each imports as built, its CUDA kernel registered
-      ( cd "$dir" && "$2" -c "import rot_kernel as k; b = k.backend(); print(b); assert b == 'cpu+cuda (prebuilt)'" ) \
-        || { echo "the operator in $dir does not import with its CUDA kernel"; exit 1; }
+    for dir in "$tmp" .device/before; do
+      ( cd "$dir" && op_loads "$2" ) || { echo "the operator in $dir does not import with its CUDA kernel"; exit 1; }
     done
     rm -rf "$tmp" .device/before/build
   fi
@@ -108,8 +109,7 @@ pytest_cuda() { ROT_REQUIRE_CUDA=1 "$PY" -m pytest -q -W error::RuntimeWarning -
 build() {  # the CUDA kernel, built against this machine's torch (MAX_JOBS: all cores); a copy
   # goes to OUT_DIR/op with the hash of its sources, for later calls to carry in .device/op
   MAX_JOBS=$(nproc) "$PY" -m pip install -q --no-build-isolation -e . 2>&1 | tail -20
-  "$PY" -c "import rot_kernel; b = rot_kernel.backend(); print(b); assert 'cuda' in b, 'no CUDA kernel'" \
-    && mkdir -p build "$out/op" && op_sources | tee build/op.sources > "$out/op/sources" \
+  op_loads "$PY" && mkdir -p build "$out/op" && op_sources | tee build/op.sources > "$out/op/sources" \
     && cp rot_kernel/_C*.so "$out/op/" && { strip --strip-debug "$out"/op/_C*.so 2>/dev/null || true; }
 }
 ensure_op() {  # the operator of these sources: built on this machine, carried in, or built now
@@ -118,7 +118,7 @@ ensure_op() {  # the operator of these sources: built on this machine, carried i
     return 0
   fi
   if [ "$(cat .device/op/sources 2>/dev/null)" = "$want" ] && cp .device/op/_C*.so rot_kernel/ 2>/dev/null; then
-    if "$PY" -c "import rot_kernel as k; assert k.backend() == 'cpu+cuda (prebuilt)'" 2>/dev/null; then
+    if op_loads "$PY" > /dev/null 2>&1; then
       mkdir -p build && echo "$want" > build/op.sources
       echo "(the operator of these sources carried in .device/op)"
       return 0
