@@ -5,7 +5,8 @@ batch norm after every conv and hidden linear layer, no LRN and no dropout.
     conv4 = model.features(x, 4)         # conv4 after its BN and ReLU, for the probes
 (models.load_model reads this project's and the original code's AlexNet checkpoints.)
 
-Expects 224x224 RGB images normalised with the ImageNet mean and std.
+Expects 224x224 RGB images normalised per channel by the training images' own mean and std
+(data.load: for ImageNet close to, not equal to, the usual constants).
 """
 import math
 import numbers
@@ -136,10 +137,6 @@ def config_of(state):
         if [scaled(ref, width) for ref in refs] == sizes:
             return dict(num_classes=num_classes, width=width)
     raise ValueError(f"layer sizes {sizes} fit no width of AlexNet {list(refs)}")
-
-
-def config_of_original(state):
-    return config_of(from_original(state))
 
 
 # ----------------------------------------------------------------------------- loading

@@ -102,7 +102,7 @@ def seconds(ctx, fn):
     return time.perf_counter() - t0
 
 
-def time_fused(ctx, net, opt, images, s: Pretraining, steps, workers):
+def time_fused(ctx, net, opt, images, s: Pretraining, steps):
     """Seconds for `steps` training steps on batches built by the fused op (ctx.batch) from
     images on the device, and for building them alone. Each is run once untimed first."""
     arch, side = ARCHS[s.arch], images.shape[-1]
@@ -166,7 +166,8 @@ def measure(s: Pretraining, v: Variant, images, epoch_images, steps, workers=WOR
     model = build(s.arch, num_classes=len(s.rotations), width=s.width, blocks=s.blocks)
     net = ctx.prepare(model)
     opt, _ = make_optimizer(net.parameters(), s.lr, 100, fused=v.fused_sgd)
-    t_train, t_build = (time_dataloader if v.dataloader else time_fused)(ctx, net, opt, images, s, steps, workers)
+    t_train, t_build = (time_dataloader(ctx, net, opt, images, s, steps, workers) if v.dataloader
+                        else time_fused(ctx, net, opt, images, s, steps))
     ips = steps * s.batch_size / t_train
     # batch_building_share: building `steps` batches alone over training on them; for the
     # dataloader it runs beside the step, so near 1 or above means the workers hold it back.

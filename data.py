@@ -46,7 +46,7 @@ class Dataset:
     std: tuple
     classes: tuple
 
-    def labelled(self, what):
+    def require_labels(self, what):
         if self.train_y is None:
             raise UserError(f"{what} needs labels, but the data is a folder of unlabelled images: "
                             "give a folder of class subfolders (or train/ and val/ of them)")
@@ -59,7 +59,7 @@ def as_tensor(array):
         return torch.from_numpy(array)
 
 
-def load(data, *, image_size=256, download=False, cache=None, val_fraction=0.1, seed=0):
+def load(data, *, image_size=256, download=False, cache=None, val_fraction=0.1):
     """The data set in --data: CIFAR-10 (image_size is then 32), or an image folder,
     prepared into `cache` on first use at image_size x image_size."""
     if not os.path.exists(data) and not download:  # before any guess at which data set it is
@@ -68,7 +68,9 @@ def load(data, *, image_size=256, download=False, cache=None, val_fraction=0.1, 
     if not folders.is_image_folder(data):
         train_x, train_y, test_x, test_y = cifar.load_cifar(data, download)
         return Dataset(train_x, train_y, test_x, test_y, cifar.MEAN, cifar.STD, cifar.CLASSES)
-    p = folders.prepare(data, image_size=image_size, cache=cache, val_fraction=val_fraction, seed=seed)
+    # The held-out images are drawn with folders.prepare's fixed seed, not --seed: runs of
+    # every seed test on the same images.
+    p = folders.prepare(data, image_size=image_size, cache=cache, val_fraction=val_fraction)
     labels = lambda y: None if y is None else torch.from_numpy(np.asarray(y, dtype=np.int64))
     if len(p.val.images) == 0:
         raise UserError(f"{data}: no images were held out for testing; raise --val-fraction")

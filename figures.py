@@ -31,7 +31,7 @@ import probe  # noqa: E402
 import rot_kernel  # noqa: E402
 import train  # noqa: E402
 from errors import UserError  # noqa: E402
-from models import load_model  # noqa: E402
+from models import load_model, read_checkpoint  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
 DPI = 100                      # with the sizes below (inches): PNG pixels = inches x 100
@@ -202,7 +202,7 @@ def snapshots(run_dir):
 
 def rotation_accuracy(path):
     """A snapshot's test rotation accuracy, which rotnet.py --save-every stores in it."""
-    return torch.load(path, map_location="cpu", weights_only=True)["metrics"]["test_acc"]
+    return read_checkpoint(path)["metrics"]["test_acc"]
 
 
 def object_accuracy(path, epoch, run_dir, data_dir, probe_epochs, device, image_size=256, cache=None):

@@ -98,6 +98,11 @@ def schedule_epochs(kind, epochs=None, epochs_scale=1.0):
     return epochs or max(1, round(SCHEDULES[kind].epochs * epochs_scale))
 
 
+def schedule_kind(p, on_alexnet):
+    """The SCHEDULES entry probe(p) trains by (on_alexnet: its checkpoint is an AlexNet)."""
+    return "supervised" if p.supervised else f"alexnet-{p.classifier}" if on_alexnet else p.classifier
+
+
 # ----------------------------------------------------------------------------- classifiers
 def init_linear(m):
     # the original initialisation: N(0, sqrt(2 / out_features)), zero bias
@@ -170,7 +175,7 @@ def alexnet_nonlinear(extractor, block, num_classes):
     c4, c5 = (extractor.convs[k].conv.out_channels for k in (3, 4))
     hidden = extractor.fc[0].linear.out_features
     layers = [alexnet.ConvBNReLU(c4, c5, 3, padding=1)] if block == 4 else []  # keeps its bias, as the original
-    layers += [nn.MaxPool2d(3, stride=2), nn.Flatten(), alexnet.LinearBNReLU(c5 * 6 * 6, hidden),
+    layers += [nn.MaxPool2d(3, stride=2), nn.Flatten(), alexnet.LinearBNReLU(c5 * alexnet.POOLED ** 2, hidden),
                alexnet.LinearBNReLU(hidden, hidden),
                nn.Linear(hidden, num_classes)]
     head = nn.Sequential(*layers)
@@ -244,9 +249,10 @@ def probe(s: Probing):
     require(s.supervised or s.init == "random" or s.checkpoint, "a probe needs a checkpoint (or init='random')")
     s.check_out()
     extractor = load_model(s.checkpoint) if not s.supervised and s.init == "checkpoint" else None
-    blocks = len(extractor.convs if isinstance(extractor, alexnet.AlexNet) else extractor.blocks) if extractor else 0
+    on_alexnet = isinstance(extractor, alexnet.AlexNet)
+    blocks = (len(extractor.convs) if on_alexnet else len(extractor.blocks)) if extractor else 0
     require(not extractor or s.block <= blocks, f"--block {s.block}: the network has blocks 1 to {blocks}")
-    dataset = s.load_data(train.Context(s.device)).labelled("a probe")
+    dataset = s.load_data(train.Context(s.device)).require_labels("a probe")
     classes, size = len(dataset.classes), dataset.train_x.shape[-1]
     torch.manual_seed(s.seed)
     if s.supervised:
@@ -254,22 +260,23 @@ def probe(s: Probing):
     else:
         describe = dict(classifier=s.classifier, block=s.block, checkpoint=s.checkpoint, finetune=s.finetune,
                         init=s.init)
-    schedule = lambda kind: dict(kind=kind, describe=describe, epochs=schedule_epochs(kind, s.epochs, s.epochs_scale))
+    kind = schedule_kind(s, on_alexnet)
+    schedule = dict(kind=kind, describe=describe, epochs=schedule_epochs(kind, s.epochs, s.epochs_scale))
     if s.supervised:
-        return train_classifier(NIN(blocks=3, num_classes=classes, width=s.width), s, dataset, **schedule("supervised"))
-    if isinstance(extractor, alexnet.AlexNet):
+        return train_classifier(NIN(blocks=3, num_classes=classes, width=s.width), s, dataset, **schedule)
+    if on_alexnet:
         require(not s.finetune and s.classifier in ("linear", "nonlinear"),
                 "an AlexNet is probed frozen, by the linear or nonlinear classifier (Tables 5 and 4)")
         if s.classifier == "linear" and s.block == 0:
-            return train_classifier(LinearHeads(extractor, classes), s, dataset, **schedule("alexnet-linear"))
+            return train_classifier(LinearHeads(extractor, classes), s, dataset, **schedule)
         head = (alexnet_linear(extractor.convs[s.block - 1].conv.out_channels, LINEAR_POOLS[s.block - 1], classes)
                 if s.classifier == "linear" else alexnet_nonlinear(extractor, s.block, classes))
-        return train_classifier(Probe(extractor, s.block, head), s, dataset, **schedule(f"alexnet-{s.classifier}"))
+        return train_classifier(Probe(extractor, s.block, head), s, dataset, **schedule)
     require(s.block >= 1, "--block 0 (every conv at once) is for an AlexNet")
     extractor = extractor or NIN(s.blocks, num_classes=4, width=s.width)
     classifier = make_classifier(s.classifier, feature_shape(extractor, s.block, size), classes)
     model = Probe(extractor, s.block, classifier, s.finetune)
-    return train_classifier(model, s, dataset, **schedule(s.classifier))
+    return train_classifier(model, s, dataset, **schedule)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -287,7 +294,7 @@ def rotnet_for(s, blocks, rotations=FOUR):
     """The pretraining a table (or sweep) needs, in its own folder under s.out: the original
     schedule x epochs_scale at the paper's lr, s's width."""
     out = os.path.join(s.out, f"rotnet_{blocks}blocks_rot{'-'.join(map(str, rotations))}")
-    return rotnet.Pretraining(**dict(s.shared(), out=out, resume=True, lr=rotnet.Pretraining.lr),
+    return rotnet.Pretraining(**dict(s.shared(), out=out, resume=True, lr=None),  # lr: the arch's own
                               epochs=max(1, round(PRETRAIN_EPOCHS * s.epochs_scale)), blocks=blocks,
                               width=s.width, rotations=rotations)
 
@@ -363,9 +370,8 @@ def run_plan(nets, probes, imagenet=False):
     probe's results, by folder."""
     for net in nets:
         check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed)
-    kind = lambda p: f"alexnet-{p.classifier}" if imagenet else "supervised" if p.supervised else p.classifier
     for p in probes:
-        check_reusable(p.out, epochs=schedule_epochs(kind(p), p.epochs, p.epochs_scale), seed=p.seed,
+        check_reusable(p.out, epochs=schedule_epochs(schedule_kind(p, imagenet), p.epochs, p.epochs_scale), seed=p.seed,
                        checkpoint=p.checkpoint)
     finished = lambda p: os.path.exists(os.path.join(p.out, "results.json"))
     needed = {p.checkpoint for p in probes if not finished(p)}

@@ -128,8 +128,8 @@ def markdown(rows):
 def sweep(s: Sweep):
     """Both arms for every K; rank 0 writes the results, the table and the figure. Every K,
     the checkpoint and every folder's settings are checked before anything trains."""
-    main_rank = int(os.environ.get("RANK", "0")) == 0
-    dataset = s.load_data(train.Context(s.device)).labelled("the label-scarcity sweep")
+    ctx = train.Context(s.device)  # the ranks (each run makes its own Context, with s's precision)
+    dataset = s.load_data(ctx).require_labels("the label-scarcity sweep")
     subsets = {k: labelled_subset(dataset.train_y, k, s.subset_seed, len(dataset.classes)) for k in s.per_class}
     net = None if s.checkpoint else probe.rotnet_for(s, 4)
     checkpoint = s.checkpoint or os.path.join(net.out, "model.pt")
@@ -149,10 +149,10 @@ def sweep(s: Sweep):
         row = dict(per_class=k, rotnet_conv=run_arm(s, dataset, "rotnet_conv", k, subsets[k], checkpoint),
                    supervised=run_arm(s, dataset, "supervised", k, subsets[k], checkpoint))
         rows.append(row)
-        if main_rank:
+        if ctx.main:
             print(f"K={k}: RotNet + conv {row['rotnet_conv']:.2f} %, supervised {row['supervised']:.2f} %, "
                   f"gap {row['rotnet_conv'] - row['supervised']:+.2f}", flush=True)
-    if not main_rank:
+    if not ctx.main:
         return
     os.makedirs(s.out, exist_ok=True)
     train.write_results(dict(rows=rows, checkpoint=checkpoint, epoch_size=s.epoch_size),

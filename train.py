@@ -1,7 +1,7 @@
-"""The training loop every script shares, written once: the settings every run has, where a
-run computes (device, precision, ranks), one SGD step, one epoch, evaluation, and the run
-files (config.json, metrics.jsonl, checkpoint.pt with --resume), plus the command-line
-flags and the error path every script uses.
+"""The pieces of the training loop that every script shares, written once: the settings
+every run has, where a run computes (device, precision, ranks), one SGD step, one epoch,
+evaluation, and the run files (config.json, metrics.jsonl, checkpoint.pt with --resume),
+plus the command-line flags and the error path every script uses.
 
 A script's own loop reads (rotnet.pretrain, probe.train_classifier):
 

@@ -12,9 +12,9 @@ The ImageNet-style rows crop 256x256 sources to 224x224 outputs: "crop" at rando
 offsets (size + shifts), "resized" from boxes drawn as torchvision's RandomResizedCrop draws
 them (size + boxes, bilinear); the original pipeline had no such rows (its columns show "–").
 
-The "train" row is the call a training step makes (rotnet.py): B = 128, bf16, check_bounds=False
-(no host sync), channels_last on CUDA (contiguous on the CPU, as training there), timed as
-CALLS calls queued back to back, per call.
+The "train" row is the call a training step makes (train.Context.batch): B = 128,
+check_bounds=False (no host sync); on CUDA bf16 and channels_last, on the CPU float32 and
+contiguous, as training there; timed as CALLS calls queued back to back, per call.
 
 Reading the table: times are medians in ms for one batch of B source images (B*R outputs);
 img/s and GB/s are the fused op's (bytes = uint8 read + outputs and int64 labels written;
@@ -39,17 +39,18 @@ CIFAR_POOL, LARGE_POOL, IMAGENET_POOL = 50_000, 256, 256
 CROP_SOURCE, CROP_SIZE = 256, 224   # "resize 256, crop 224" of the ImageNet experiments
 REPS, ORIG_REPS, WARMUP = 20, 3, 3
 CALLS = 10                   # the train row: calls per timing, as training queues them
-
-def train_layout(device):
-    # how train.Context.batch calls the op on this device
-    return dict(channels_last=device.type == "cuda", check_bounds=False)
 CROP_REPS = 5                # the crop rows' reference takes seconds per batch on a CPU
 ORIG_MAX_B = 512             # the original is slow: bigger batches are timed on this many images
+
+def train_call(device):
+    # how train.Context.batch calls the op on this device (bf16 is autocast's: CUDA only)
+    cuda = device.type == "cuda"
+    return dict(out_dtype=torch.bfloat16 if cuda else torch.float32, channels_last=cuda, check_bounds=False)
 
 def cases(quick):
     out = [dict(pool="cifar", B=B, dtype=dt) for B in (128, 512, 4096)
            for dt in (torch.float32, torch.bfloat16) if not (quick and B == 4096)]
-    out.append(dict(pool="cifar", B=128, dtype=torch.bfloat16, train=True))
+    out.append(dict(pool="cifar", B=128, train=True))  # dtype: training's on the device
     # quick: a small batch, only to see that the crop paths run
     crops = [dict(pool="imagenet", B=16 if quick else 192, dtype=torch.bfloat16, crop=crop)
              for crop in ("crop", "resized")]
@@ -136,16 +137,16 @@ def check(pools, device):
             continue
         index, shifts, flips = make_inputs(pool, 8)
         want, want_lab = original_batch(*as_numpy(pool, index, shifts, flips), device)
-        for dt, layout in ((torch.float32, {}), (torch.bfloat16, {}), (torch.bfloat16, train_layout(device))):
+        for call in (dict(out_dtype=torch.float32), dict(out_dtype=torch.bfloat16), train_call(device)):
             for op in (rot_kernel.rotation_batch, reference.rotation_batch):
-                got, lab = op(pool, index, shifts, flips, mean=MEAN, std=STD, rotations=ROTATIONS, out_dtype=dt,
-                              **layout)
-                torch.testing.assert_close(got, want.to(dt))
+                got, lab = op(pool, index, shifts, flips, mean=MEAN, std=STD, rotations=ROTATIONS, **call)
+                torch.testing.assert_close(got, want.to(call["out_dtype"]))
                 torch.testing.assert_close(lab, want_lab)
 
 def run_case(case, pool, device, reps, orig_reps):
-    B, dt, crop, train = case["B"], case["dtype"], case.get("crop"), case.get("train", False)
-    kw = dict(mean=MEAN, std=STD, rotations=ROTATIONS, out_dtype=dt, **(train_layout(device) if train else {}))
+    B, crop, train = case["B"], case.get("crop"), case.get("train", False)
+    kw = dict(mean=MEAN, std=STD, rotations=ROTATIONS, **(train_call(device) if train else dict(out_dtype=case["dtype"])))
+    dt = kw["out_dtype"]
     if crop:  # the original pipeline had no crops: fused and reference only
         index, shifts, flips, boxes = make_crop_inputs(pool, B, crop)
         kw.update(size=(CROP_SIZE, CROP_SIZE), boxes=boxes)

@@ -224,7 +224,7 @@ def test_original_checkpoint_round_trip(tmp_path, old_pytorch):
 def test_config_of_original_infers_width_and_classes(width, num_classes):
     with torch.device("meta"):
         state = alexnet.AlexNet(num_classes, width).state_dict()
-    config = alexnet.config_of_original(to_original_names(state))
+    config = alexnet.config_of(alexnet.from_original(to_original_names(state)))
     assert config["num_classes"] == num_classes
     with torch.device("meta"):  # the inferred width builds exactly these layers
         rebuilt = alexnet.AlexNet(**config).state_dict()

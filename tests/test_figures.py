@@ -207,12 +207,17 @@ def test_hostile_checkpoint_is_refused_in_one_line(nets, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("case", ["no metrics", "no snapshots", "no data"])
+@pytest.mark.parametrize("case", ["no metrics", "no snapshots", "damaged snapshot", "no data"])
 def test_other_missing_inputs_stop_with_one_message(case, nets, tmp_path):
     if case == "no metrics":
         argv, needle = ["curves", str(tmp_path)], "metrics.jsonl"
     elif case == "no snapshots":
         argv, needle = ["rotation-vs-object", write_metrics(tmp_path / "run", [(1, 50.0)])], "--save-every"
+    elif case == "damaged snapshot":  # cut short, as by a full disk
+        run = write_metrics(tmp_path / "run", [(1, 50.0)])
+        with open(nets[0], "rb") as f:
+            (tmp_path / "run" / "model_epoch001.pt").write_bytes(f.read()[:1000])
+        argv, needle = ["rotation-vs-object", run], "model_epoch001.pt"
     else:
         argv, needle = ["attention", "--rotnet", nets[0], "--supervised", nets[1], "--data", str(tmp_path)], "CIFAR-10"
     with pytest.raises(SystemExit) as stop:

@@ -33,7 +33,7 @@ constexpr int kTile = 32;      // the tiled path's output tile
 constexpr int kBox = 52;       // its staged box: a 32-tile turned by 45 degrees, with source_box's
                                // margins, spans at most 49 rows and columns
 constexpr int kBoxPitch = kBox + 1;
-constexpr int kTileChannels = 4;  // channels staged at once: 4 x 52 x 53 floats = 44 KiB
+constexpr int kTileChannels = 4;  // channels staged at once: 4 x 52 x 53 floats = 43 KiB
 
 // n / d for 0 <= n < 2^31 by a multiply and a shift (Granlund and Montgomery): with
 // s = ceil(log2 d) and m = floor(2^32 (2^s - d) / d) + 1, n / d = (umulhi(n, m) + n) >> s.
@@ -65,7 +65,6 @@ struct Staged {
   int pitch, plane;     // view row and plane, in floats (rows padded by one: no bank conflicts
                         // when 90 and 270 degree turns read columns)
   int group;            // rotations per block: R, or 1 when B is too small to fill the GPU
-  int vec;              // outputs per store: a 16-byte pack (the fast program), or 1
   int line;             // one output row in memory: w (NCHW) or w * C (channels_last)
   int lines;            // rows per output image: C * h (NCHW) or h (channels_last)
   bool wide;            // staging loads 16-byte packs of source rows (stage_wide)
@@ -489,7 +488,7 @@ Launch<in_t, out_t> make_launch(const at::Tensor& images, const Batch& batch, bo
 
 struct Plan {
   bool staged;
-  int vec;
+  int vec;  // outputs per store in the staged kernel: a 16-byte pack (the fast program), or 1
   int64_t blocks_x;
   int blocks_y;
   int64_t shared_bytes;
@@ -529,7 +528,7 @@ Plan plan_launch(Launch<in_t, out_t>& a, int sms) {
   const int vec = 16 / static_cast<int>(sizeof(out_t));
   bool quarter_turns = true;
   for (int r = 0; r < p.R; ++r) quarter_turns &= p.quarter[r] >= 0;
-  st.vec = quarter_turns && st.line % vec == 0 && st.line / vec <= kThreads ? vec : 1;
+  plan.vec = quarter_turns && st.line % vec == 0 && st.line / vec <= kThreads ? vec : 1;
   st.group = a.B >= 4 * static_cast<int64_t>(sms) ? p.R : 1;
   // Staging loads 16-byte packs where every source row is whole, aligned packs (uint8 rows
   // of 16, 32, ... pixels, in memory order; the CIFAR batches).
@@ -555,7 +554,6 @@ Plan plan_launch(Launch<in_t, out_t>& a, int sms) {
                 : k == 2 ? Walk{(h - 1) * P + w - 1, -P, -1}
                          : Walk{(h - 1) * P, 1, -P};
   }
-  plan.vec = st.vec;
   plan.blocks_x = a.B;
   plan.blocks_y = (p.R + st.group - 1) / st.group;
   plan.shared_bytes = (int64_t{p.C} * st.plane + 2 * p.C) * static_cast<int64_t>(sizeof(float));

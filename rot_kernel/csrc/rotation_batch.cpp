@@ -18,7 +18,7 @@ namespace rot_kernel {
 
 static void check_rotations(at::IntArrayRef rotations, int64_t h, int64_t w, Params& p) {
   TORCH_CHECK_VALUE(!rotations.empty() && rotations.size() <= kMaxRotations,
-                    "rotations: expected 1 to 8 angles, got ", rotations.size());
+                    "rotations: expected 1 to ", kMaxRotations, " angles, got ", rotations.size());
   for (size_t r = 0; r < rotations.size(); ++r) {
     const int64_t deg = rotations[r];
     TORCH_CHECK_VALUE(deg >= 0 && deg < 360 && deg % 45 == 0,
