@@ -73,7 +73,22 @@ def load(data, *, image_size=256, download=False, cache=None, val_fraction=0.1):
     p = folders.prepare(data, image_size=image_size, cache=cache, val_fraction=val_fraction)
     labels = lambda y: None if y is None else torch.from_numpy(np.asarray(y, dtype=np.int64))
     if len(p.val.images) == 0:
-        raise UserError(f"{data}: no images were held out for testing; raise --val-fraction")
+        splits = p.manifest["splits"]
+        if splits["val"]["sources"]:  # held out, but none of them could be decoded
+            raise UserError(f"{data}: none of the {len(splits['val']['sources']):,} images held out for testing "
+                            f"could be read (reasons in {os.path.join(p.root, 'manifest.json')})")
+        # folders._hold_out keeps at least one image of each class for training: a class of
+        # one image gives none to val, whatever the fraction
+        per_class = {}
+        for *_, label in splits["train"]["sources"]:
+            per_class[label] = per_class.get(label, 0) + 1
+        flat, largest = p.manifest["layout"] == "flat", max(per_class.values())
+        if largest < 2:
+            what = ("the folder holds a single image: add more images" if flat else
+                    "every class has fewer than 2 images: add a val/ folder or more images per class")
+            raise UserError(f"{data}: no images were held out for testing: {what}")
+        raise UserError(f"{data}: no images were held out for testing; raise --val-fraction (it is {val_fraction}, "
+                        f"too small a share of the largest {'folder' if flat else 'class'}'s {largest} images)")
     return Dataset(as_tensor(p.train.images), labels(p.train.labels), as_tensor(p.val.images),
                    labels(p.val.labels), tuple(p.mean), tuple(p.std), tuple(p.classes))
 
@@ -261,15 +276,23 @@ def benchmark(data_dir, *, image_size=256, batch_size=192, steps=50, device="cpu
 
 if __name__ == "__main__":
     import argparse
+    # Only here: train imports this module, but this module does not import train at import
+    # time, so there is no cycle (train imports a second copy of data.py, as "data").
+    from train import positive_int
     ap = argparse.ArgumentParser(description="Loader benchmark: a prepared image folder into device batches")
     ap.add_argument("--data", required=True, help="a folder of images (prepared on first use)")
-    ap.add_argument("--image-size", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=192)
-    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--image-size", type=positive_int, default=256)
+    ap.add_argument("--batch-size", type=positive_int, default=192)
+    ap.add_argument("--steps", type=positive_int, default=50)
     ap.add_argument("--cache")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     a = ap.parse_args()
     try:
+        if a.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda but no CUDA device is available")
+        if os.path.isdir(a.data) and not folders.is_image_folder(a.data):  # a missing one: prepare says so
+            raise UserError(f"{a.data} is not a folder of images: the loader benchmark is for image folders "
+                            "(CIFAR-10 is held in memory, nothing to benchmark)")
         benchmark(a.data, image_size=a.image_size, batch_size=a.batch_size, steps=a.steps, device=a.device,
                   cache=a.cache)
     except UserError as err:

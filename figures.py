@@ -32,11 +32,13 @@ import rot_kernel  # noqa: E402
 import train  # noqa: E402
 from errors import UserError  # noqa: E402
 from models import load_model, read_checkpoint  # noqa: E402
+from nin import NIN  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
 DPI = 100                      # with the sizes below (inches): PNG pixels = inches x 100
 ATTENTION_CELL = 1.2           # inches per image panel of Figure 3
 ATTENTION_HEADER = 0.8         # inches above the panels for the titles
+ATTENTION_MAX_IMAGES = 50      # rows: 60 inches, 6,000 pixels (a renderer takes at most 65,536)
 FILTERS_SIZE = (12.0, 5.0)     # Figure 4: two 4:3 grids and their titles, little white
 CURVES_SIZE = (12.0, 4.6)
 FIGURE5A_SIZE = (7.0, 4.6)
@@ -52,12 +54,23 @@ def need(path, what):
 
 
 def load(path, device="cpu"):
-    return load_model(need(path, "checkpoint"), device)
+    """A NIN (the figures show its blocks); an AlexNet is a one-line error."""
+    model = load_model(need(path, "checkpoint"), device)
+    if not isinstance(model, NIN):
+        raise UserError(f"{path} is an AlexNet: these figures show a NIN's blocks")
+    return model
+
+
+def make_out(out):
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot make the folder ({err.strerror})") from None
 
 
 def save(fig, out, name):
     # No bbox_inches="tight": it would crop, and the pixel size would depend on the content.
-    os.makedirs(out, exist_ok=True)
+    make_out(out)
     path = os.path.join(out, name)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -162,8 +175,16 @@ def filters_figure(rotnet_path, supervised_path, out):
 # ----------------------------------------------------------------------------- training curves
 def read_metrics(run_dir):
     path = need(os.path.join(run_dir, "metrics.jsonl"), "metrics file (is it a run folder?)")
+    lines = []
     with open(path) as f:
-        lines = [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            try:
+                row = json.loads(line) if line.strip() else None
+            except ValueError:
+                row = {}
+            if row is not None and not {"epoch", "train_loss", "train_acc", "test_acc"} <= set(row):
+                raise UserError(f"{path}, line {number}: not a metrics line of this project")
+            lines += [row] if row else []
     if not lines:
         raise UserError(f"{path} is empty: the run has not finished an epoch yet")
     return lines
@@ -202,7 +223,10 @@ def snapshots(run_dir):
 
 def rotation_accuracy(path):
     """A snapshot's test rotation accuracy, which rotnet.py --save-every stores in it."""
-    return read_checkpoint(path)["metrics"]["test_acc"]
+    saved = read_checkpoint(path)
+    if not (isinstance(saved, dict) and isinstance(saved.get("metrics"), dict) and "test_acc" in saved["metrics"]):
+        raise UserError(f"{path}: not a snapshot of rotnet.py --save-every (it holds no test accuracy)")
+    return saved["metrics"]["test_acc"]
 
 
 def object_accuracy(path, epoch, run_dir, data_dir, probe_epochs, device, image_size=256, cache=None):
@@ -214,14 +238,15 @@ def object_accuracy(path, epoch, run_dir, data_dir, probe_epochs, device, image_
         probe.probe(probe.Probing(checkpoint=path, block=PROBE_BLOCK, classifier="nonlinear", data=data_dir,
                                   image_size=image_size, cache=cache, device=device, out=out, resume=True,
                                   epochs=probe_epochs))
-    with open(results) as f:
-        return json.load(f)["test_acc"]
+    return train.read_json(results)["test_acc"]
 
 
 def rotation_vs_object_figure(run_dir, data_dir, out, probe_epochs=None, device="cpu", image_size=256, cache=None):
-    rows = [(epoch, rotation_accuracy(path),
-             object_accuracy(path, epoch, run_dir, data_dir, probe_epochs, device, image_size, cache))
-            for epoch, path in snapshots(run_dir)]
+    found = snapshots(run_dir)
+    accuracies = [rotation_accuracy(path) for _, path in found]  # every snapshot read before any probe trains
+    make_out(out)  # and --out made
+    rows = [(epoch, rot, object_accuracy(path, epoch, run_dir, data_dir, probe_epochs, device, image_size, cache))
+            for (epoch, path), rot in zip(found, accuracies)]
     print("epoch  rotation %  object %")
     for epoch, rot, obj in rows:
         print(f"{epoch:5d}  {rot:10.2f}  {obj:8.2f}")
@@ -261,7 +286,8 @@ def parse_args(argv=None):
     p = command("attention", "Figure 3: attention maps of every block of both networks on a few test images")
     networks(p)
     images(p, "CIFAR-10 or an image folder (the test images come from it)")
-    p.add_argument("--images", type=train.positive_int, default=6, help="how many test images (rows)")
+    p.add_argument("--images", type=train.positive_int, default=6,
+                   help=f"how many test images (rows; at most {ATTENTION_MAX_IMAGES})")
     p.add_argument("--power", type=float, default=2.0, help="p in mean over channels of |activation|^p")
     p = command("filters", "Figure 4: the first-layer 5x5 filters of both networks")
     networks(p)
@@ -275,7 +301,12 @@ def parse_args(argv=None):
     images(p, "CIFAR-10 or an image folder")
     p.add_argument("--probe-epochs", type=train.positive_int, default=None,
                    help="epochs of each probe (default: probe.py's full schedule, 100)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if getattr(args, "images", 0) > ATTENTION_MAX_IMAGES:
+        ap.error(f"--images: at most {ATTENTION_MAX_IMAGES}, got {args.images}")
+    if getattr(args, "power", 1.0) is not None and not 0 < getattr(args, "power", 1.0) < math.inf:
+        ap.error(f"--power: must be positive and finite, got {args.power}")
+    return args
 
 
 def figure(args):

@@ -300,7 +300,12 @@ def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=
               "source_fields": ["path", "size", "mtime_ns", "label"],
               "splits": {s: {"images": s + ".u8", "labels": None if layout == "flat" else s + ".labels.npy",
                              "shape": None, "count": None, "skipped": None, "sources": sources[s]} for s in SPLITS}}
-    os.makedirs(root, exist_ok=True)
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as err:  # under /proc, below a file, a file itself, no permission: the user's to fix
+        reason = "a file of that name exists" if isinstance(err, FileExistsError) else err.strerror or err
+        raise UserError(f"{'--cache' if cache else 'the cache folder'} {root}: cannot create the folder "
+                        f"({reason})") from None
     with _locked(root):
         old = _read_manifest(root)
         why = _why_not_same(old, wanted) if old else None
@@ -308,8 +313,11 @@ def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=
             why = _damaged(root, old)
             if not why and old["complete"]:
                 return _open(root, old)
+        # Before anything is deleted or said: a run refused for space leaves the old cache whole.
+        _check_space(root, wanted, reset=not old or bool(why))
         if old and why:
-            print(f"{root}: {'rebuilding' if old['complete'] else 'starting over'}: {why}", file=sys.stderr)
+            print(f"{root}: {'rebuilding' if old.get('complete') is True else 'starting over'}: {why}",
+                  file=sys.stderr)
         if not old or why:
             _start(root, wanted)
         return _fill_and_finish(root, wanted, workers, progress)
@@ -319,6 +327,9 @@ def _why_not_same(old, new):
     """Why the cache described by `old` cannot serve `new` (None when it can)."""
     if old.get("version") != new["version"]:
         return f"it was written in format version {old.get('version')}, this is version {new['version']}"
+    malformed = _malformed(old)
+    if malformed:
+        return malformed
     if old["layout"] != new["layout"]:
         return f"the layout changed ({old['layout']} -> {new['layout']})"
     keys = ["image_size"] + (["val_fraction", "seed"] if new["layout"] != "train-val" else [])
@@ -329,7 +340,10 @@ def _why_not_same(old, new):
         return f"the class folders changed ({len(old['classes'])} -> {len(new['classes'])} classes)"
     if all(old["splits"][s]["sources"] == new["splits"][s]["sources"] for s in SPLITS):
         return None  # the quick check; what follows only says what changed
-    before = {p: (size, mtime) for s in SPLITS for p, size, mtime, _ in old["splits"][s]["sources"]}
+    try:  # old's sources differ from the ones found: they may be anything an edit left
+        before = {p: (size, mtime) for s in SPLITS for p, size, mtime, _ in old["splits"][s]["sources"]}
+    except (ValueError, TypeError):
+        return "manifest.json has a source that is not [path, size, mtime_ns, label]"
     now = {p: (size, mtime) for s in SPLITS for p, size, mtime, _ in new["splits"][s]["sources"]}
     changes = [(what, sorted(paths)) for what, paths in (
         ("added", now.keys() - before.keys()), ("removed", before.keys() - now.keys()),
@@ -337,6 +351,39 @@ def _why_not_same(old, new):
     if changes:
         return ", ".join(f"{len(paths):,} files {what} (e.g. {paths[0]})" for what, paths in changes)
     return "the split of the sources changed"
+
+
+def _malformed(manifest):
+    """What the code reads from manifest.json that is missing or of the wrong type (None when
+    nothing): a manifest cut short or edited by hand rebuilds the cache, never a traceback.
+    The sources themselves are compared with the ones found (_why_not_same)."""
+    def at(*keys):
+        value = manifest
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+    S = at("settings", "image_size")
+    numbers = lambda v, n: isinstance(v, list) and len(v) == n and all(isinstance(x, (int, float)) for x in v)
+    checks = [(("layout",), isinstance(at("layout"), str)),
+              (("settings", "image_size"), isinstance(S, int) and S >= 1),
+              (("settings", "val_fraction"), isinstance(at("settings", "val_fraction"), (int, float))),
+              (("settings", "seed"), isinstance(at("settings", "seed"), int)),
+              (("classes",), isinstance(at("classes"), list)),
+              (("complete",), isinstance(at("complete"), bool))]
+    for s in SPLITS:
+        checks += [(("splits", s, "sources"), isinstance(at("splits", s, "sources"), list)),
+                   (("splits", s, "images"), isinstance(at("splits", s, "images"), str)),
+                   (("splits", s, "labels"), isinstance(at("splits", s, "labels"), (str, type(None))))]
+    if at("complete") is True:  # what _damaged and _open read of a finished cache
+        checks += [((k,), numbers(at(k), 3)) for k in ("mean", "std")]
+        for s in SPLITS:
+            shape = at("splits", s, "shape")
+            checks.append((("splits", s, "shape"), isinstance(shape, list) and len(shape) == 4
+                           and isinstance(shape[0], int) and shape[0] >= 0 and shape[1:] == [3, S, S]))
+    for keys, ok in checks:
+        if not ok:
+            return f"manifest.json has no valid {'.'.join(keys)}"
+    return None
 
 
 def _damaged(root, manifest):
@@ -368,9 +415,36 @@ def _start(root, manifest):
     for split in SPLITS:
         n = len(manifest["splits"][split]["sources"])
         for ext, size in ((".u8", n * item), (".done", n), (".sums", n * 48), (".skipped.jsonl", 0)):
-            with open(os.path.join(root, split + ext), "wb") as f:
-                f.truncate(size)  # zeros, allocated on disk only when written
+            try:
+                with open(os.path.join(root, split + ext), "wb") as f:
+                    f.truncate(size)  # zeros, allocated on disk only when written
+            except OSError as err:  # a file larger than the file system allows (FAT32: 4 GB, EFBIG)
+                S = manifest["settings"]["image_size"]
+                raise UserError(f"{root}: cannot make {split}{ext} for {n:,} images at {S}x{S} "
+                                f"({size / 1e9:,.1f} GB): {err.strerror or err}; "
+                                "choose a smaller --image-size or another --cache") from None
     _write_manifest(root, manifest)
+
+
+def _check_space(root, manifest, reset):
+    """Raises UserError when the images still to decode do not fit in the free space of the
+    cache's disk. reset: the cache's files are deleted first (_start), so their space counts as
+    free and every image is to be decoded; otherwise the done ones are already stored."""
+    S = manifest["settings"]["image_size"]
+    total = sum(len(manifest["splits"][s]["sources"]) for s in SPLITS)
+    names = ["manifest.json"] + [s + ext for s in SPLITS for ext in (".u8", ".labels.npy", ".done", ".sums",
+                                                                    ".skipped.jsonl")]
+    freed, done = 0, 0
+    for name in names if reset else []:
+        with contextlib.suppress(OSError):
+            st = os.stat(os.path.join(root, name))
+            freed += st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size  # a sparse file: what it holds
+    if not reset:
+        done = sum(int((np.fromfile(os.path.join(root, s + ".done"), np.uint8) != TODO).sum()) for s in SPLITS)
+    needed, free = (total - done) * 3 * S * S, shutil.disk_usage(root).free + freed
+    if needed > free:
+        raise UserError(f"{root}: preparing {total - done:,} images at {S}x{S} needs {needed / 1e9:,.1f} GB, "
+                        f"but only {free / 1e9:,.1f} GB are free there")
 
 
 def _fill_and_finish(root, manifest, workers, progress):
@@ -382,10 +456,6 @@ def _fill_and_finish(root, manifest, workers, progress):
     print(f"preparing {total:,} images at {S}x{S} into {root} "
           f"({f'{size / 1e9:.1f} GB' if size >= 1e9 else f'{size / 1e6:.1f} MB'})"
           + (f", resuming after {done:,}" if done else ""), file=sys.stderr)
-    free = shutil.disk_usage(root).free
-    if (total - done) * item > free:
-        raise UserError(f"{root}: preparing needs {(total - done) * item / 1e9:.1f} GB more, "
-                        f"but only {free / 1e9:.1f} GB are free there")
     workers = os.cpu_count() if workers is None else workers
     for split in SPLITS:
         _fill(root, split, manifest, workers, progress)
@@ -518,9 +588,10 @@ def _read_manifest(root):
     try:
         with open(path) as f:
             manifest = json.load(f)
-        manifest["splits"]["train"]["sources"], manifest["settings"]["image_size"]  # the keys we rely on
+        if not isinstance(manifest, dict):  # what is in it is checked by _why_not_same (_malformed)
+            raise ValueError(f"a JSON {type(manifest).__name__}, not an object")
         return manifest
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, OSError) as err:
         print(f"{root}: starting over: manifest.json is unreadable ({err})", file=sys.stderr)
         return None
 
@@ -551,7 +622,11 @@ def _remove(root, names):
 @contextlib.contextmanager
 def _locked(root):
     """Holds the cache folder's lock (several ranks of one run may call prepare at once)."""
-    with open(os.path.join(root, ".lock"), "w") as f:
+    try:
+        f = open(os.path.join(root, ".lock"), "w")
+    except OSError as err:  # a folder we may not write in
+        raise UserError(f"{root}: cannot write in the cache folder ({err.strerror or err})") from None
+    with f:
         if fcntl:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

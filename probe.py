@@ -17,6 +17,7 @@ paper's; Tables 4 and 5 probe the AlexNet RotNet given by --checkpoint.
 import argparse
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import alexnet
 import data
 import rotnet
 import train
-from models import load_model
+from models import is_alexnet, load_model, read_checkpoint
 from nin import NIN, ConvBNReLU, init_conv_
 from rotnet import FOUR
 from train import require
@@ -90,7 +91,8 @@ class Probing(train.Run):
         require(self.blocks in (3, 4, 5), f"blocks: 3, 4 or 5, got {self.blocks}")
         require(self.block >= 0, f"block: at least 1 (0: every conv of an AlexNet), got {self.block}")
         require(self.epochs is None or self.epochs >= 1, f"epochs: at least 1, got {self.epochs}")
-        require(self.width > 0 and self.epochs_scale > 0, "width and epochs_scale must be positive")
+        require(0 < self.width < math.inf and 0 < self.epochs_scale < math.inf,
+                "width and epochs_scale must be positive and finite")
 
 
 def schedule_epochs(kind, epochs=None, epochs_scale=1.0):
@@ -250,8 +252,8 @@ def probe(s: Probing):
     s.check_out()
     extractor = load_model(s.checkpoint) if not s.supervised and s.init == "checkpoint" else None
     on_alexnet = isinstance(extractor, alexnet.AlexNet)
-    blocks = (len(extractor.convs) if on_alexnet else len(extractor.blocks)) if extractor else 0
-    require(not extractor or s.block <= blocks, f"--block {s.block}: the network has blocks 1 to {blocks}")
+    blocks = (len(extractor.convs) if on_alexnet else len(extractor.blocks)) if extractor else s.blocks
+    require(s.supervised or s.block <= blocks, f"--block {s.block}: the network has blocks 1 to {blocks}")
     dataset = s.load_data(train.Context(s.device)).require_labels("a probe")
     classes, size = len(dataset.classes), dataset.train_x.shape[-1]
     torch.manual_seed(s.seed)
@@ -284,8 +286,7 @@ def check_reusable(out, **wanted):
     """A run in out (finished or stopped) is reused only if it was made with these settings."""
     path = os.path.join(out, "config.json")
     if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+        saved = train.read_json(path)
         differ = [f"{k} {saved.get(k)} there, {v} here" for k, v in wanted.items() if saved.get(k) != v]
         require(not differ, f"{out} was made with other settings ({'; '.join(differ)}): give this run another --out")
 
@@ -370,10 +371,15 @@ def run_plan(nets, probes, imagenet=False):
     probe's results, by folder."""
     for net in nets:
         check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed)
-    for p in probes:
-        check_reusable(p.out, epochs=schedule_epochs(schedule_kind(p, imagenet), p.epochs, p.epochs_scale), seed=p.seed,
-                       checkpoint=p.checkpoint)
     finished = lambda p: os.path.exists(os.path.join(p.out, "results.json"))
+    for p in probes:
+        if finished(p):  # a damaged one stops the table here, before anything trains
+            train.read_json(os.path.join(p.out, "results.json"))
+        kind = schedule_kind(p, imagenet)
+        lr, batch_size = p.lr or SCHEDULES[kind].lr, p.batch_size or SCHEDULES[kind].batch_size
+        check_reusable(p.out, epochs=schedule_epochs(kind, p.epochs, p.epochs_scale), seed=p.seed, lr=lr,
+                       batch_size=batch_size, checkpoint=p.checkpoint,
+                       **({} if p.checkpoint else dict(width=p.width)))  # it trains a NIN of this width
     needed = {p.checkpoint for p in probes if not finished(p)}
     for net in nets:
         model = os.path.join(net.out, "model.pt")
@@ -383,12 +389,14 @@ def run_plan(nets, probes, imagenet=False):
     for p in probes:
         if not finished(p):
             probe(p)
-        with open(os.path.join(p.out, "results.json")) as f:
-            results[p.out] = json.load(f)
+        results[p.out] = train.read_json(os.path.join(p.out, "results.json"))
     return results
 
 
 def run_table(number, s: Probing):
+    if number in (4, 5) and s.checkpoint:  # (without one, imagenet_probe says to give it)
+        require(is_alexnet(read_checkpoint(s.checkpoint)),
+                f"{s.checkpoint} is not an AlexNet: Tables 4 and 5 probe an AlexNet RotNet (rotnet.py --arch alexnet)")
     columns, rows, nets = {1: table1, 2: table2, 3: table3, 4: table4, 5: table5}[number](s)
     results = run_plan(nets, [p for _, probes, _ in rows for p in probes], imagenet=number in (4, 5))
 

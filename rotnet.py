@@ -18,6 +18,7 @@ the benchmark in benchmark.py.
 """
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -61,9 +62,10 @@ ARCHS = {"nin": Arch(data.Recipe("pad-crop"), lr=0.1, decay=LR_DECAY, milestones
 
 def check_rotations(rotations):
     rotations = tuple(rotations)
-    require(1 <= len(rotations) <= 8 and len(set(rotations)) == len(rotations)
+    require(2 <= len(rotations) <= 8 and len(set(rotations)) == len(rotations)
             and all(isinstance(r, int) and 0 <= r < 360 and r % 45 == 0 for r in rotations),
-            f"rotations: unique multiples of 45 in [0, 360), got {list(rotations)}")
+            f"rotations: 2 to 8 unique multiples of 45 in [0, 360) (one is nothing to tell apart), "
+            f"got {list(rotations)}")
     return rotations
 
 
@@ -85,7 +87,7 @@ class Pretraining(Run):
         object.__setattr__(self, "rotations", check_rotations(self.rotations))
         require(self.epochs >= 1, f"epochs: at least 1, got {self.epochs}")
         require(self.blocks in (3, 4, 5), f"blocks: the paper's NIN has 3, 4 or 5 blocks, got {self.blocks}")
-        require(self.width > 0, f"width: must be positive, got {self.width}")
+        require(0 < self.width < math.inf, f"width: must be positive and finite, got {self.width}")
         require(self.save_every >= 0, f"save_every: at least 0, got {self.save_every}")
 
 

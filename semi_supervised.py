@@ -11,7 +11,7 @@ samples, cycling the small set, so small K still gets the full number of steps.
 """
 import argparse
 import dataclasses
-import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -46,9 +46,12 @@ class Sweep(train.Run):
         super().__post_init__()
         object.__setattr__(self, "per_class", tuple(sorted(set(self.per_class))))
         require(self.per_class and min(self.per_class) >= 1, f"per_class: at least 1, got {list(self.per_class)}")
-        require(self.epoch_size >= 1, f"epoch_size: at least 1, got {self.epoch_size}")
+        require(self.epoch_size >= 2, f"epoch_size: at least 2 (BatchNorm needs 2 a step), got {self.epoch_size}")
+        require(self.subset_seed is None or -train.SEEDS < self.subset_seed < train.SEEDS,
+                f"subset_seed: below 2^40 in size, got {self.subset_seed}")
         require(self.epochs is None or self.epochs >= 1, f"epochs: at least 1, got {self.epochs}")
-        require(self.width > 0 and self.epochs_scale > 0, "width and epochs_scale must be positive")
+        require(0 < self.width < math.inf and 0 < self.epochs_scale < math.inf,
+                "width and epochs_scale must be positive and finite")
 
 
 def labelled_subset(labels, per_class, seed=None, classes=10):
@@ -77,8 +80,7 @@ def run_arm(s, dataset, arm, per_class, subset, checkpoint):
     run, kind, epochs = arm_settings(s, arm, per_class)
     path = os.path.join(run.out, "results.json")
     if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)["test_acc"]
+        return train.read_json(path)["test_acc"]
     torch.manual_seed(s.seed)
     if arm == "rotnet_conv":
         extractor = load_model(checkpoint)
@@ -108,7 +110,7 @@ def plot(rows, path):
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("labelled images per class")
-    ax.set_ylabel("CIFAR-10 test accuracy (%)")
+    ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"Label scarcity (Figure 5b)\nthe paper: RotNet + conv wins below ~{PAPER_CROSSOVER} "
                  "labels per class", fontsize=10)
     ax.grid(alpha=0.3)
@@ -134,14 +136,22 @@ def sweep(s: Sweep):
     net = None if s.checkpoint else probe.rotnet_for(s, 4)
     checkpoint = s.checkpoint or os.path.join(net.out, "model.pt")
     if s.checkpoint:
-        load_model(s.checkpoint)  # an unreadable checkpoint stops here, not after a run
+        # an unreadable checkpoint stops here, not after a run
+        require(isinstance(load_model(s.checkpoint), NIN),
+                f"{s.checkpoint} is an AlexNet: the sweep trains on a NIN RotNet's ConvB2 (Figure 5b)")
     else:
         probe.check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed)
     for k in s.per_class:
         for arm in ("rotnet_conv", "supervised"):
-            run, _, epochs = arm_settings(s, arm, k)
+            run, kind, epochs = arm_settings(s, arm, k)
+            schedule = probe.SCHEDULES[kind]
+            # what the arm trains from: the RotNet's checkpoint, or a NIN of this width
+            source = dict(checkpoint=checkpoint) if kind == "conv" else dict(width=s.width)
             probe.check_reusable(run.out, epochs=epochs, seed=s.seed, epoch_size=s.epoch_size,
-                                 subset_seed=s.subset_seed)
+                                 subset_seed=s.subset_seed, lr=s.lr or schedule.lr,
+                                 batch_size=s.batch_size or schedule.batch_size, **source)
+            if os.path.exists(os.path.join(run.out, "results.json")):  # a damaged one stops here
+                train.read_json(os.path.join(run.out, "results.json"))
     if net and not os.path.exists(checkpoint):
         rotnet.pretrain(net)
     rows = []

@@ -17,6 +17,7 @@ import dataclasses
 import datetime
 import gc
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -38,6 +39,10 @@ MILESTONES = (0.3, 0.6, 0.8)         # lr x0.2 at these fractions of the run
 LR_DECAY = 0.2
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
 EVAL_BATCH = 500                     # test images per forward pass (x rotations)
+SEEDS = 2**40                        # |seed| below this: seed * 100_003 + epoch seeds a generator
+# What a resumed run may set anew: where and how fast it runs, not what it computes.
+MAY_CHANGE_ON_RESUME = {"resume", "device", "compile", "amp", "out", "data", "cache", "download", "eval_every",
+                        "save_every"}
 
 
 def require(ok, message):
@@ -65,9 +70,11 @@ class Run:
     download: bool = False
 
     def __post_init__(self):
-        require(self.batch_size is None or self.batch_size >= 1, f"batch_size: at least 1, got {self.batch_size}")
+        # BatchNorm needs two images a step: a batch of one trains nothing (train.batches)
+        require(self.batch_size is None or self.batch_size >= 2, f"batch_size: at least 2, got {self.batch_size}")
         require(self.eval_every >= 1, f"eval_every: at least 1, got {self.eval_every}")
-        require(self.lr is None or self.lr > 0, f"lr: must be positive, got {self.lr}")
+        require(self.lr is None or 0 < self.lr < math.inf, f"lr: must be positive and finite, got {self.lr}")
+        require(-SEEDS < self.seed < SEEDS, f"seed: below 2^40 in size, got {self.seed}")
         require(self.device in ("auto", "cpu", "cuda"), f"device: auto, cpu or cuda, got {self.device!r}")
         require(self.image_size >= 8, f"image_size: at least 8, got {self.image_size}")
         require(0 < self.val_fraction < 1, f"val_fraction: between 0 and 1, got {self.val_fraction}")
@@ -244,6 +251,8 @@ def train_epoch(ctx, net, opt, images, targets=None, *, recipe, mean, std, epoch
     correct = torch.zeros((), device=ctx.device, dtype=torch.int64)
     outputs = seen = 0
     steps = list(batches(len(perm), batch_size, ctx.rank, ctx.world, least=2))  # BatchNorm needs 2
+    require(steps, f"{len(perm)} training images an epoch make no step of at least 2 images a rank "
+                   f"(--batch-size {batch_size}, {ctx.world} rank(s)): BatchNorm needs 2")
     bar = tqdm(steps, desc=desc or f"epoch {epoch}", leave=False, disable=not ctx.main or None, file=sys.stderr)
     for s, (source, index) in zip(bar, images.batches(perm, steps)):
         x, y = ctx.batch(source, index, rotations=rotations, mean=mean, std=std, size=size,
@@ -257,6 +266,9 @@ def train_epoch(ctx, net, opt, images, targets=None, *, recipe, mean, std, epoch
         seen += s.stop - s.start
     heads = correct.dim() == 1  # one count per head
     loss_sum, *correct, outputs, seen = ctx.sum([loss_sum.item(), *correct.reshape(-1).tolist(), outputs, seen])
+    # Stopped here, before end_epoch: checkpoint.pt keeps the last good epoch.
+    require(math.isfinite(loss_sum), f"the training loss became {loss_sum} in epoch {epoch}: training diverged "
+                                     "(try a lower --lr); the epochs before it are kept")
     return loss_sum / max(outputs, 1), percent(correct if heads else correct[0], outputs), int(seen)
 
 
@@ -300,6 +312,16 @@ def write_results(results, path):
     os.replace(path + ".tmp", path)
 
 
+def read_json(path):
+    """A run file written by this project (results.json, config.json); a damaged one is a
+    UserError that names it, not a traceback."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as err:
+        raise UserError(f"{path} is damaged ({err}): delete its folder to run that run again") from None
+
+
 def load_resume_checkpoint(ctx, out):
     """The newest good checkpoint in out: checkpoint.pt, else (damaged or cut short) the
     one before it. None when out has none; a UserError when none of them is good."""
@@ -329,11 +351,16 @@ def restore(ctx, out, config, resume, model, opt, sched):
     if resume and ckpt is None and ctx.main and os.path.isdir(out):
         print(f"no checkpoint in {out}: starting from the beginning", file=sys.stderr)
     if ckpt:
+        changed = changed_settings(out, config)
+        require(not changed, f"{out} was made with other settings ({'; '.join(changed)}): resume it with its own, "
+                             "or give this run another --out")
         try:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
-            raise UserError(f"{out}/checkpoint.pt was made with other settings ({str(err).splitlines()[0]}); "
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+            detail = lines[1] if len(lines) > 1 else lines[0]  # the first mismatch, past "Error(s) in loading"
+            raise UserError(f"{out}/checkpoint.pt was made with other settings ({detail}); "
                             "give this run another --out") from None
         sched.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
@@ -346,13 +373,38 @@ def restore(ctx, out, config, resume, model, opt, sched):
                            device=str(ctx.device), world_size=ctx.world, distributed=ctx.distributed,
                            device_name=torch.cuda.get_device_name(ctx.device) if ctx.cuda else None), f, indent=1)
         # Keep exactly the epochs the checkpoint holds: a kill between the two writes of
-        # an epoch leaves a metrics line the checkpoint has not got.
+        # an epoch leaves a metrics line the checkpoint has not got, a kill while appending
+        # it half a line. Read whole before the file is replaced.
         done = ckpt["epoch"] if ckpt else 0
         path = os.path.join(out, "metrics.jsonl")
-        lines = open(path).read().splitlines() if os.path.exists(path) else []
-        with open(path, "w") as f:
-            f.writelines(ln + "\n" for ln in lines if ln and json.loads(ln)["epoch"] <= done)
+        lines = [ln for ln in (open(path).read().splitlines() if os.path.exists(path) else [])
+                 if (e := epoch_of(ln)) is not None and e <= done]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(ln + "\n" for ln in lines)
+        os.replace(path + ".tmp", path)
     return (ckpt["epoch"] + 1, ckpt["metrics"]) if ckpt else (1, {})
+
+
+def changed_settings(out, config):
+    """The settings in config that differ from those out's run was made with (its
+    config.json): resumed with others, a run would train something else than it records."""
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):  # none to compare with: the checkpoint's shapes are still checked
+        return []
+    as_saved = lambda v: json.loads(json.dumps(v))  # tuples as lists, as config.json holds them
+    return [f"{k} {saved[k]} there, {v} here" for k, v in config.items()
+            if k in saved and k not in MAY_CHANGE_ON_RESUME and saved[k] != as_saved(v)]
+
+
+def epoch_of(line):
+    """The epoch of a metrics.jsonl line; None for a line that is not one (cut short)."""
+    try:
+        epoch = json.loads(line)["epoch"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return epoch if isinstance(epoch, int) else None
 
 
 def end_epoch(ctx, out, metrics, model, opt, sched, **extra):
@@ -383,8 +435,8 @@ def positive(kind):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number ({kind.__name__}), got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+        if not 0 < value < math.inf:
+            raise argparse.ArgumentTypeError(f"must be positive and finite, got {value}")
         return value
     return parse
 
@@ -433,6 +485,10 @@ def run_job(job):
         return result
     except UserError as err:
         sys.exit(f"error: {err}")
+    except KeyboardInterrupt:  # the files are whole (atomic): say how to go on, not where it stopped
+        print("\ninterrupted: what was finished is kept (epochs, finished runs, a folder's preparation); "
+              "the same command goes on from it (a single run with --resume)", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -195,6 +195,13 @@ def save_nin(path, blocks=4, num_classes=4, width=0.125, seed=0, **extra):
     return model
 
 
+def save_alexnet(path, width=0.05):
+    """An AlexNet's model.pt, for the scripts that must refuse one."""
+    from alexnet import AlexNet
+    model = AlexNet(width=width)
+    torch.save(dict(model=model.state_dict(), model_config=model.config), path)
+
+
 # ----------------------------------------------------------------------------- the operator's tests
 # (test_rotation_batch.py against the reference, test_cuda_kernel.py against the CPU kernel)
 

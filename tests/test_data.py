@@ -150,3 +150,29 @@ def test_a_probe_on_unlabelled_images_says_it_needs_labels(tmp_path):
     proc = run_cli(*common, "--checkpoint", tmp_path / "run" / "model.pt", "--out", tmp_path / "probe",
                    check=False, script="probe.py")
     assert_one_line_error(proc, "needs labels")
+
+
+def test_too_few_images_to_hold_out_says_what_helps(tmp_path):
+    ones = write_folder(tmp_path / "ones", classes=("a", "b"), per_class=1, size=(8, 8))
+    with pytest.raises(data.UserError) as err:
+        data.load(str(ones), image_size=8, cache=str(tmp_path / "c1"))
+    assert "fewer than 2 images" in str(err.value) and "--val-fraction" not in str(err.value)
+    threes = write_folder(tmp_path / "threes", classes=("a", "b"), per_class=3, size=(8, 8))
+    with pytest.raises(data.UserError) as err:  # 0.1 of 3 rounds to 0: a larger fraction holds one out
+        data.load(str(threes), image_size=8, cache=str(tmp_path / "c2"), val_fraction=0.1)
+    assert "raise --val-fraction" in str(err.value) and "fewer than 2" not in str(err.value)
+
+
+def test_the_loader_benchmark_refuses_bad_flags_in_one_line(folder, tmp_path):
+    common = ["--data", folder, "--image-size", 8, "--cache", tmp_path / "cache"]
+    for flags, named in ((["--batch-size", 0], "--batch-size"), (["--steps", 0], "--steps"),
+                         (["--steps", -3], "--steps"), (["--device", "banana"], "--device")):
+        proc = run_cli(*common, *flags, check=False, script="data.py")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith("usage:") and named in proc.stderr.splitlines()[-1], proc.stderr
+    proc = run_cli(*common, "--device", "cuda", check=False, script="data.py", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert_one_line_error(proc, "--device cuda but no CUDA device is available")
+    write_cifar(tmp_path / "cifar", 2, 2)
+    proc = run_cli("--data", tmp_path / "cifar", "--cache", tmp_path / "c2", "--device", "cpu", check=False,
+                   script="data.py")
+    assert_one_line_error(proc, "image folders")

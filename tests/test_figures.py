@@ -225,3 +225,35 @@ def test_other_missing_inputs_stop_with_one_message(case, nets, tmp_path):
     message = str(stop.value.code)
     assert message.startswith("error: ") and needle in message and "\n" not in message
     assert not os.path.exists(tmp_path / "figs")
+
+
+@pytest.mark.parametrize("case", ["garbage metrics line", "snapshot without metrics", "an AlexNet", "out is a file",
+                                  "too many images", "power not finite"])
+def test_wrong_inputs_stop_with_one_message(case, nets, tmp_path, capsys):
+    out = tmp_path / "figs"
+    if case == "garbage metrics line":
+        run = write_metrics(tmp_path / "run", [(1, 50.0)])
+        with open(os.path.join(run, "metrics.jsonl"), "a") as f:
+            f.write('{"epoch": 2, "lr"\n')
+        argv, needle = ["curves", run], "line 2"
+    elif case == "snapshot without metrics":
+        run = write_metrics(tmp_path / "run", [(5, 50.0)])
+        save_nin(tmp_path / "run" / "model_epoch005.pt", 4, 4)  # a model.pt, not a --save-every snapshot
+        argv, needle = ["rotation-vs-object", run], "model_epoch005.pt"
+    elif case == "an AlexNet":
+        conftest.save_alexnet(tmp_path / "alexnet.pt")
+        argv, needle = ["filters", "--rotnet", str(tmp_path / "alexnet.pt"), "--supervised", nets[1]], "AlexNet"
+    elif case == "out is a file":
+        out.write_text("")
+        argv, needle = ["curves", write_metrics(tmp_path / "run", [(1, 50.0)])], "--out"
+    else:
+        flag = ["--images", "100000"] if case == "too many images" else ["--power", "nan"]
+        argv, needle = ["attention", "--rotnet", nets[0], "--supervised", nets[1], *flag], flag[0]
+    with pytest.raises(SystemExit) as stop:
+        figures.main(argv + ["--out", str(out), "--device", "cpu"])
+    if stop.value.code == 2:  # a usage error, which argparse prints
+        message = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "error:" in message and needle in message
+    else:
+        message = str(stop.value.code)
+        assert message.startswith("error: ") and needle in message and "\n" not in message

@@ -540,3 +540,64 @@ def test_is_image_folder(tmp_path):
     write_bytes(f"{tmp_path}/nothing/a.txt", b"")
     assert not folders.is_image_folder(str(tmp_path / "nothing"))
     assert not folders.is_image_folder(str(tmp_path / "missing"))
+
+
+# ----------------------------------------------------------------------------- robustness
+def test_a_cache_that_cannot_be_created_is_one_user_error(tmp_path):
+    write_classes(tmp_path / "d", {"x": 2})
+    write_bytes(f"{tmp_path}/a-file", b"")
+    for cache in ("/proc/x", tmp_path / "a-file", tmp_path / "a-file" / "below"):
+        with pytest.raises(UserError, match="cannot create the folder") as err:
+            prepare(tmp_path / "d", cache)
+        assert str(cache) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_impossible_size_is_refused_before_the_cache_is_touched(tmp_path, count_decodes):
+    data, cache = tmp_path / "d", tmp_path / "c"
+    write_classes(data, {"x": 3, "y": 2})
+    first, _ = prepare(data, cache, image_size=8)
+    files = lambda: {k: v for k, v in snapshot(str(cache)).items() if k != ".lock"}  # the lock is rewritten
+    before = files()
+    with pytest.raises(UserError, match="99999999x99999999") as err:
+        prepare(data, cache, image_size=99999999)
+    assert "\n" not in str(err.value)
+    assert files() == before  # nothing deleted, nothing written
+    count_decodes["n"] = 0
+    again, err = prepare(data, cache, image_size=8)
+    assert again.manifest["complete"] and count_decodes["n"] == 0 and err == ""
+    assert_same(first, again)
+
+
+def test_an_allocation_the_os_refuses_is_one_user_error(tmp_path, monkeypatch):
+    """A file system whose largest file is smaller than its free space (FAT32: 4 GB)."""
+    write_classes(tmp_path / "d", {"x": 2})
+
+    class TooLarge(io.FileIO):
+        def truncate(self, size=None):
+            if size and self.name.endswith(".u8"):
+                raise OSError(27, "File too large")
+            return super().truncate(size)
+    monkeypatch.setattr(folders, "open", lambda path, mode="r", *a, **kw:
+                        TooLarge(path, mode) if mode == "wb" else open(path, mode, *a, **kw), raising=False)
+    with pytest.raises(UserError, match=f"at {S}x{S}.*File too large"):
+        prepare(tmp_path / "d", tmp_path / "c")
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.pop("layout"), lambda m: m.update(mean=None), lambda m: m.pop("complete"),
+    lambda m: m["settings"].pop("seed"), lambda m: m["splits"]["val"].pop("shape"),
+    lambda m: m["splits"]["train"].update(shape=[1, 2]), lambda m: m.update(classes="x"),
+    lambda m: m["splits"]["train"]["sources"].append("x"), lambda m: m.update(splits=[]),
+])
+def test_a_manifest_lacking_what_is_read_rebuilds_with_one_line(tmp_path, edit):
+    data, cache = tmp_path / "d", tmp_path / "c"
+    write_classes(data, {"x": 3, "y": 2})
+    first, _ = prepare(data, cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    edit(manifest)
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    again, err = prepare(data, cache)
+    lines = [line for line in err.splitlines() if "rebuilding" in line or "starting over" in line]
+    assert len(lines) == 1 and "Traceback" not in err and ": manifest.json" in lines[0], err
+    assert again.manifest["complete"]
+    assert_same(first, again)

@@ -19,7 +19,7 @@ import models
 import probe
 import rot_kernel
 import train
-from conftest import metrics_of, run_cli
+from conftest import assert_one_line_error, metrics_of, run_cli, save_nin
 
 
 def write_imagenet(root, classes=("n01", "n02", "n03"), train=8, val=3, size=(300, 260), seed=0):
@@ -150,6 +150,10 @@ def test_both_imagenet_tables_end_to_end(imagenet, tmp_path):
     assert "(50.00)" in four.stdout and "(43.80)" in four.stdout
     again = run_cli("--table", 5, *common, script="probe.py")  # reused, not trained again
     assert "epoch 1" not in again.stdout
+    save_nin(tmp_path / "nin.pt")  # a CIFAR RotNet: nothing for these tables
+    common[common.index(tmp_path / "model.pt")] = tmp_path / "nin.pt"
+    proc = run_cli("--table", 4, *common, script="probe.py", check=False)
+    assert_one_line_error(proc, "nin.pt", "not an AlexNet")
 
 
 def test_the_benchmark_runs_the_alexnet_step():

@@ -110,6 +110,9 @@ def test_bad_arguments(cifar_dir, tmp_path):
                      "--out", tmp_path / "o", check=False)
     assert_one_line_error(proc, "hostile.pt", "refused")
     assert not marker.exists() and not (tmp_path / "o").exists()
+    proc = run_probe("--init", "random", "--blocks", 3, "--block", 4, "--data", cifar_dir, "--device", "cpu",
+                     "--out", tmp_path / "o", check=False)  # a random NIN of 3 blocks has no block 4
+    assert_one_line_error(proc, "--block 4", "1 to 3")
 
 
 @pytest.mark.parametrize("table", [1, 3])
@@ -136,3 +139,10 @@ def test_a_whole_table_at_a_tiny_scale(cifar_dir, tmp_path, table):
     # Runs made at another scale are not silently taken for this one.
     other = run_probe(*[0.01 if f == 0.005 else f for f in flags], check=False)
     assert_one_line_error(other, "other settings", "epochs")
+    other = run_probe(*flags, "--lr", 0.5, check=False)  # nor at another learning rate
+    assert_one_line_error(other, "other settings", "lr")
+    # A results.json damaged (by hand, or a disk) stops the table before anything trains.
+    damaged = next(tmp_path.glob("*/results.json"))
+    damaged.write_text('{"test_acc": ')
+    proc = run_probe(*flags, check=False)
+    assert_one_line_error(proc, str(damaged), "damaged")

@@ -18,6 +18,7 @@ import torch
 import baseline
 import benchmark
 import cifar
+import data
 import models
 import nin
 import rot_kernel
@@ -370,3 +371,66 @@ def test_direct_calls_are_validated_as_the_command_line_is(settings, named):
     from errors import UserError
     with pytest.raises(UserError, match=named):
         rotnet.pretrain(rotnet.Pretraining(**settings))
+
+
+def test_resume_keeps_the_whole_lines_of_a_metrics_file_cut_short(cifar_dir, tmp_path):
+    # A kill while an epoch's line is appended leaves half a line: --resume must neither fail
+    # on it for ever nor lose the lines before it.
+    out = tmp_path / "out"
+    run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "3"))
+    os.remove(out / "model.pt")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 4, "lr": 0.1, "train_lo')
+    run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "3", "--resume"))
+    assert [m["epoch"] for m in metrics_of(out)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--lr", "0.5"], "lr 0.1 there, 0.5 here"),
+    (["--rotations", "90,0,180,270"], "rotations"),   # the same shapes, other labels
+    (["--seed", "3"], "seed"),
+    (["--width", "0.25"], "width"),
+])
+def test_resume_refuses_other_settings(cifar_dir, tmp_path, flags, named):
+    # Resumed with other settings, a run would record them and train something else.
+    out = tmp_path / "out"
+    run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "2"))
+    os.remove(out / "model.pt")
+    before = (out / "checkpoint.pt").read_bytes()
+    proc = run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "2", "--resume", *flags), check=False)
+    assert_one_line_error(proc, str(out), named, "another --out")
+    assert (out / "checkpoint.pt").read_bytes() == before
+    run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "2", "--resume", "--eval-every", "2"))  # how often it tests may change
+
+
+def test_an_epoch_that_makes_no_step_or_diverges_stops_with_one_line():
+    from errors import UserError
+    images = data.Resident(torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8))
+    ctx = train.Context("cpu")
+    views = dict(recipe=data.Recipe(), mean=(0.0,) * 3, std=(1.0,) * 3, epoch=1, seed=0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    opt, _ = train.make_optimizer(net.parameters(), 0.1, 1)
+    with pytest.raises(UserError, match="no step"):  # one image: no batch of 2 (BatchNorm)
+        train.train_epoch(ctx, net, opt, data.Resident(images.images[:1]), batch_size=2, **views)
+    torch.nn.init.constant_(net[1].weight, float("nan"))
+    with pytest.raises(UserError, match="training loss became nan in epoch 1"):
+        train.train_epoch(ctx, net, opt, images, batch_size=2, **views)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--lr", "inf"], "--lr"), (["--width", "nan"], "--width"), (["--batch-size", "1"], "batch_size"),
+    (["--rotations", "45"], "rotations"), (["--seed", str(2**62)], "seed"),
+])
+def test_settings_that_train_nothing_are_refused_before_training(cifar_dir, tmp_path, flags, named):
+    proc = run_cli(*tiny_run_flags(cifar_dir, tmp_path / "out", "--epochs", "1"), *flags, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert named in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_ctrl_c_says_how_to_go_on():
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as stop:
+        train.run_job(interrupted)
+    assert stop.value.code == 130

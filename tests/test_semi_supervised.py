@@ -6,7 +6,7 @@ import torch
 
 import data
 import semi_supervised
-from conftest import RunsCode, assert_one_line_error, run_cli, save_nin, write_cifar
+from conftest import RunsCode, assert_one_line_error, run_cli, save_alexnet, save_nin, write_cifar
 from errors import UserError
 
 
@@ -37,9 +37,9 @@ def test_one_tiny_run_writes_both_arms_and_the_figure(tmp_path):
     write_cifar(tmp_path / "data", 30, 50)
     save_nin(tmp_path / "model.pt")
     out = tmp_path / "out"
-    proc = run_cli("--per-class", "3", "--checkpoint", tmp_path / "model.pt", "--data", tmp_path / "data",
-                   "--epochs", "1", "--epoch-size", "96", "--width", "0.125", "--batch-size", "32", "--device", "cpu",
-                   "--out", out, timeout=300, script="semi_supervised.py")
+    flags = ["--per-class", "3", "--data", tmp_path / "data", "--epochs", "1", "--epoch-size", "96", "--width", "0.125",
+             "--batch-size", "32", "--device", "cpu", "--out", out]
+    proc = run_cli(*flags, "--checkpoint", tmp_path / "model.pt", timeout=300, script="semi_supervised.py")
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["per_class"] for r in rows] == [3]
     assert all(0 <= rows[0][arm] <= 100 for arm in ("rotnet_conv", "supervised"))
@@ -49,6 +49,12 @@ def test_one_tiny_run_writes_both_arms_and_the_figure(tmp_path):
     for arm in ("K3_rotnet_conv", "K3_supervised"):  # one folder per arm and K, one epoch each
         metrics = [json.loads(line) for line in (out / arm / "metrics.jsonl").read_text().splitlines()]
         assert len(metrics) == 1
+    # Its finished arms are reused only by the same sweep: not with another lr, or another RotNet.
+    save_nin(tmp_path / "other.pt", seed=1)
+    for changed, named in ((["--checkpoint", tmp_path / "model.pt", "--lr", "0.5"], "lr"),
+                           (["--checkpoint", tmp_path / "other.pt"], "other.pt")):
+        again = run_cli(*flags, *changed, check=False, script="semi_supervised.py")
+        assert_one_line_error(again, "K3_", named, "other settings")
 
 
 def test_an_epoch_cycles_a_small_set_in_fresh_orders():
@@ -77,3 +83,13 @@ def test_a_hostile_checkpoint_is_refused_before_anything_trains(tmp_path):
                    "--device", "cpu", "--out", out, check=False, script="semi_supervised.py")
     assert_one_line_error(proc, "model.pt", "refused")
     assert not marker.exists() and not out.exists()
+
+
+def test_an_alexnet_checkpoint_is_refused_before_anything_trains(tmp_path):
+    write_cifar(tmp_path / "data", 10, 10)
+    save_alexnet(tmp_path / "alexnet.pt")
+    out = tmp_path / "out"
+    proc = run_cli("--per-class", "1", "--checkpoint", tmp_path / "alexnet.pt", "--data", tmp_path / "data",
+                   "--device", "cpu", "--out", out, check=False, script="semi_supervised.py")
+    assert_one_line_error(proc, "alexnet.pt", "AlexNet", "NIN")
+    assert not out.exists()
