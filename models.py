@@ -33,7 +33,7 @@ def read_checkpoint(path):
         if "GLOBAL" in why:  # a class or function: possibly code, never run
             raise UserError(f"{path}: refused, it holds objects that are not plain weights ({why})") from None
         # torch's unpickler names only the byte it stopped at ("Unsupported operand 123")
-        raise UserError(f"{path}: not a checkpoint (neither a torch.save zip nor a pickle of weights: {why})") from None
+        raise UserError(f"{path}: not a readable checkpoint (not a file torch.save wrote: {why})") from None
     except Exception as err:  # missing, truncated, garbage: torch raises many kinds
         first = (str(err).splitlines() or [type(err).__name__])[0].split(". ")[0]
         raise UserError(f"{path}: not a readable checkpoint ({first})") from None
