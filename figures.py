@@ -178,13 +178,15 @@ def read_metrics(run_dir):
     lines = []
     with open(path) as f:
         for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
             try:
-                row = json.loads(line) if line.strip() else None
+                row = json.loads(line)
             except ValueError:
-                row = {}
-            if row is not None and not {"epoch", "train_loss", "train_acc", "test_acc"} <= set(row):
+                row = None
+            if not (isinstance(row, dict) and {"epoch", "train_loss", "train_acc", "test_acc"} <= row.keys()):
                 raise UserError(f"{path}, line {number}: not a metrics line of this project")
-            lines += [row] if row else []
+            lines.append(row)
     if not lines:
         raise UserError(f"{path} is empty: the run has not finished an epoch yet")
     return lines
@@ -288,7 +290,8 @@ def parse_args(argv=None):
     images(p, "CIFAR-10 or an image folder (the test images come from it)")
     p.add_argument("--images", type=train.positive_int, default=6,
                    help=f"how many test images (rows; at most {ATTENTION_MAX_IMAGES})")
-    p.add_argument("--power", type=float, default=2.0, help="p in mean over channels of |activation|^p")
+    p.add_argument("--power", type=train.positive_float, default=2.0,
+                   help="p in mean over channels of |activation|^p")
     p = command("filters", "Figure 4: the first-layer 5x5 filters of both networks")
     networks(p)
     p = command("curves", "training curves (loss, train and test accuracy) of runs, from their metrics.jsonl")
@@ -304,8 +307,6 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if getattr(args, "images", 0) > ATTENTION_MAX_IMAGES:
         ap.error(f"--images: at most {ATTENTION_MAX_IMAGES}, got {args.images}")
-    if getattr(args, "power", 1.0) is not None and not 0 < getattr(args, "power", 1.0) < math.inf:
-        ap.error(f"--power: must be positive and finite, got {args.power}")
     return args
 
 

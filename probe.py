@@ -283,12 +283,15 @@ def probe(s: Probing):
 
 # ----------------------------------------------------------------------------- tables
 def check_reusable(out, **wanted):
-    """A run in out (finished or stopped) is reused only if it was made with these settings."""
+    """A run in out (finished or stopped) is reused only if it was made with these settings,
+    and, if finished, its results.json is whole (a damaged one stops here, before any training)."""
     path = os.path.join(out, "config.json")
     if os.path.exists(path):
         saved = train.read_json(path)
         differ = [f"{k} {saved.get(k)} there, {v} here" for k, v in wanted.items() if saved.get(k) != v]
         require(not differ, f"{out} was made with other settings ({'; '.join(differ)}): give this run another --out")
+    if os.path.exists(os.path.join(out, "results.json")):
+        train.read_json(os.path.join(out, "results.json"))
 
 
 def rotnet_for(s, blocks, rotations=FOUR):
@@ -373,8 +376,6 @@ def run_plan(nets, probes, imagenet=False):
         check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed)
     finished = lambda p: os.path.exists(os.path.join(p.out, "results.json"))
     for p in probes:
-        if finished(p):  # a damaged one stops the table here, before anything trains
-            train.read_json(os.path.join(p.out, "results.json"))
         kind = schedule_kind(p, imagenet)
         lr, batch_size = p.lr or SCHEDULES[kind].lr, p.batch_size or SCHEDULES[kind].batch_size
         check_reusable(p.out, epochs=schedule_epochs(kind, p.epochs, p.epochs_scale), seed=p.seed, lr=lr,

@@ -47,7 +47,7 @@ class Sweep(train.Run):
         object.__setattr__(self, "per_class", tuple(sorted(set(self.per_class))))
         require(self.per_class and min(self.per_class) >= 1, f"per_class: at least 1, got {list(self.per_class)}")
         require(self.epoch_size >= 2, f"epoch_size: at least 2 (BatchNorm needs 2 a step), got {self.epoch_size}")
-        require(self.subset_seed is None or -train.SEEDS < self.subset_seed < train.SEEDS,
+        require(self.subset_seed is None or -train.SEED_LIMIT < self.subset_seed < train.SEED_LIMIT,
                 f"subset_seed: below 2^40 in size, got {self.subset_seed}")
         require(self.epochs is None or self.epochs >= 1, f"epochs: at least 1, got {self.epochs}")
         require(0 < self.width < math.inf and 0 < self.epochs_scale < math.inf,
@@ -150,8 +150,6 @@ def sweep(s: Sweep):
             probe.check_reusable(run.out, epochs=epochs, seed=s.seed, epoch_size=s.epoch_size,
                                  subset_seed=s.subset_seed, lr=s.lr or schedule.lr,
                                  batch_size=s.batch_size or schedule.batch_size, **source)
-            if os.path.exists(os.path.join(run.out, "results.json")):  # a damaged one stops here
-                train.read_json(os.path.join(run.out, "results.json"))
     if net and not os.path.exists(checkpoint):
         rotnet.pretrain(net)
     rows = []

@@ -39,7 +39,7 @@ MILESTONES = (0.3, 0.6, 0.8)         # lr x0.2 at these fractions of the run
 LR_DECAY = 0.2
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
 EVAL_BATCH = 500                     # test images per forward pass (x rotations)
-SEEDS = 2**40                        # |seed| below this: seed * 100_003 + epoch seeds a generator
+SEED_LIMIT = 2**40                   # |seed| below this: seed * 100_003 + epoch seeds a generator
 # What a resumed run may set anew: where and how fast it runs, not what it computes.
 MAY_CHANGE_ON_RESUME = {"resume", "device", "compile", "amp", "out", "data", "cache", "download", "eval_every",
                         "save_every"}
@@ -74,7 +74,7 @@ class Run:
         require(self.batch_size is None or self.batch_size >= 2, f"batch_size: at least 2, got {self.batch_size}")
         require(self.eval_every >= 1, f"eval_every: at least 1, got {self.eval_every}")
         require(self.lr is None or 0 < self.lr < math.inf, f"lr: must be positive and finite, got {self.lr}")
-        require(-SEEDS < self.seed < SEEDS, f"seed: below 2^40 in size, got {self.seed}")
+        require(-SEED_LIMIT < self.seed < SEED_LIMIT, f"seed: below 2^40 in size, got {self.seed}")
         require(self.device in ("auto", "cpu", "cuda"), f"device: auto, cpu or cuda, got {self.device!r}")
         require(self.image_size >= 8, f"image_size: at least 8, got {self.image_size}")
         require(0 < self.val_fraction < 1, f"val_fraction: between 0 and 1, got {self.val_fraction}")
