@@ -78,7 +78,6 @@ class Probing(train.Run):
     finetune: bool = False
     init: str = "checkpoint"          # or "random": probe a randomly initialised NIN
     blocks: int = 4                   # with init="random"
-    width: float = 1.0                # of the networks this run builds
     supervised: bool = False
     epochs: Optional[int] = None      # None: the classifier's own schedule x epochs_scale
     epochs_scale: float = 1.0
@@ -88,11 +87,13 @@ class Probing(train.Run):
         require(self.classifier in ("nonlinear", "linear", "conv"),
                 f"classifier: nonlinear, linear or conv, got {self.classifier!r}")
         require(self.init in ("checkpoint", "random"), f"init: checkpoint or random, got {self.init!r}")
+        require(not (self.checkpoint and (self.supervised or self.init == "random")),
+                f"checkpoint: {'supervised' if self.supervised else 'init=random'} trains from random weights, "
+                "so the checkpoint would not be used: give one or the other")
         require(self.blocks in (3, 4, 5), f"blocks: 3, 4 or 5, got {self.blocks}")
         require(self.block >= 0, f"block: at least 1 (0: every conv of an AlexNet), got {self.block}")
         require(self.epochs is None or self.epochs >= 1, f"epochs: at least 1, got {self.epochs}")
-        require(0 < self.width < math.inf and 0 < self.epochs_scale < math.inf,
-                "width and epochs_scale must be positive and finite")
+        require(0 < self.epochs_scale < math.inf, f"epochs_scale: must be positive and finite, got {self.epochs_scale}")
 
 
 def schedule_epochs(kind, epochs=None, epochs_scale=1.0):
@@ -208,7 +209,7 @@ class LinearHeads(Probe):
 def train_classifier(model, s: train.Run, dataset, *, kind, epochs, describe, subset=None, epoch_size=None):
     """Trains model (a Probe, LinearHeads or a NIN) on the labels of dataset (of the training
     images in subset, epoch_size draws an epoch, if given) as SCHEDULES[kind] says, into
-    s.out; writes results.json and returns it."""
+    s.out, which the caller holds (Run.claim_out); writes results.json and returns it."""
     ctx = train.Context(s.device, amp=s.amp, compile=s.compile)
     schedule = SCHEDULES[kind]
     lr, batch_size = s.lr or schedule.lr, s.batch_size or schedule.batch_size
@@ -220,7 +221,8 @@ def train_classifier(model, s: train.Run, dataset, *, kind, epochs, describe, su
     train_y, test_y = train_y.to(ctx.device), dataset.test_y.to(ctx.device)
     views = dict(recipe=schedule.recipe, mean=dataset.mean, std=dataset.std)
     net = ctx.prepare(model)
-    opt, sched = train.make_optimizer([p for p in net.parameters() if p.requires_grad], lr, epochs, schedule.milestones)
+    trained = [p for p in net.parameters() if p.requires_grad]
+    opt, sched = train.make_optimizer(trained, lr, epochs, schedule.milestones)
     config = dict(dataclasses.asdict(s), lr=lr, batch_size=batch_size, epochs=epochs,
                   milestones=train.milestones(epochs, schedule.milestones), **describe)
     # A supervised NIN's checkpoint.pt loads with models.load_model, as a RotNet's does.
@@ -249,36 +251,37 @@ def train_classifier(model, s: train.Run, dataset, *, kind, epochs, describe, su
 def probe(s: Probing):
     """The probe s describes (or the supervised NIN); returns its results."""
     require(s.supervised or s.init == "random" or s.checkpoint, "a probe needs a checkpoint (or init='random')")
-    s.check_out()
-    extractor = load_model(s.checkpoint) if not s.supervised and s.init == "checkpoint" else None
-    on_alexnet = isinstance(extractor, alexnet.AlexNet)
-    blocks = (len(extractor.convs) if on_alexnet else len(extractor.blocks)) if extractor else s.blocks
-    require(s.supervised or s.block <= blocks, f"--block {s.block}: the network has blocks 1 to {blocks}")
-    dataset = s.load_data(train.Context(s.device)).require_labels("a probe")
-    classes, size = len(dataset.classes), dataset.train_x.shape[-1]
-    torch.manual_seed(s.seed)
-    if s.supervised:
-        describe = dict(classifier="supervised", block=None, checkpoint=None, finetune=True, init="random")
-    else:
-        describe = dict(classifier=s.classifier, block=s.block, checkpoint=s.checkpoint, finetune=s.finetune,
-                        init=s.init)
-    kind = schedule_kind(s, on_alexnet)
-    schedule = dict(kind=kind, describe=describe, epochs=schedule_epochs(kind, s.epochs, s.epochs_scale))
-    if s.supervised:
-        return train_classifier(NIN(blocks=3, num_classes=classes, width=s.width), s, dataset, **schedule)
-    if on_alexnet:
-        require(not s.finetune and s.classifier in ("linear", "nonlinear"),
-                "an AlexNet is probed frozen, by the linear or nonlinear classifier (Tables 5 and 4)")
-        if s.classifier == "linear" and s.block == 0:
-            return train_classifier(LinearHeads(extractor, classes), s, dataset, **schedule)
-        head = (alexnet_linear(extractor.convs[s.block - 1].conv.out_channels, LINEAR_POOLS[s.block - 1], classes)
-                if s.classifier == "linear" else alexnet_nonlinear(extractor, s.block, classes))
-        return train_classifier(Probe(extractor, s.block, head), s, dataset, **schedule)
-    require(s.block >= 1, "--block 0 (every conv at once) is for an AlexNet")
-    extractor = extractor or NIN(s.blocks, num_classes=4, width=s.width)
-    classifier = make_classifier(s.classifier, feature_shape(extractor, s.block, size), classes)
-    model = Probe(extractor, s.block, classifier, s.finetune)
-    return train_classifier(model, s, dataset, **schedule)
+    with s.claim_out():  # out held until the run ends (checked first)
+        extractor = load_model(s.checkpoint) if not s.supervised and s.init == "checkpoint" else None
+        on_alexnet = isinstance(extractor, alexnet.AlexNet)
+        blocks = (len(extractor.convs) if on_alexnet else len(extractor.blocks)) if extractor else s.blocks
+        require(s.supervised or s.block <= blocks, f"--block {s.block}: the network has blocks 1 to {blocks}")
+        dataset = s.load_data(train.Context(s.device)).require_labels("a probe")
+        classes, size = len(dataset.classes), dataset.train_x.shape[-1]
+        torch.manual_seed(s.seed)
+        if s.supervised:
+            describe = dict(classifier="supervised", block=None, checkpoint=None, finetune=True, init="random")
+        else:
+            describe = dict(classifier=s.classifier, block=s.block, checkpoint=s.checkpoint, finetune=s.finetune,
+                            init=s.init)
+        kind = schedule_kind(s, on_alexnet)
+        schedule = dict(kind=kind, describe=describe, epochs=schedule_epochs(kind, s.epochs, s.epochs_scale))
+        if s.supervised:
+            return train_classifier(NIN(blocks=3, num_classes=classes, width=s.width), s, dataset, **schedule)
+        if on_alexnet:
+            require(not s.finetune and s.classifier in ("linear", "nonlinear"),
+                    "an AlexNet is probed frozen, by the linear or nonlinear classifier (Tables 5 and 4)")
+            if s.classifier == "linear" and s.block == 0:
+                return train_classifier(LinearHeads(extractor, classes), s, dataset, **schedule)
+            channels = extractor.convs[s.block - 1].conv.out_channels
+            head = (alexnet_linear(channels, LINEAR_POOLS[s.block - 1], classes) if s.classifier == "linear"
+                    else alexnet_nonlinear(extractor, s.block, classes))
+            return train_classifier(Probe(extractor, s.block, head), s, dataset, **schedule)
+        require(s.block >= 1, "--block 0 (every conv at once) is for an AlexNet")
+        extractor = extractor or NIN(s.blocks, num_classes=4, width=s.width)
+        classifier = make_classifier(s.classifier, feature_shape(extractor, s.block, size), classes)
+        model = Probe(extractor, s.block, classifier, s.finetune)
+        return train_classifier(model, s, dataset, **schedule)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -300,7 +303,7 @@ def rotnet_for(s, blocks, rotations=FOUR):
     out = os.path.join(s.out, f"rotnet_{blocks}blocks_rot{'-'.join(map(str, rotations))}")
     return rotnet.Pretraining(**dict(s.shared(), out=out, resume=True, lr=None),  # lr: the arch's own
                               epochs=max(1, round(PRETRAIN_EPOCHS * s.epochs_scale)), blocks=blocks,
-                              width=s.width, rotations=rotations)
+                              rotations=rotations)
 
 
 def probe_for(s, net=None, **settings):
@@ -395,6 +398,9 @@ def run_plan(nets, probes, imagenet=False):
 
 
 def run_table(number, s: Probing):
+    require(number in (4, 5) or not s.checkpoint,
+            f"Table {number} pretrains its own RotNets (in --out): --checkpoint is for Tables 4 and 5 "
+            "and single probes")
     if number in (4, 5) and s.checkpoint:  # (without one, imagenet_probe says to give it)
         require(is_alexnet(read_checkpoint(s.checkpoint)),
                 f"{s.checkpoint} is not an AlexNet: Tables 4 and 5 probe an AlexNet RotNet (rotnet.py --arch alexnet)")

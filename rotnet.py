@@ -18,7 +18,6 @@ the benchmark in benchmark.py.
 """
 import argparse
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -74,7 +73,6 @@ class Pretraining(Run):
     arch: str = "nin"                # nin (CIFAR-10) or alexnet (ImageNet): ARCHS
     epochs: Optional[int] = None     # None (and lr, batch_size): the arch's own
     blocks: int = 4                  # of the NIN
-    width: float = 1.0
     rotations: tuple = FOUR
     save_every: int = 0              # also keep model_epochNNN.pt every N epochs (Figure 5a)
 
@@ -87,51 +85,50 @@ class Pretraining(Run):
         object.__setattr__(self, "rotations", check_rotations(self.rotations))
         require(self.epochs >= 1, f"epochs: at least 1, got {self.epochs}")
         require(self.blocks in (3, 4, 5), f"blocks: the paper's NIN has 3, 4 or 5 blocks, got {self.blocks}")
-        require(0 < self.width < math.inf, f"width: must be positive and finite, got {self.width}")
         require(self.save_every >= 0, f"save_every: at least 0, got {self.save_every}")
 
 
 # ----------------------------------------------------------------------------- pretraining
 def pretrain(s: Pretraining):
     """RotNet pretraining; writes the run files to s.out and returns the last epoch's metrics."""
-    s.check_out()
-    ctx = Context(s.device, amp=s.amp, compile=s.compile)
-    arch = ARCHS[s.arch]
-    dataset = s.load_data(ctx)
-    arch.recipe.check(*dataset.train_x.shape[-2:])
-    train_x, test_x = data.on_device(dataset.train_x, ctx.device), data.on_device(dataset.test_x, ctx.device)
-    views = dict(recipe=arch.recipe, rotations=s.rotations, mean=dataset.mean, std=dataset.std)
+    with s.claim_out():  # out held until the run ends (checked first)
+        ctx = Context(s.device, amp=s.amp, compile=s.compile)
+        arch = ARCHS[s.arch]
+        dataset = s.load_data(ctx)
+        arch.recipe.check(*dataset.train_x.shape[-2:])
+        train_x, test_x = data.on_device(dataset.train_x, ctx.device), data.on_device(dataset.test_x, ctx.device)
+        views = dict(recipe=arch.recipe, rotations=s.rotations, mean=dataset.mean, std=dataset.std)
 
-    torch.manual_seed(s.seed)
-    model = build(s.arch, num_classes=len(s.rotations), width=s.width, blocks=s.blocks)
-    net = ctx.prepare(model)
-    opt, sched = make_optimizer(net.parameters(), s.lr, s.epochs, arch.milestones, arch.decay)
-    config = dict(dataclasses.asdict(s), model_config=model.config)
-    first, metrics = restore(ctx, s.out, config, s.resume, model, opt, sched)
+        torch.manual_seed(s.seed)
+        model = build(s.arch, num_classes=len(s.rotations), width=s.width, blocks=s.blocks)
+        net = ctx.prepare(model)
+        opt, sched = make_optimizer(net.parameters(), s.lr, s.epochs, arch.milestones, arch.decay)
+        config = dict(dataclasses.asdict(s), model_config=model.config)
+        first, metrics = restore(ctx, s.out, config, s.resume, model, opt, sched)
 
-    def save_model(name, metrics):
-        atomic_save(dict(model=model.state_dict(), model_config=model.config, rotations=list(s.rotations),
-                         metrics=metrics), os.path.join(s.out, name))
+        def save_model(name, metrics):
+            atomic_save(dict(model=model.state_dict(), model_config=model.config, rotations=list(s.rotations),
+                             metrics=metrics), os.path.join(s.out, name))
 
-    for epoch in range(first, s.epochs + 1):
-        lr, t0 = opt.param_groups[0]["lr"], time.perf_counter()
-        loss, acc, seen = train_epoch(ctx, net, opt, train_x, epoch=epoch, seed=s.seed, batch_size=s.batch_size,
-                                      **views)
-        seconds = time.perf_counter() - t0
-        tested = epoch % s.eval_every == 0 or epoch == s.epochs
-        test_acc = evaluate(ctx, net, test_x, **views) if tested else None
-        sched.step()
-        metrics = epoch_metrics(epoch, lr, loss, acc, test_acc, seen, seconds)
-        end_epoch(ctx, s.out, metrics, model, opt, sched, model_config=model.config)
-        if s.save_every and epoch % s.save_every == 0:  # Figure 5(a)'s models, each with its
-            if test_acc is None:                         # rotation accuracy (every rank evaluates)
-                test_acc = evaluate(ctx, net, test_x, **views)
-            if ctx.main:
-                save_model(f"model_epoch{epoch:03d}.pt", dict(metrics, test_acc=test_acc))
-    if ctx.main:
-        save_model("model.pt", metrics)
-        print(f"wrote {os.path.join(s.out, 'model.pt')}", file=sys.stderr)
-    return metrics
+        for epoch in range(first, s.epochs + 1):
+            lr, t0 = opt.param_groups[0]["lr"], time.perf_counter()
+            loss, acc, seen = train_epoch(ctx, net, opt, train_x, epoch=epoch, seed=s.seed, batch_size=s.batch_size,
+                                          **views)
+            seconds = time.perf_counter() - t0
+            tested = epoch % s.eval_every == 0 or epoch == s.epochs
+            test_acc = evaluate(ctx, net, test_x, **views) if tested else None
+            sched.step()
+            metrics = epoch_metrics(epoch, lr, loss, acc, test_acc, seen, seconds)
+            end_epoch(ctx, s.out, metrics, model, opt, sched, model_config=model.config)
+            if s.save_every and epoch % s.save_every == 0:  # Figure 5(a)'s models, each with its
+                if test_acc is None:                         # rotation accuracy (every rank evaluates)
+                    test_acc = evaluate(ctx, net, test_x, **views)
+                if ctx.main:
+                    save_model(f"model_epoch{epoch:03d}.pt", dict(metrics, test_acc=test_acc))
+        if ctx.main:
+            save_model("model.pt", metrics)
+            print(f"wrote {os.path.join(s.out, 'model.pt')}", file=sys.stderr)
+        return metrics
 
 
 # ----------------------------------------------------------------------------- command line

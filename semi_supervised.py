@@ -38,7 +38,6 @@ class Sweep(train.Run):
     checkpoint: Optional[str] = None   # a 4-block RotNet; None: pretrain one in out
     subset_seed: Optional[int] = None  # None: the first K of each class, as the original code
     epoch_size: int = EPOCH_SIZE
-    width: float = 1.0                 # of the RotNet pretrained here and of the supervised NIN
     epochs: Optional[int] = None       # None: each arm's own schedule x epochs_scale
     epochs_scale: float = 1.0
 
@@ -50,8 +49,7 @@ class Sweep(train.Run):
         require(self.subset_seed is None or -train.SEED_LIMIT < self.subset_seed < train.SEED_LIMIT,
                 f"subset_seed: below 2^40 in size, got {self.subset_seed}")
         require(self.epochs is None or self.epochs >= 1, f"epochs: at least 1, got {self.epochs}")
-        require(0 < self.width < math.inf and 0 < self.epochs_scale < math.inf,
-                "width and epochs_scale must be positive and finite")
+        require(0 < self.epochs_scale < math.inf, f"epochs_scale: must be positive and finite, got {self.epochs_scale}")
 
 
 def labelled_subset(labels, per_class, seed=None, classes=10):
@@ -81,17 +79,18 @@ def run_arm(s, dataset, arm, per_class, subset, checkpoint):
     path = os.path.join(run.out, "results.json")
     if os.path.exists(path):
         return train.read_json(path)["test_acc"]
-    torch.manual_seed(s.seed)
-    if arm == "rotnet_conv":
-        extractor = load_model(checkpoint)
-        shape = probe.feature_shape(extractor, BLOCK, dataset.train_x.shape[-1])
-        model = probe.Probe(extractor, BLOCK, probe.make_classifier("conv", shape, len(dataset.classes)))
-    else:
-        model = NIN(blocks=3, num_classes=len(dataset.classes), width=s.width)
-    describe = dict(arm=arm, per_class=per_class, classifier=kind, block=BLOCK if kind == "conv" else None,
-                    checkpoint=checkpoint if kind == "conv" else None, subset_seed=s.subset_seed)
-    return probe.train_classifier(model, run, dataset, kind=kind, epochs=epochs, describe=describe, subset=subset,
-                                  epoch_size=s.epoch_size)["test_acc"]
+    with run.claim_out():  # out held until the run ends
+        torch.manual_seed(s.seed)
+        if arm == "rotnet_conv":
+            extractor = load_model(checkpoint)
+            shape = probe.feature_shape(extractor, BLOCK, dataset.train_x.shape[-1])
+            model = probe.Probe(extractor, BLOCK, probe.make_classifier("conv", shape, len(dataset.classes)))
+        else:
+            model = NIN(blocks=3, num_classes=len(dataset.classes), width=s.width)
+        describe = dict(arm=arm, per_class=per_class, classifier=kind, block=BLOCK if kind == "conv" else None,
+                        checkpoint=checkpoint if kind == "conv" else None, subset_seed=s.subset_seed)
+        return probe.train_classifier(model, run, dataset, kind=kind, epochs=epochs, describe=describe,
+                                      subset=subset, epoch_size=s.epoch_size)["test_acc"]
 
 
 def plot(rows, path):

@@ -13,6 +13,7 @@ A script's own loop reads (rotnet.pretrain, probe.train_classifier):
         end_epoch(ctx, out, epoch_metrics(...), model, opt, sched)
 """
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -34,12 +35,18 @@ import rot_kernel
 from errors import UserError
 from models import read_checkpoint
 
+try:
+    import fcntl  # the lock on a run's folder (Run.claim_out)
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
+
 # ----------------------------------------------------------------------------- settings
 MILESTONES = (0.3, 0.6, 0.8)         # lr x0.2 at these fractions of the run
 LR_DECAY = 0.2
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
 EVAL_BATCH = 500                     # test images per forward pass (x rotations)
 SEED_LIMIT = 2**40                   # |seed| below this: seed * 100_003 + epoch seeds a generator
+WIDTHS = (1 / 64, 16)                # --width: from every layer keeping a channel to 256x the weights
 # What a resumed run may set anew: where and how fast it runs, not what it computes.
 MAY_CHANGE_ON_RESUME = {"resume", "device", "compile", "amp", "out", "data", "cache", "download", "eval_every",
                         "save_every"}
@@ -59,6 +66,7 @@ class Run:
     cache: Optional[str] = None      # where a folder is prepared (None: prepared/NAME-S)
     val_fraction: float = 0.1        # of a folder without val/: held out for testing
     out: str = "runs/rotnet"
+    width: float = 1.0               # channel multiplier of the networks a run builds (1.0: the paper's)
     batch_size: Optional[int] = None  # source images per step (before rotations); None: the run's own
     lr: Optional[float] = None        # None: the run's own (the original code's)
     seed: int = 0
@@ -74,6 +82,7 @@ class Run:
         require(self.batch_size is None or self.batch_size >= 2, f"batch_size: at least 2, got {self.batch_size}")
         require(self.eval_every >= 1, f"eval_every: at least 1, got {self.eval_every}")
         require(self.lr is None or 0 < self.lr < math.inf, f"lr: must be positive and finite, got {self.lr}")
+        require(WIDTHS[0] <= self.width <= WIDTHS[1], f"width: from 1/64 to 16 (1 is the paper's), got {self.width}")
         require(-SEED_LIMIT < self.seed < SEED_LIMIT, f"seed: below 2^40 in size, got {self.seed}")
         require(self.device in ("auto", "cpu", "cuda"), f"device: auto, cpu or cuda, got {self.device!r}")
         require(self.image_size >= 8, f"image_size: at least 8, got {self.image_size}")
@@ -86,6 +95,42 @@ class Run:
         if held and not self.resume:
             raise UserError(f"{self.out} holds a run already ({held[0]}): add --resume to continue it, or give "
                             "another --out (or delete it to start again)")
+
+    @contextlib.contextmanager
+    def claim_out(self):
+        """out, made and held while the run trains (rank 0 holds it for the ranks), then
+        check_out: two processes training into one folder would overwrite each other's
+        checkpoints and interleave their metrics. A lock on the folder itself, which the OS
+        lets go however the process ends, so a killed run never leaves it held. A run that
+        stops before writing anything leaves no folder it made."""
+        if int(os.environ.get("RANK", "0")) != 0:
+            self.check_out()
+            yield
+            return
+        made = not os.path.isdir(self.out)
+        try:
+            os.makedirs(self.out, exist_ok=True)
+            folder = os.open(self.out, os.O_RDONLY)
+        except OSError as err:  # under /proc, below a file, no permission: said before any data is read
+            reason = "a file of that name exists" if isinstance(err, FileExistsError) else err.strerror or err
+            raise UserError(f"--out {self.out}: cannot create the folder ({reason})") from None
+        try:
+            if fcntl:
+                try:
+                    fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise UserError(f"{self.out} is in use: another process is training into it; wait for it "
+                                    "to end, or give another --out") from None
+                except OSError:  # a file system without locks: the run goes on unlocked
+                    pass
+            self.check_out()
+            yield
+        except BaseException:
+            if made and not os.listdir(self.out):
+                os.rmdir(self.out)
+            raise
+        finally:
+            os.close(folder)
 
     def load_data(self, ctx):
         """The data set (one rank prepares or downloads it, the others wait, then reuse it)."""
@@ -348,7 +393,7 @@ def restore(ctx, out, config, resume, model, opt, sched):
     resume, loads the newest good checkpoint into model, opt, sched and the RNGs.
     Returns (the first epoch to run, the metrics of the last epoch done)."""
     ckpt = load_resume_checkpoint(ctx, out) if resume else None
-    if resume and ckpt is None and ctx.main and os.path.isdir(out):
+    if resume and ckpt is None and ctx.main and os.path.isdir(out) and os.listdir(out):
         print(f"no checkpoint in {out}: starting from the beginning", file=sys.stderr)
     if ckpt:
         changed = changed_settings(out, config)
@@ -460,7 +505,7 @@ def add_common_flags(ap, epochs, out, scaled=False):
     ap.add_argument("--lr", type=positive_float, help="default: the original's (0.1; AlexNet 0.01)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--width", type=positive_float, default=1.0,
-                    help="channel multiplier of the networks this run builds (1.0 is the paper's NIN)")
+                    help="channel multiplier of the networks this run builds, 1/64 to 16 (1.0 is the paper's NIN)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--out", default=out, help="folder for config.json, metrics.jsonl, checkpoint.pt and results")
     ap.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")

@@ -115,6 +115,19 @@ def test_bad_arguments(cifar_dir, tmp_path):
     assert_one_line_error(proc, "--block 4", "1 to 3")
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--supervised"], "supervised trains from random weights"),
+    (["--init", "random"], "init=random trains from random weights"),
+    (["--table", "3"], "Table 3 pretrains its own RotNets"),
+])
+def test_a_checkpoint_that_would_not_be_used_is_refused(cifar_dir, tmp_path, flags, named):
+    save_nin(tmp_path / "model.pt")
+    proc = run_probe("--checkpoint", tmp_path / "model.pt", *flags, "--data", cifar_dir, "--device", "cpu",
+                     "--out", tmp_path / "o", check=False)
+    assert_one_line_error(proc, named)
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("table", [1, 3])
 def test_a_whole_table_at_a_tiny_scale(cifar_dir, tmp_path, table):
     # One pretraining epoch per RotNet and one epoch per probe: the plumbing, not the numbers.

@@ -24,6 +24,7 @@ import nin
 import rot_kernel
 import rotnet
 import train
+from errors import UserError
 from conftest import (REPO, assert_one_line_error, cli_command, cli_env, free_port, metrics_of, run_cli,
                       tiny_run_flags, write_cifar)
 
@@ -326,6 +327,47 @@ def test_a_finished_run_is_not_overwritten_without_resume(cifar_dir, tmp_path):
     assert_one_line_error(probe, str(out), "holds a run already")
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="runs are locked where fcntl is (not Windows)")
+def test_two_processes_never_train_into_one_folder(cifar_dir, tmp_path):
+    # Another process holds out (as a run training into it does): a run, a probe, and a
+    # table's probe (which claims its folder in train_classifier) each stop at once.
+    import fcntl
+    out = tmp_path / "out"
+    run_cli(*tiny_run_flags(cifar_dir, tmp_path / "net", "--epochs", "1"))
+    os.makedirs(out)
+    held = os.open(out, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        proc = run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1", "--resume"), check=False)
+        assert_one_line_error(proc, str(out), "in use", "another --out")
+        probe = run_cli("--data", cifar_dir, "--checkpoint", tmp_path / "net" / "model.pt", "--block", "1",
+                        "--epochs", "1", "--device", "cpu", "--out", out, script="probe.py", check=False)
+        assert_one_line_error(probe, str(out), "in use")
+        assert os.listdir(out) == []
+    finally:
+        os.close(held)
+    # A run lets its folder go when it ends, however it ends (here: refused, then finished).
+    with pytest.raises(UserError, match="holds a run already"):
+        rotnet.pretrain(rotnet.Pretraining(data=str(cifar_dir), out=str(tmp_path / "net"), width=0.125,
+                                           epochs=1, device="cpu"))
+    for folder in (tmp_path / "net", out):
+        fd = os.open(folder, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError if still held
+        os.close(fd)
+
+
+def test_an_out_that_cannot_be_made_is_one_line_before_any_data_is_read(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    for script, extra in (("rotnet.py", []), ("probe.py", ["--init", "random"])):
+        proc = run_cli("--data", tmp_path / "no-data", "--out", tmp_path / "a-file" / "out", "--device", "cpu",
+                       *extra, script=script, check=False)
+        assert_one_line_error(proc, "--out", "a-file", "cannot create the folder")
+    # A run stopped before it wrote anything leaves no folder behind.
+    proc = run_cli("--data", tmp_path / "no-data", "--out", tmp_path / "new" / "out", "--device", "cpu", check=False)
+    assert_one_line_error(proc, "no-data")
+    assert os.listdir(tmp_path / "new") == []
+
+
 def test_results_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     # results.json marks a finished run (the tables reuse it): one stopped while writing it
     # must leave the previous file, or none, never half of one.
@@ -365,12 +407,29 @@ def test_resume_refuses_a_checkpoint_that_carries_code(cifar_dir, tmp_path):
 
 @pytest.mark.parametrize("settings, named", [
     (dict(epochs=0), "epochs"), (dict(rotations=(0, 30)), "rotations"), (dict(batch_size=0), "batch_size"),
-    (dict(width=-1.0), "width"), (dict(blocks=6), "blocks"), (dict(device="tpu"), "device"),
+    (dict(width=-1.0), "width"), (dict(width=0.001), "width"), (dict(blocks=6), "blocks"), (dict(device="tpu"), "device"),
 ])
 def test_direct_calls_are_validated_as_the_command_line_is(settings, named):
     from errors import UserError
     with pytest.raises(UserError, match=named):
         rotnet.pretrain(rotnet.Pretraining(**settings))
+
+
+@pytest.mark.parametrize("settings, named", [
+    (dict(width=1e-3), "width: from 1/64 to 16"), (dict(width=1e6), "width: from 1/64 to 16"),
+    (dict(width=float("nan")), "width"), (dict(epochs_scale=float("inf")), "epochs_scale"),
+])
+def test_every_script_checks_its_settings_the_same_way(settings, named):
+    # width is one setting of train.Run; a width of no channels or of a network no memory
+    # holds is refused by pretraining, the probes and the sweep alike, before anything runs.
+    import probe
+    import semi_supervised
+    for make in (rotnet.Pretraining, probe.Probing, semi_supervised.Sweep):
+        if "epochs_scale" in settings and make is rotnet.Pretraining:
+            continue
+        with pytest.raises(UserError, match=named):
+            make(**settings)
+    assert rotnet.Pretraining(width=1 / 64).width == probe.Probing(width=16).width / 1024
 
 
 def test_resume_keeps_the_whole_lines_of_a_metrics_file_cut_short(cifar_dir, tmp_path):
