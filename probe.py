@@ -79,8 +79,7 @@ class Probing(train.Run):
     init: str = "checkpoint"          # or "random": probe a randomly initialised NIN
     blocks: int = 4                   # with init="random"
     supervised: bool = False
-    epochs: Optional[int] = None      # None: the classifier's own schedule x epochs_scale
-    epochs_scale: float = 1.0
+    epochs_scale: float = 1.0         # the classifier's own schedule x this, where epochs is not given
 
     def __post_init__(self):
         super().__post_init__()
@@ -92,7 +91,6 @@ class Probing(train.Run):
                 "so the checkpoint would not be used: give one or the other")
         require(self.blocks in (3, 4, 5), f"blocks: 3, 4 or 5, got {self.blocks}")
         require(self.block >= 0, f"block: at least 1 (0: every conv of an AlexNet), got {self.block}")
-        require(self.epochs is None or self.epochs >= 1, f"epochs: at least 1, got {self.epochs}")
         require(0 < self.epochs_scale < math.inf, f"epochs_scale: must be positive and finite, got {self.epochs_scale}")
 
 
@@ -301,9 +299,9 @@ def rotnet_for(s, blocks, rotations=FOUR):
     """The pretraining a table (or sweep) needs, in its own folder under s.out: the original
     schedule x epochs_scale at the paper's lr, s's width."""
     out = os.path.join(s.out, f"rotnet_{blocks}blocks_rot{'-'.join(map(str, rotations))}")
-    return rotnet.Pretraining(**dict(s.shared(), out=out, resume=True, lr=None),  # lr: the arch's own
-                              epochs=max(1, round(PRETRAIN_EPOCHS * s.epochs_scale)), blocks=blocks,
-                              rotations=rotations)
+    return rotnet.Pretraining(**dict(s.shared(), out=out, resume=True, lr=None,  # lr: the arch's own
+                                     epochs=max(1, round(PRETRAIN_EPOCHS * s.epochs_scale))),
+                              blocks=blocks, rotations=rotations)
 
 
 def probe_for(s, net=None, **settings):

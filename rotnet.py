@@ -22,7 +22,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -71,7 +70,6 @@ def check_rotations(rotations):
 @dataclass(frozen=True)
 class Pretraining(Run):
     arch: str = "nin"                # nin (CIFAR-10) or alexnet (ImageNet): ARCHS
-    epochs: Optional[int] = None     # None (and lr, batch_size): the arch's own
     blocks: int = 4                  # of the NIN
     rotations: tuple = FOUR
     save_every: int = 0              # also keep model_epochNNN.pt every N epochs (Figure 5a)
@@ -83,7 +81,6 @@ class Pretraining(Run):
                 object.__setattr__(self, name, getattr(ARCHS[self.arch], name))
         super().__post_init__()
         object.__setattr__(self, "rotations", check_rotations(self.rotations))
-        require(self.epochs >= 1, f"epochs: at least 1, got {self.epochs}")
         require(self.blocks in (3, 4, 5), f"blocks: the paper's NIN has 3, 4 or 5 blocks, got {self.blocks}")
         require(self.save_every >= 0, f"save_every: at least 0, got {self.save_every}")
 

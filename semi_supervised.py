@@ -38,8 +38,7 @@ class Sweep(train.Run):
     checkpoint: Optional[str] = None   # a 4-block RotNet; None: pretrain one in out
     subset_seed: Optional[int] = None  # None: the first K of each class, as the original code
     epoch_size: int = EPOCH_SIZE
-    epochs: Optional[int] = None       # None: each arm's own schedule x epochs_scale
-    epochs_scale: float = 1.0
+    epochs_scale: float = 1.0          # each arm's own schedule x this, where epochs is not given
 
     def __post_init__(self):
         super().__post_init__()
@@ -48,7 +47,6 @@ class Sweep(train.Run):
         require(self.epoch_size >= 2, f"epoch_size: at least 2 (BatchNorm needs 2 a step), got {self.epoch_size}")
         require(self.subset_seed is None or -train.SEED_LIMIT < self.subset_seed < train.SEED_LIMIT,
                 f"subset_seed: below 2^40 in size, got {self.subset_seed}")
-        require(self.epochs is None or self.epochs >= 1, f"epochs: at least 1, got {self.epochs}")
         require(0 < self.epochs_scale < math.inf, f"epochs_scale: must be positive and finite, got {self.epochs_scale}")
 
 

@@ -67,8 +67,9 @@ class Run:
     val_fraction: float = 0.1        # of a folder without val/: held out for testing
     out: str = "runs/rotnet"
     width: float = 1.0               # channel multiplier of the networks a run builds (1.0: the paper's)
-    batch_size: Optional[int] = None  # source images per step (before rotations); None: the run's own
-    lr: Optional[float] = None        # None: the run's own (the original code's)
+    epochs: Optional[int] = None      # None (and batch_size, lr): the run's own schedule
+    batch_size: Optional[int] = None  # source images per step (before rotations)
+    lr: Optional[float] = None        # the original code's where not given
     seed: int = 0
     device: str = "auto"
     amp: bool = True                 # bf16 autocast on CUDA
@@ -79,6 +80,7 @@ class Run:
 
     def __post_init__(self):
         # BatchNorm needs two images a step: a batch of one trains nothing (train.batches)
+        require(self.epochs is None or self.epochs >= 1, f"epochs: at least 1, got {self.epochs}")
         require(self.batch_size is None or self.batch_size >= 2, f"batch_size: at least 2, got {self.batch_size}")
         require(self.eval_every >= 1, f"eval_every: at least 1, got {self.eval_every}")
         require(self.lr is None or 0 < self.lr < math.inf, f"lr: must be positive and finite, got {self.lr}")
