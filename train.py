@@ -16,10 +16,12 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import errno
 import gc
 import json
 import math
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -48,6 +50,8 @@ EVAL_BATCH = 500                     # test images per forward pass (x rotations
 SEED_LIMIT = 2**40                   # |seed| below this: seed * 100_003 + epoch seeds a generator
 WIDTHS = (1 / 64, 16)                # --width: from every layer keeping a channel to 256x the weights
 # What a resumed run may set anew: where and how fast it runs, not what it computes.
+# A file the run could not write: said in one line (run_job), the run's finished files kept.
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 MAY_CHANGE_ON_RESUME = {"resume", "device", "compile", "amp", "out", "data", "cache", "download", "eval_every",
                         "save_every"}
 
@@ -345,7 +349,14 @@ def evaluate(ctx, net, images, targets=None, *, recipe, mean, std, rotations=(0,
 def atomic_save(obj, path, keep_previous=False):
     """Written whole or not at all; with keep_previous the file it replaces stays as
     NAME.prev.pt, so a checkpoint damaged later still leaves a good one to resume from."""
-    torch.save(obj, path + ".tmp")
+    try:
+        torch.save(obj, path + ".tmp")
+    except RuntimeError as err:  # how torch.save says a write failed ("unexpected pos ...")
+        full = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2**20
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise OSError(errno.ENOSPC if full else errno.EIO, "No space left on device" if full else
+                      f"could not write it ({str(err).splitlines()[0]})", path) from None
     if keep_previous and os.path.exists(path):
         os.replace(path, path[:-3] + ".prev.pt")
     os.replace(path + ".tmp", path)
@@ -532,6 +543,11 @@ def run_job(job):
         return result
     except UserError as err:
         sys.exit(f"error: {err}")
+    except OSError as err:
+        if err.errno not in WRITE_ERRORS:
+            raise
+        sys.exit(f"error: {err.filename or 'a run file'}: {err.strerror}; the files written before it are whole: "
+                 "make room, then run the same command again (a single run with --resume)")
     except KeyboardInterrupt:  # the files are whole (atomic): say how to go on, not where it stopped
         print("\ninterrupted: what was finished is kept (epochs, finished runs, a folder's preparation); "
               "the same command goes on from it (a single run with --resume)", file=sys.stderr)

@@ -487,6 +487,39 @@ def test_settings_that_train_nothing_are_refused_before_training(cifar_dir, tmp_
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+    import shutil
+    path = str(tmp_path / "checkpoint.pt")
+    train.atomic_save({"epoch": 1}, path, keep_previous=True)
+
+    def full(obj, f):  # what torch.save does when the disk fills: part of the file, then this
+        open(f, "wb").write(b"PK" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 194496 vs 194416")
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(SystemExit) as stop:
+        train.run_job(lambda: train.atomic_save({"epoch": 2}, path, keep_previous=True))
+    assert stop.value.code == f"error: {path}: No space left on device; the files written before it are whole: " \
+                              "make room, then run the same command again (a single run with --resume)"
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]  # no .tmp left, the previous one untouched
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+
+    def quota(*args):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(tmp_path / "metrics.jsonl"))
+
+    with pytest.raises(SystemExit, match="metrics.jsonl: Disk quota exceeded"):
+        train.run_job(quota)
+
+    def missing(*args):  # not a write that failed for want of room: a bug, with its traceback
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "x")
+
+    with pytest.raises(FileNotFoundError):
+        train.run_job(missing)
+
+
 def test_ctrl_c_says_how_to_go_on():
     def interrupted():
         raise KeyboardInterrupt
