@@ -49,9 +49,9 @@ MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
 EVAL_BATCH = 500                     # test images per forward pass (x rotations)
 SEED_LIMIT = 2**40                   # |seed| below this: seed * 100_003 + epoch seeds a generator
 WIDTHS = (1 / 64, 16)                # --width: from every layer keeping a channel to 256x the weights
-# What a resumed run may set anew: where and how fast it runs, not what it computes.
 # A file the run could not write: said in one line (run_job), the run's finished files kept.
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+# What a resumed run may set anew: where and how fast it runs, not what it computes.
 MAY_CHANGE_ON_RESUME = {"resume", "device", "compile", "amp", "out", "data", "cache", "download", "eval_every",
                         "save_every"}
 
