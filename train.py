@@ -542,16 +542,30 @@ def run_job(job):
             dist.barrier()
         return result
     except UserError as err:
-        sys.exit(f"error: {err}")
+        stop(f"error: {err}")
+    except RuntimeError as err:
+        # A rank whose peer has stopped (rank 0 refusing the data, say) fails in its next
+        # collective ("Connection reset by peer"): one line, not a traceback that buries
+        # the peer's own error.
+        if not (dist.is_initialized() and "peer" in str(err)):
+            raise
+        stop(f"error: rank {dist.get_rank()} stopped because another rank did (its error says why)")
     except OSError as err:
         if err.errno not in WRITE_ERRORS:
             raise
-        sys.exit(f"error: {err.filename or 'a run file'}: {err.strerror}; the files written before it are whole: "
-                 "make room, then run the same command again (a single run with --resume)")
+        stop(f"error: {err.filename or 'a run file'}: {err.strerror}; the files written before it are whole: "
+             "make room, then run the same command again (a single run with --resume)")
     except KeyboardInterrupt:  # the files are whole (atomic): say how to go on, not where it stopped
-        print("\ninterrupted: what was finished is kept (epochs, finished runs, a folder's preparation); "
-              "the same command goes on from it (a single run with --resume)", file=sys.stderr)
-        sys.exit(130)
+        stop("\ninterrupted: what was finished is kept (epochs, finished runs, a folder's preparation); "
+             "the same command goes on from it (a single run with --resume)", status=130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def stop(message, status=1):
+    """Says message and exits. Said here, before run_job ends the ranks, not at exit as
+    sys.exit(message) would: under torchrun a peer learns of this rank's end at once, and
+    its own line must not come first."""
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(status)

@@ -208,7 +208,7 @@ def test_hostile_checkpoint_is_refused_in_one_line(nets, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["no metrics", "no snapshots", "damaged snapshot", "no data"])
-def test_other_missing_inputs_stop_with_one_message(case, nets, tmp_path):
+def test_other_missing_inputs_stop_with_one_message(case, nets, tmp_path, capsys):
     if case == "no metrics":
         argv, needle = ["curves", str(tmp_path)], "metrics.jsonl"
     elif case == "no snapshots":
@@ -222,7 +222,8 @@ def test_other_missing_inputs_stop_with_one_message(case, nets, tmp_path):
         argv, needle = ["attention", "--rotnet", nets[0], "--supervised", nets[1], "--data", str(tmp_path)], "CIFAR-10"
     with pytest.raises(SystemExit) as stop:
         figures.main(argv + ["--out", str(tmp_path / "figs"), "--device", "cpu"])
-    message = str(stop.value.code)
+    assert stop.value.code == 1
+    message = capsys.readouterr().err.strip()
     assert message.startswith("error: ") and needle in message and "\n" not in message
     assert not os.path.exists(tmp_path / "figs")
 
@@ -255,5 +256,6 @@ def test_wrong_inputs_stop_with_one_message(case, nets, tmp_path, capsys):
         message = capsys.readouterr().err.strip().splitlines()[-1]
         assert "error:" in message and needle in message
     else:
-        message = str(stop.value.code)
+        assert stop.value.code == 1
+        message = capsys.readouterr().err.strip()
         assert message.startswith("error: ") and needle in message and "\n" not in message

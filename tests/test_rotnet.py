@@ -135,6 +135,19 @@ def test_cli_cpu_ranks_with_torchrun(cifar_dir, tmp_path, ranks):
     models.load_model(out / "model.pt")
 
 
+def test_a_problem_under_torchrun_is_said_once_without_rank_tracebacks(tmp_path):
+    # Rank 0 refuses the data; rank 1, waiting for it, must not bury that line under a trace.
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    proc = run_cli(*tiny_run_flags(tmp_path / "no-data", tmp_path / "out", "--epochs", "1"), launcher=launcher,
+                   check=False)
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert errors[0].startswith(f"error: {tmp_path / 'no-data'}: no such folder"), proc.stderr
+    # (unless torchrun, seeing rank 0 end, stops rank 1 first)
+    assert errors[1:] in ([], ["error: rank 1 stopped because another rank did (its error says why)"]), proc.stderr
+    assert "[rank1]: Traceback" not in proc.stderr and "[rank0]: Traceback" not in proc.stderr, proc.stderr
+
+
 def test_cli_benchmark_prints_its_json(tmp_path):
     proc = run_cli("--benchmark", "--steps", "2", "--width", "0.125", "--device", "cpu", "--batch-size", "16")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -487,7 +500,7 @@ def test_settings_that_train_nothing_are_refused_before_training(cifar_dir, tmp_
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
-def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
     import errno
     import shutil
     path = str(tmp_path / "checkpoint.pt")
@@ -501,8 +514,9 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mon
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
     with pytest.raises(SystemExit) as stop:
         train.run_job(lambda: train.atomic_save({"epoch": 2}, path, keep_previous=True))
-    assert stop.value.code == f"error: {path}: No space left on device; the files written before it are whole: " \
-                              "make room, then run the same command again (a single run with --resume)"
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == f"error: {path}: No space left on device; the files written before it are " \
+                                      "whole: make room, then run the same command again (a single run with --resume)\n"
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]  # no .tmp left, the previous one untouched
     assert torch.load(path, weights_only=True) == {"epoch": 1}
@@ -510,8 +524,9 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mon
     def quota(*args):
         raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(tmp_path / "metrics.jsonl"))
 
-    with pytest.raises(SystemExit, match="metrics.jsonl: Disk quota exceeded"):
+    with pytest.raises(SystemExit):
         train.run_job(quota)
+    assert "metrics.jsonl: Disk quota exceeded" in capsys.readouterr().err
 
     def missing(*args):  # not a write that failed for want of room: a bug, with its traceback
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", "x")
