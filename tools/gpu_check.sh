@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The GPU session's checklist (issue 8), in order, every result under one folder.
+# The GPU session's checklist (issue 8), in order, every result under one folder, each stage
+# held to the time it is given.
 #
-# Here, on the CPU machine, once:   bash tools/gpu_check.sh --prepare [PY]
+# Here, on the CPU machine, once per session (ignored folders do not outlive a session's
+# checkout):   bash tools/gpu_check.sh --prepare [PY]
 #   copies into .device/ (ignored: name it in the device tool's `carry`) the CIFAR-10 sample
 #   (.device/data), the independent checker (../shared/tools/gpu_check.py) and the operator as it
 #   was before the kernel restructure (commit $BEFORE, for the before/after table).
@@ -10,35 +12,46 @@
 #   about 3 minutes of building (4 min here). Such a Python, from this machine's pyenv:
 #     ~/.pyenv/versions/3.12.1/bin/python -m venv /tmp/venv-312
 #     /tmp/venv-312/bin/pip install torch==2.11.0 numpy ninja setuptools
-# There, from the repository root:  bash tools/gpu_check.sh OUT_DIR [STAGE...]
-#   stages: env build quick tests check sanitize bench ncu before train torchrun runs collect
+# There, from the repository root:  bash tools/gpu_check.sh OUT_DIR [--seconds N] [STAGE...]
+#   stages: env build quick tests check sanitize bench ncu before train torchrun
+#           rotnet table3 table1 table2 semi collect   (`runs`: rotnet table3 table1 table2 semi)
 #   (default: all but build and quick; `build` builds anew, the others only when they must, and
 #   the full `tests` includes `quick`)
 # Each stage writes its whole output to OUT_DIR/STAGE.log (JSON too where there is one) and
 # prints the log's last lines; summary.log says when each stage began and how it ended.
 #
+# Time. A session has 15 minutes of device time, counted from the machine's start (a minute
+# or more) until it goes back, and a call lasts at most 10 minutes. So every stage has a cap
+# (CAP below: what it needs with a margin) and a floor (MIN: less is not worth starting), and
+# --seconds N gives the call's stages N seconds in all: a stage runs under
+# `timeout min(cap, what is left)`, one that would start with less than its floor is skipped
+# and said so in summary.log, and the next smaller one may still fit. `collect` always runs,
+# last. A stage cut off keeps its log (the sweep rewrites its JSON after every row), and a
+# training run cut off keeps its checkpoint.pt, which `collect` brings back.
+#
 # A device machine goes back 30 s after a call, so plan on every call finding a bare one.
 # A stage that needs the operator first makes sure it has the one of these sources: built
 # on this machine, or carried in .device/op (by --prepare PY, or from an earlier call) if it
 # loads there, or else built now (2 min).
-# A call lasts at most 10 minutes and brings back at most 8 files of 16 MiB: run the script
-# under a shorter timeout and bundle the folder in parts, so that a stage cut off still
-# returns its log:
-#   run(carry=[".device", "runs/gpu"], timeout_s=600, command="timeout 550 bash
-#       tools/gpu_check.sh /tmp/gc STAGES; bash tools/gpu_check.sh /tmp/gc collect;
-#       tar czf - -C /tmp/gc . | split -b 15m - $OUT/gc.tgz.part-")
-# with, in order (the first call finds a broken kernel fast, and has the headline numbers):
-#   1. env quick check bench train   2. tests sanitize ncu before torchrun   3. runs (4. runs)
-# A session has 30 minutes of device time, counted from the machine's start (a minute or
-# more) until it goes back: issue each call as soon as the one before returns, and read what
-# that one brought back beside it (its files are here by then); a gap of over 30 s costs a
-# new start.
+# A call brings back at most 8 files of 16 MiB: bundle the folder in parts:
+#   run(carry=[".device", "runs/gpu"], timeout_s=T, command="bash tools/gpu_check.sh /tmp/gc
+#       --seconds S STAGES collect; tar czf - -C /tmp/gc . | split -b 15m - $OUT/gc.tgz.part-")
+# with S about T - 40 (collect and the bundle). In a session with 15 minutes, in order:
+#   1. T=480, S=440: env quick check bench train torchrun rotnet   (the kernel correct on
+#      the GPU, the operator's table, the training benchmark: the headline, first)
+#   2. at once (within the 30 s the machine stays warm; call 1's bundle can be unpacked
+#      after: call 2 needs nothing from it), T = budget_left_s (status, free) - 60, S = T - 40:
+#      tests sanitize ncu before table3
+#   then give_back. The tables and the semi-supervised sweep take more than what is left
+#   (about 2-6 minutes each at full width): later sessions run them, `table1 table2` in one,
+#   `semi` in another, each prepared anew (a checkout starts without runs/gpu).
+#   Every call's reply says how long its stages took: shift stages between calls by it.
 # After each call, here:  bash tools/gpu_check.sh --unpack FILES_AT
 #   puts the call's logs in runs/gpu-calls/N, the operator it built (if it did) in .device/op
 #   (a change to rot_kernel/csrc changes the hash, and it is built again), and the real runs
-#   it finished in runs/gpu: `collect` brings back all they wrote but the checkpoints, and
-#   carrying runs/gpu out again lets `runs` go on from the finished ones in the next call, or
-#   the next session (all six RotNets' model.pt take 40 MB).
+#   it brought back in runs/gpu: `collect` brings back what they wrote, the finished runs'
+#   model.pt, and checkpoint.pt only of a run that was cut off; carrying runs/gpu out again
+#   lets the runs go on from there in the next call.
 set -uo pipefail
 BEFORE=bf4c3e9  # the last commit with the staged kernel that did per-element 64-bit division
 DATA=.device/data  # the CIFAR-10 sample (--prepare)
@@ -87,9 +100,21 @@ if [ "${1:-}" = "--unpack" ]; then  # here, after each call: what it brought bac
   exit 0
 fi
 
-out=${1:?usage: bash tools/gpu_check.sh OUT_DIR [STAGE...]  (or --prepare, on the CPU machine)}
+usage="usage: bash tools/gpu_check.sh OUT_DIR [--seconds N] [STAGE...]  (or --prepare, on the CPU machine)"
+one=""  # --stage: run one stage's body in this process (the loop below runs each so, under timeout)
+if [ "${1:-}" = "--stage" ]; then one=${2:?$usage}; shift 2; fi
+out=${1:?$usage}
 shift
-stages=${*:-env tests check sanitize bench ncu before train torchrun runs collect}
+seconds=""
+if [ "${1:-}" = "--seconds" ]; then
+  seconds=${2:-}; shift 2 || true
+  [[ $seconds =~ ^[0-9]+$ ]] || { echo "--seconds: a whole number of seconds, got '$seconds'"; exit 2; }
+fi
+stages=""
+for s in ${*:-env tests check sanitize bench ncu before train torchrun runs collect}; do
+  [ "$s" = runs ] && s="rotnet table3 table1 table2 semi"
+  stages="$stages $s"
+done
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 # The device image's python3 holds torch; a plain `python` may not exist there.
@@ -105,6 +130,9 @@ l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,launch__registers_per_t
 sm__warps_active.avg.pct_of_peak_sustained_active
 ncu_run() { ncu --clock-control none -k regex:'staged|tiled' --metrics "$NCU_METRICS" --csv "$@"; }
 # Stages report failures in their logs and the script goes on to the next one.
+# pytest-xdist's processes where the machine has it (the device image does; the suite passes
+# under it, checked on the CPU): `-n N`, else nothing.
+xdist() { "$PY" -c "import xdist" 2>/dev/null && echo "-n $1"; }
 pytest_cuda() { ROT_REQUIRE_CUDA=1 "$PY" -m pytest -q -W error::RuntimeWarning -p no:cacheprovider "$@"; }
 build() {  # the CUDA kernel, built against this machine's torch (MAX_JOBS: all cores); a copy
   # goes to OUT_DIR/op with the hash of its sources, for later calls to carry in .device/op
@@ -141,10 +169,9 @@ stage_body() {
       "$PY" -m pip list 2>/dev/null | grep -iE "^(torch|numpy|pytest|tqdm|matplotlib|pillow|ninja) " ;;
     build) build ;;
     quick)  # first: the kernel's tests (CUDA and emulated) and the streamed split on CUDA
-      pytest_cuda tests/test_cuda_kernel.py tests/test_data.py -k "cuda" ;;
-    tests)  # CUDA tests included; a fallback to the reference is an error here. The suite passes
-      # under pytest-xdist (checked on the CPU), which the device image has: 8 processes.
-      if "$PY" -c "import xdist" 2>/dev/null; then pytest_cuda -n 8; else pytest_cuda; fi ;;
+      pytest_cuda $(xdist 4) tests/test_cuda_kernel.py tests/test_data.py -k "cuda" ;;
+    tests)  # CUDA tests included; a fallback to the reference is an error here
+      pytest_cuda $(xdist 8) ;;
     check)  # the independent checker: every path against the CPU kernel, then kernel times
       "$PY" .device/gpu_check.py
       "$PY" .device/gpu_check.py --perf ;;
@@ -172,32 +199,78 @@ stage_body() {
       rm -rf runs/gpu/torchrun  # a fresh run each time (a run refuses an --out that holds one)
       "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 rotnet.py --data "$DATA" --epochs 1 \
         --width 0.25 --out runs/gpu/torchrun ;;
-    runs)   # the real runs on the sample, full width, the paper's schedules. By the FLOPs
-      # (about 1.5 GFLOP per rotated image, forward and backward), at 150 TFLOP/s: the RotNet
-      # 0.5 min, Table 3 2, Table 1 3, Table 2 3, the semi-supervised sweep 6 (its epochs are
-      # 50,000 images whatever the labels): more than one call holds. Every finished run (its
-      # model.pt or results.json) comes back and goes out again with runs/gpu, so the runs
-      # go on across calls and sessions; a run that was cut off starts again.
-      [ -f runs/gpu/rotnet/model.pt ] || "$PY" rotnet.py --data "$DATA" --epochs 100 --out runs/gpu/rotnet --resume
-      for t in 3 1 2; do "$PY" probe.py --table "$t" --data "$DATA" --out runs/gpu/tables; done
-      "$PY" semi_supervised.py --data "$DATA" --per-class 20,100,400 --checkpoint runs/gpu/rotnet/model.pt \
-        --out runs/gpu/semi ;;
-    collect)  # what `runs` has written so far but the checkpoints (too big, and not needed
-      # to go on): tables, each run's results, metrics and settings, the RotNets' model.pt
-      [ -d runs/gpu ] && tar czf "$out/runs_results.tgz" --exclude='checkpoint*.pt' --exclude='*.tmp' runs/gpu
+    # The real runs on the sample, full width, the paper's schedules. By the FLOPs (about
+    # 1.5 GFLOP per rotated image, forward and backward), at 150 TFLOP/s: the RotNet 0.5 min,
+    # Table 3 2, Table 1 3, Table 2 3, the semi-supervised sweep 6 (its epochs are 50,000
+    # images whatever the labels). A finished run (its model.pt or results.json) is not run
+    # again; one that was cut off resumes from its checkpoint.pt, here or in a later call.
+    rotnet)
+      [ -f runs/gpu/rotnet/model.pt ] || "$PY" rotnet.py --data "$DATA" --epochs 100 --out runs/gpu/rotnet --resume ;;
+    table[123])
+      "$PY" probe.py --table "${1#table}" --data "$DATA" --out runs/gpu/tables ;;
+    semi)
+      "$PY" semi_supervised.py --data "$DATA" --per-class 20,100,400 --out runs/gpu/semi ;;
+    collect)  # what the runs have written so far, the finished RotNets' model.pt, and the
+      # checkpoint.pt of a run cut off; a finished run's checkpoints stay (large, not needed)
+      if [ -d runs/gpu ]; then
+        find runs/gpu -name 'checkpoint*.pt' | while read -r f; do
+          { [ -e "$(dirname "$f")/model.pt" ] || [ -e "$(dirname "$f")/results.json" ]; } && echo "$f"
+        done > "$out/finished_checkpoints.txt"
+        tar czf "$out/runs_results.tgz" --exclude='*.tmp' --no-wildcards \
+          --exclude-from="$out/finished_checkpoints.txt" runs/gpu
+        echo "runs/gpu: $(tar tzf "$out/runs_results.tgz" | grep -c 'checkpoint.*\.pt$') checkpoints of unfinished runs kept"
+      fi
       ls -la "$out" ;;
     *) echo "unknown stage $1"; return 2 ;;
   esac
 }
 
-needs_op=" quick tests check sanitize bench ncu train torchrun runs "
+# Each stage's cap and floor, in seconds (see the header): guesses from the FLOPs and the
+# CPU machine's times until a GPU run says better; the reply's summary.log gives the real ones.
+declare -A CAP=([env]=60 [build]=420 [quick]=240 [tests]=420 [check]=180 [sanitize]=300 [bench]=150
+  [ncu]=180 [before]=240 [train]=300 [torchrun]=120 [rotnet]=420 [table3]=600 [table1]=600
+  [table2]=600 [semi]=600 [collect]=120)
+declare -A MIN=([env]=5 [build]=120 [quick]=60 [tests]=120 [check]=45 [sanitize]=60 [bench]=45
+  [ncu]=45 [before]=60 [train]=90 [torchrun]=30 [rotnet]=60 [table3]=90 [table1]=90
+  [table2]=90 [semi]=90 [collect]=0)
+ALL="env build quick tests check sanitize bench ncu before train torchrun rotnet table3 table1 table2 semi collect"
+needs_op=" quick tests check sanitize bench ncu train torchrun rotnet table3 table1 table2 semi "
+
+if [ -n "$one" ]; then  # one stage's body, as the loop below calls it
+  [ -n "${CAP[$one]:-}" ] || { echo "unknown stage $one (stages: $ALL)"; exit 2; }
+  stage_body "$one"
+  exit $?
+fi
+
 for stage in $stages; do
+  [ -n "${CAP[$stage]:-}" ] || echo "== unknown stage $stage (stages: $ALL)" | tee -a "$out/summary.log"
+done
+ends=""
+[ -n "$seconds" ] && ends=$(( $(date +%s) + seconds ))
+# Seconds this call has left for stages (a large number without --seconds).
+left() { if [ -n "$ends" ]; then echo $(( ends - $(date +%s) )); else echo 86400; fi; }
+for stage in $stages; do
+  [ -n "${CAP[$stage]:-}" ] || continue
+  budgeted=$([ -n "$ends" ] && [ "$stage" != collect ] && echo yes)
+  if [ -n "$budgeted" ] && [ "$(left)" -lt "${MIN[$stage]}" ]; then
+    echo "== $stage skipped: $(left) s left of --seconds $seconds, it needs ${MIN[$stage]}" | tee -a "$out/summary.log"
+    continue
+  fi
   start=$(date +%s)
   echo "== $stage $(date +%T)" | tee -a "$out/summary.log"
+  # (a build, if one is needed, comes out of the stage's time)
   [[ $needs_op == *" $stage "* ]] && ensure_op | tee -a "$out/summary.log"
-  stage_body "$stage" >> "$out/$stage.log" 2>&1
+  limit=${CAP[$stage]}
+  [ -n "$budgeted" ] && [ "$(left)" -lt "$limit" ] && limit=$(left)
+  if [ "$limit" -lt "${MIN[$stage]}" ]; then
+    echo "== $stage skipped after the build: $limit s left, it needs ${MIN[$stage]}" | tee -a "$out/summary.log"
+    continue
+  fi
+  # timeout signals the stage's whole process group: torchrun's workers, pytest's too
+  timeout -k 10 "$limit" bash "$0" --stage "$stage" "$out" >> "$out/$stage.log" 2>&1
   rc=$?
   tail -n 15 "$out/$stage.log"
-  echo "== $stage exit $rc after $(( $(date +%s) - start )) s" | tee -a "$out/summary.log"
+  how="exit $rc"; { [ "$rc" = 124 ] || [ "$rc" = 137 ]; } && how="stopped at its limit, $limit s (exit $rc)"
+  echo "== $stage $how after $(( $(date +%s) - start )) s" | tee -a "$out/summary.log"
 done
 echo "== done $(date +%T)" | tee -a "$out/summary.log"

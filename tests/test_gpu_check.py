@@ -1,0 +1,57 @@
+"""tools/gpu_check.sh's bookkeeping, which a GPU session relies on and cannot debug there:
+the time budget (--seconds), and what `collect` brings back. The stages themselves need a GPU."""
+import os
+import shutil
+import subprocess
+import tarfile
+
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "tools", "gpu_check.sh")
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and coreutils' timeout")
+
+
+def gpu_check(cwd, *args):
+    """Runs the script from cwd (it works on the repository it is run in) as the device would."""
+    os.makedirs(cwd / "tools", exist_ok=True)
+    shutil.copy(SCRIPT, cwd / "tools" / "gpu_check.sh")
+    done = subprocess.run(["bash", "tools/gpu_check.sh", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_a_stage_that_would_start_with_less_than_it_needs_is_skipped_and_collect_still_runs(tmp_path):
+    rc, output = gpu_check(tmp_path, tmp_path / "gc", "--seconds", 3, "bench", "runs", "oops", "collect")
+    summary = (tmp_path / "gc" / "summary.log").read_text()
+    assert rc == 0, output
+    for stage in ("bench", "rotnet", "table3", "table1", "table2", "semi"):  # runs: its five stages
+        assert f"== {stage} skipped: " in summary
+    assert "== unknown stage oops" in summary
+    assert "== collect exit 0" in summary and summary.rstrip().splitlines()[-1].startswith("== done")
+    assert not (tmp_path / "gc" / "bench.log").exists()
+
+
+@pytest.mark.parametrize("seconds", ["abc", "-5", ""])
+def test_seconds_must_be_a_whole_number(tmp_path, seconds):
+    rc, output = gpu_check(tmp_path, tmp_path / "gc", "--seconds", seconds, "env")
+    assert rc == 2 and "--seconds: a whole number of seconds" in output
+    assert not (tmp_path / "gc" / "env.log").exists()
+
+
+def test_collect_brings_back_the_checkpoints_of_unfinished_runs_only(tmp_path):
+    runs = {"rotnet": ["checkpoint.pt", "checkpoint.prev.pt", "model.pt", "metrics.jsonl"],  # finished
+            "tables/probe_a": ["checkpoint.pt", "results.json"],                              # finished
+            "tables/probe b": ["checkpoint.pt", "checkpoint.prev.pt", "config.json"],        # cut off
+            "semi/arm": ["checkpoint.prev.pt", "checkpoint.pt.tmp"]}                         # cut off mid-save
+    for folder, files in runs.items():
+        os.makedirs(tmp_path / "runs" / "gpu" / folder)
+        for name in files:
+            (tmp_path / "runs" / "gpu" / folder / name).write_text(name)
+    rc, output = gpu_check(tmp_path, tmp_path / "gc", "collect")
+    assert rc == 0, output
+    with tarfile.open(tmp_path / "gc" / "runs_results.tgz") as tar:
+        back = {m.name for m in tar.getmembers() if m.isfile()}
+    assert back == {"runs/gpu/rotnet/model.pt", "runs/gpu/rotnet/metrics.jsonl", "runs/gpu/tables/probe_a/results.json",
+                    "runs/gpu/tables/probe b/checkpoint.pt", "runs/gpu/tables/probe b/checkpoint.prev.pt",
+                    "runs/gpu/tables/probe b/config.json", "runs/gpu/semi/arm/checkpoint.prev.pt"}
