@@ -34,9 +34,9 @@
 # on this machine, or carried in .device/op (by --prepare PY, or from an earlier call) if it
 # loads there, or else built now (2 min).
 # A call brings back at most 8 files of 16 MiB: bundle the folder in parts:
-#   run(carry=[".device", "runs/gpu"], timeout_s=T, command="bash tools/gpu_check.sh /tmp/gc
-#       --seconds S STAGES collect; tar czf - -C /tmp/gc . | split -b 15m - $OUT/gc.tgz.part-")
-# with S about T - 40 (collect and the bundle). In a session with 15 minutes, in order:
+#   run(carry=[".device", "runs/gpu"], timeout_s=T, command="bash tools/gpu_check.sh /tmp/gcN
+#       --seconds S STAGES collect; tar czf - -C /tmp/gcN . | split -b 15m - $OUT/gc.tgz.part-")
+# with N the call's number (a warm machine keeps /tmp) and S about T - 40 (collect, bundle). In a session with 15 minutes, in order:
 #   1. T=480, S=440: env quick check bench train torchrun rotnet   (the kernel correct on
 #      the GPU, the operator's table, the training benchmark: the headline, first)
 #   2. at once (within the 30 s the machine stays warm; call 1's bundle can be unpacked
@@ -137,7 +137,9 @@ pytest_cuda() { ROT_REQUIRE_CUDA=1 "$PY" -m pytest -q -W error::RuntimeWarning -
 build() {  # the CUDA kernel, built against this machine's torch (MAX_JOBS: all cores); a copy
   # goes to OUT_DIR/op with the hash of its sources, for later calls to carry in .device/op
   MAX_JOBS=$(nproc) "$PY" -m pip install -q --no-build-isolation -e . 2>&1 | tail -20
-  op_loads "$PY" && mkdir -p build "$out/op" && op_sources | tee build/op.sources > "$out/op/sources" \
+  op_loads "$PY" || return 1
+  rm -f build/op.failed
+  mkdir -p build "$out/op" && op_sources | tee build/op.sources > "$out/op/sources" \
     && cp rot_kernel/_C*.so "$out/op/" && { strip --strip-debug "$out"/op/_C*.so 2>/dev/null || true; }
 }
 ensure_op() {  # the operator of these sources: built on this machine, carried in, or built now
@@ -154,8 +156,12 @@ ensure_op() {  # the operator of these sources: built on this machine, carried i
     rm -f rot_kernel/_C*.so
     echo "(the operator carried in .device/op does not load here)"
   fi
+  if [ "$(cat build/op.failed 2>/dev/null)" = "$want" ]; then  # tried once a machine: a build takes minutes
+    echo "(the operator of these sources failed to build or load here already: see build.log)"
+    return 1
+  fi
   echo "(building the operator first)"
-  build >> "$out/build.log" 2>&1
+  build >> "$out/build.log" 2>&1 || { mkdir -p build && echo "$want" > build/op.failed; return 1; }
 }
 
 stage_body() {
