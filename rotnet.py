@@ -116,12 +116,15 @@ def pretrain(s: Pretraining):
             test_acc = evaluate(ctx, net, test_x, **views) if tested else None
             sched.step()
             metrics = epoch_metrics(epoch, lr, loss, acc, test_acc, seen, seconds)
-            end_epoch(ctx, s.out, metrics, model, opt, sched, model_config=model.config)
-            if s.save_every and epoch % s.save_every == 0:  # Figure 5(a)'s models, each with its
-                if test_acc is None:                         # rotation accuracy (every rank evaluates)
+            # Figure 5(a)'s models, each with its rotation accuracy (every rank evaluates), saved
+            # before the epoch's checkpoint: a run stopped between the two redoes the epoch
+            # and its snapshot, instead of going on without it.
+            if s.save_every and epoch % s.save_every == 0:
+                if test_acc is None:
                     test_acc = evaluate(ctx, net, test_x, **views)
                 if ctx.main:
                     save_model(f"model_epoch{epoch:03d}.pt", dict(metrics, test_acc=test_acc))
+            end_epoch(ctx, s.out, metrics, model, opt, sched, model_config=model.config)
         if ctx.main:
             save_model("model.pt", metrics)
             print(f"wrote {os.path.join(s.out, 'model.pt')}", file=sys.stderr)

@@ -121,6 +121,31 @@ def test_cli_resume_after_kill_equals_an_uninterrupted_run(cifar_dir, tmp_path):
     assert untimed(metrics_of(out_b)) == untimed(metrics_of(out_a))
 
 
+def test_a_run_stopped_while_saving_a_snapshot_redoes_that_epoch_and_its_snapshot(cifar_dir, tmp_path, monkeypatch):
+    settings = lambda out: rotnet.Pretraining(data=str(cifar_dir), out=str(out), width=0.125, device="cpu",
+                                              batch_size=32, epochs=2, save_every=1, resume=True)
+    rotnet.pretrain(settings(tmp_path / "a"))
+    real_save = rotnet.atomic_save
+
+    def killed_while_saving(obj, path, **kw):  # the process ends mid-write: a .tmp, no file
+        if path.endswith("model_epoch002.pt"):
+            open(path + ".tmp", "wb").write(b"PK")
+            raise KeyboardInterrupt
+        real_save(obj, path, **kw)
+
+    monkeypatch.setattr(rotnet, "atomic_save", killed_while_saving)
+    with pytest.raises(KeyboardInterrupt):
+        rotnet.pretrain(settings(tmp_path / "b"))
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    rotnet.pretrain(settings(tmp_path / "b"))  # --resume
+    for name in ("model_epoch001.pt", "model_epoch002.pt", "model.pt"):
+        a, b = (torch.load(tmp_path / run / name, weights_only=True) for run in ("a", "b"))
+        assert a["metrics"]["epoch"] == b["metrics"]["epoch"] and a["metrics"]["test_acc"] == b["metrics"]["test_acc"]
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
+    assert not [f for f in os.listdir(tmp_path / "b") if f.endswith(".tmp")]
+
+
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_cli_cpu_ranks_with_torchrun(cifar_dir, tmp_path, ranks):
     # One process under torchrun is a rank too (process group, DDP): what a one-GPU machine can try.
