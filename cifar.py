@@ -1,12 +1,13 @@
-"""CIFAR-10 in its original python format: find it, download it (md5-checked), unpack it
-safely, and load it into uint8 tensors.
+"""CIFAR-10 in its original python format: find it, download it (md5-checked), and load it
+into uint8 tensors, from its folder or straight from its archive.
 
     train_x, train_y, test_x, test_y = load_cifar("./data", download_missing=True)
 
-`--data DIR` may be the cifar-10-batches-py folder itself, a folder holding it, or a folder
-holding cifar-10-python.tar.gz (unpacked there, refusing members that would land outside).
-Batch files are read by an unpickler that accepts numpy arrays, lists and strings only: a
-file that carries code is refused, never run.
+`--data` may be the cifar-10-batches-py folder itself, a folder holding it, the archive
+(cifar-10-python.tar.gz, or another cifar-10*python.tar.gz such as a sample), or a folder
+holding the archive. An archive is read as it is, never unpacked: nothing is written beside
+it, and its other members are never looked at. Batch files are read by an unpickler that
+accepts numpy arrays, lists and strings only: a file that carries code is refused, never run.
 """
 import glob
 import hashlib
@@ -15,6 +16,7 @@ import pickle
 import sys
 import tarfile
 import urllib.request
+import zlib
 
 import numpy as np
 import torch
@@ -44,37 +46,57 @@ class _CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def load_batch(path):
-    """One CIFAR batch file (Python 2 or 3 pickle) -> uint8 [n, 3, 32, 32], int64 [n]."""
+BATCHES = (tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",))  # train, test
+
+
+def load_batch(f, name):
+    """One CIFAR batch (Python 2 or 3 pickle), read from the file object f and called name
+    in messages -> uint8 [n, 3, 32, 32], int64 [n]."""
     try:
-        with open(path, "rb") as f:
-            batch = _CifarUnpickler(f, encoding="latin1").load()
+        batch = _CifarUnpickler(f, encoding="latin1").load()
         get = lambda key: batch[key] if key in batch else batch[key.encode()]
         images = np.asarray(get("data"), dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(get("labels"), dtype=np.int64)
         if len(images) != len(labels) or labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
             raise ValueError(f"{len(images)} images but {len(labels)} labels in 0..9")
     except Exception as err:  # truncated, corrupt, or not a CIFAR batch at all
-        raise UserError(f"{path} is damaged or not a CIFAR-10 batch ({type(err).__name__}: {err}); "
-                        "delete it and unpack or download the data set again") from None
+        raise UserError(f"{name} is damaged or not a CIFAR-10 batch ({type(err).__name__}: {err}); "
+                        "delete it and download the data set again") from None
     return images, labels
 
 
-def unpack(archive, dest):
-    """Unpacks a .tar.gz into dest, refusing members that are not plain files or folders
-    or that would land outside dest (all checked before anything is written)."""
-    root = os.path.realpath(dest)
+def read_folder(folder):
+    """{batch name: (images, labels)} from a cifar-10-batches-py folder."""
+    names = [n for group in BATCHES for n in group]
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise UserError(f"{folder} lacks {', '.join(missing)}; download the data set again")
+    batches = {}
+    for n in names:
+        with open(os.path.join(folder, n), "rb") as f:
+            batches[n] = load_batch(f, os.path.join(folder, n))
+    return batches
+
+
+def read_archive(archive):
+    """{batch name: (images, labels)} straight from the .tar.gz, in one pass and without
+    unpacking: only the batch files of its cifar-10-batches-py/ are read, and only plain files."""
+    wanted, batches = {f"cifar-10-batches-py/{n}" for group in BATCHES for n in group}, {}
     try:
-        with tarfile.open(archive, "r:gz") as tar:
-            members = tar.getmembers()
-            for m in members:
-                target = os.path.realpath(os.path.join(root, m.name))
-                if not (m.isfile() or m.isdir()) or os.path.commonpath([root, target]) != root:
-                    raise UserError(f"{archive}: refusing to unpack {m.name!r} (not a plain file inside {dest})")
-            extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tar.extractall(root, members=members, **extra)
-    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+        with tarfile.open(archive, "r|gz") as tar:  # a stream: each member read as it comes
+            for m in tar:
+                name = m.name.removeprefix("./")
+                if name not in wanted:
+                    continue
+                if not m.isfile():
+                    raise UserError(f"{archive}: {m.name} is not a plain file (a link?); refusing the archive")
+                batches[name.split("/")[-1]] = load_batch(tar.extractfile(m), f"{archive}:{m.name}")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         raise UserError(f"{archive} is damaged ({type(err).__name__}: {err}); delete it and download it again") from None
+    missing = [n for group in BATCHES for n in group if n not in batches]
+    if missing:
+        raise UserError(f"{archive} lacks cifar-10-batches-py/{', '.join(missing)}: not CIFAR-10's archive, or cut short")
+    return batches
 
 
 def download(dest, url=None, md5=None):
@@ -101,34 +123,31 @@ def download(dest, url=None, md5=None):
 
 
 def find_cifar(data, download_missing=False):
-    """The cifar-10-batches-py folder for --data: the folder itself, a folder holding it, or
-    a folder holding the archive (which is unpacked there)."""
+    """Where CIFAR-10 is for --data: its cifar-10-batches-py folder (--data itself, or in
+    --data), else its archive (--data itself, or in --data; downloaded there if missing
+    and asked for)."""
+    if os.path.isfile(data) and data.endswith((".tar.gz", ".tgz")):
+        return data
     if os.path.isfile(os.path.join(data, "data_batch_1")):
         return data
     folder = os.path.join(data, "cifar-10-batches-py")
     if os.path.isdir(folder):
         return folder
-    archives = sorted(glob.glob(os.path.join(data, "cifar-10*python.tar.gz")))
+    archives = sorted(glob.glob(os.path.join(glob.escape(data), "cifar-10*python.tar.gz")))
     if not archives and download_missing:
         archives = [download(data)]
     if archives:
-        unpack(archives[0], data)
-        if os.path.isdir(folder):
-            return folder
-        raise UserError(f"{archives[0]} holds no cifar-10-batches-py folder")
+        return archives[0]
     raise UserError(f"{data} holds neither images nor CIFAR-10 (looked for {folder} and "
                     f"{data}/cifar-10-python.tar.gz): point --data at one, or add --download to fetch CIFAR-10")
 
 
 def load_cifar(data, download_missing=False):
     """CIFAR-10 as uint8 tensors: (train images [N,3,32,32], train labels, test images, test labels)."""
-    folder = find_cifar(data, download_missing)
+    source = find_cifar(data, download_missing)
+    batches = read_archive(source) if os.path.isfile(source) else read_folder(source)
     parts = []
-    for names in ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]):
-        missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
-        if missing:
-            raise UserError(f"{folder} lacks {', '.join(missing)}; unpack or download the data set again")
-        batches = [load_batch(os.path.join(folder, n)) for n in names]
-        parts.append(torch.from_numpy(np.concatenate([b[0] for b in batches])))
-        parts.append(torch.from_numpy(np.concatenate([b[1] for b in batches])))
+    for names in BATCHES:
+        parts.append(torch.from_numpy(np.concatenate([batches[n][0] for n in names])))
+        parts.append(torch.from_numpy(np.concatenate([batches[n][1] for n in names])))
     return tuple(parts)

@@ -1,5 +1,5 @@
-"""cifar.py: CIFAR-10 loading (every pickle flavour, the folder, its parent, the archive),
-safe unpacking, the md5-checked download, and damaged or hostile files as the command line
+"""cifar.py: CIFAR-10 loading (every pickle flavour, the folder, its parent, the archive read
+in place, alone or in a folder), the md5-checked download, and damaged or hostile files as the command line
 shows them: one line, no traceback.
 """
 import os
@@ -52,33 +52,41 @@ def test_load_cifar_accepts_the_batches_folder_itself(tmp_path):
     assert np.array_equal(got[0].numpy(), train_x) and np.array_equal(got[2].numpy(), test_x)
 
 
-def test_load_cifar_unpacks_the_archive_in_the_folder(tmp_path):
+@pytest.mark.parametrize("given", ["its folder", "the archive itself"])
+def test_load_cifar_reads_the_archive_in_place_writing_nothing(tmp_path, given):
     train_x, train_y, test_x, test_y = write_cifar(tmp_path / "src", 3, 4)
     data = tmp_path / "data"
     data.mkdir()
-    make_archive(tmp_path / "src", data / "cifar-10-python.tar.gz")
-    got = cifar.load_cifar(str(data))
-    assert (data / "cifar-10-batches-py" / "test_batch").is_file()
+    archive = make_archive(tmp_path / "src", data / "cifar-10-sample-python.tar.gz")  # any cifar-10*python
+    data.chmod(0o555)  # read-only, as a shared data set is
+    try:
+        got = cifar.load_cifar(str(data if given == "its folder" else archive))
+    finally:
+        data.chmod(0o755)
+    assert os.listdir(data) == ["cifar-10-sample-python.tar.gz"]
     for tensor, want in zip(got, (train_x, train_y, test_x, test_y)):
         assert np.array_equal(tensor.numpy(), want)
 
 
-@pytest.mark.parametrize("member", ["absolute path", "symlink"])
-def test_unpack_refuses_members_that_escape_or_are_not_files(tmp_path, member):
+@pytest.mark.parametrize("member", ["symlink", "hard link", "folder"])
+def test_an_archive_whose_batch_is_not_a_plain_file_is_refused(tmp_path, member):
     write_cifar(tmp_path / "src", 1, 1)
-    data = tmp_path / "data"
-    data.mkdir()
-    escaped = tmp_path / "escaped"
-    if member == "symlink":
-        info = tarfile.TarInfo("cifar-10-batches-py/link")
-        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
-    else:
-        info = tarfile.TarInfo(str(escaped))
-    make_archive(tmp_path / "src", data / "cifar-10-python.tar.gz", extra=[info])
-    with pytest.raises(UserError, match="refusing to unpack"):
-        cifar.find_cifar(str(data))
-    assert not escaped.exists()
-    assert os.listdir(data) == ["cifar-10-python.tar.gz"]  # checked before anything is written
+    os.remove(tmp_path / "src" / "cifar-10-batches-py" / "data_batch_2")
+    info = tarfile.TarInfo("cifar-10-batches-py/data_batch_2")
+    info.type, info.linkname = {"symlink": (tarfile.SYMTYPE, "/etc/passwd"),
+                                "hard link": (tarfile.LNKTYPE, "cifar-10-batches-py/data_batch_1"),
+                                "folder": (tarfile.DIRTYPE, "")}[member]
+    archive = make_archive(tmp_path / "src", tmp_path / "cifar-10-python.tar.gz", extra=[info])
+    with pytest.raises(UserError, match="data_batch_2 is not a plain file"):
+        cifar.load_cifar(str(archive))
+
+
+def test_an_archive_without_every_batch_names_what_it_lacks(tmp_path):
+    write_cifar(tmp_path / "src", 1, 1)
+    os.remove(tmp_path / "src" / "cifar-10-batches-py" / "test_batch")
+    archive = make_archive(tmp_path / "src", tmp_path / "cifar-10-python.tar.gz", extra=[("elsewhere/test_batch", b"")])
+    with pytest.raises(UserError, match="lacks cifar-10-batches-py/test_batch"):
+        cifar.load_cifar(str(archive))
 
 
 # ----------------------------------------------------------------------------- download
@@ -124,8 +132,8 @@ def test_find_cifar_downloads_from_the_configured_url(tmp_path, served_archive, 
     url, md5, (train_x, *_) = served_archive
     monkeypatch.setattr(cifar, "URL", url)
     monkeypatch.setattr(cifar, "MD5", md5)
-    folder = cifar.find_cifar(str(tmp_path / "data"), download_missing=True)
-    assert folder == str(tmp_path / "data" / "cifar-10-batches-py")
+    archive = cifar.find_cifar(str(tmp_path / "data"), download_missing=True)
+    assert archive == str(tmp_path / "data" / "cifar-10-python.tar.gz")
     assert np.array_equal(cifar.load_cifar(str(tmp_path / "data"))[0].numpy(), train_x)
 
 
@@ -134,7 +142,7 @@ def test_an_archive_already_there_is_not_downloaded_again(tmp_path, local_only_d
     (tmp_path / "data").mkdir()
     make_archive(tmp_path / "src", tmp_path / "data" / "cifar-10-python.tar.gz")
     assert cifar.find_cifar(str(tmp_path / "data"), download_missing=True) == \
-        str(tmp_path / "data" / "cifar-10-batches-py")
+        str(tmp_path / "data" / "cifar-10-python.tar.gz")
 
 
 # ----------------------------------------------------------------------------- data errors, as the CLI shows them
@@ -165,15 +173,14 @@ def test_cli_damaged_archive_names_the_archive(tmp_path):
     assert_one_line_error(proc, archive)
 
 
-def test_cli_refuses_an_archive_member_outside_the_folder(tmp_path):
+def test_cli_a_damaged_batch_inside_the_archive_names_both(tmp_path):
     write_cifar(tmp_path / "src", 2, 2)
-    data = tmp_path / "data"
-    data.mkdir()
-    archive = make_archive(tmp_path / "src", data / "cifar-10-python.tar.gz", extra=[("../evil", b"gotcha")])
-    proc = run_cli(*tiny_run_flags(data, tmp_path / "out", "--epochs", "1"), check=False)
-    assert_one_line_error(proc, archive, "../evil")
-    assert not (tmp_path / "evil").exists()
-    assert os.listdir(data) == ["cifar-10-python.tar.gz"]
+    path = tmp_path / "src" / "cifar-10-batches-py" / "data_batch_4"
+    path.write_bytes(path.read_bytes()[:100])
+    archive = make_archive(tmp_path / "src", tmp_path / "cifar-10-python.tar.gz", extra=[("../evil", b"gotcha")])
+    proc = run_cli(*tiny_run_flags(archive, tmp_path / "out", "--epochs", "1"), check=False)
+    assert_one_line_error(proc, f"{archive}:cifar-10-batches-py/data_batch_4 is damaged")
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "cifar-10-batches-py").exists()
 
 
 def test_cli_refuses_a_batch_that_carries_code_without_running_it(tmp_path):
