@@ -265,3 +265,8 @@ def sweep_summary(s: Pretraining, ctx, steps, workers, rows):
     return dict(device=str(ctx.device), device_name=torch.cuda.get_device_name(ctx.device) if ctx.cuda else None,
                 torch=torch.__version__, rot_kernel=rot_kernel.backend(), arch=s.arch, width=s.width,
                 batch_size=s.batch_size, steps=steps, workers=workers, speedup_vs_dataloader=speedup, rows=rows)
+
+
+if __name__ == "__main__":  # the benchmark takes rotnet.py's settings, so it runs from there
+    sys.exit("benchmark.py is run through rotnet.py: python rotnet.py --benchmark [--baseline | --sweep] "
+             "(python rotnet.py --help lists the settings)")

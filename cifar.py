@@ -105,7 +105,7 @@ def download(dest, url=None, md5=None):
     os.makedirs(dest, exist_ok=True)
     path = os.path.join(dest, os.path.basename(url))
     print(f"downloading {url} to {path}", file=sys.stderr)
-    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False) as bar:
+    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False, disable=None) as bar:
         def report(blocks, block_size, total):
             bar.total = total if total > 0 else None
             bar.update(blocks * block_size - bar.n)

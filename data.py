@@ -16,6 +16,7 @@ import ctypes
 import json
 import os
 import queue
+import sys
 import threading
 import time
 import warnings
@@ -70,25 +71,11 @@ def load(data, *, image_size=256, download=False, cache=None, val_fraction=0.1):
         return Dataset(train_x, train_y, test_x, test_y, cifar.MEAN, cifar.STD, cifar.CLASSES)
     # The held-out images are drawn with folders.prepare's fixed seed, not --seed: runs of
     # every seed test on the same images.
-    p = folders.prepare(data, image_size=image_size, cache=cache, val_fraction=val_fraction)
+    p = folders.prepare(data, image_size=image_size, cache=cache, val_fraction=val_fraction, need_val=True)
     labels = lambda y: None if y is None else torch.from_numpy(np.asarray(y, dtype=np.int64))
-    if len(p.val.images) == 0:
-        splits = p.manifest["splits"]
-        if splits["val"]["sources"]:  # held out, but none of them could be decoded
-            raise UserError(f"{data}: none of the {len(splits['val']['sources']):,} images held out for testing "
-                            f"could be read (reasons in {os.path.join(p.root, 'manifest.json')})")
-        # folders._hold_out keeps at least one image of each class for training: a class of
-        # one image gives none to val, whatever the fraction
-        per_class = {}
-        for *_, label in splits["train"]["sources"]:
-            per_class[label] = per_class.get(label, 0) + 1
-        flat, largest = p.manifest["layout"] == "flat", max(per_class.values())
-        if largest < 2:
-            what = ("the folder holds a single image: add more images" if flat else
-                    "every class has fewer than 2 images: add a val/ folder or more images per class")
-            raise UserError(f"{data}: no images were held out for testing: {what}")
-        raise UserError(f"{data}: no images were held out for testing; raise --val-fraction (it is {val_fraction}, "
-                        f"too small a share of the largest {'folder' if flat else 'class'}'s {largest} images)")
+    if len(p.val.images) == 0:  # held out (need_val), but none of them could be decoded
+        raise UserError(f"{data}: none of the {len(p.manifest['splits']['val']['sources']):,} images held out for "
+                        f"testing could be read (reasons in {os.path.join(p.root, 'manifest.json')})")
     return Dataset(as_tensor(p.train.images), labels(p.train.labels), as_tensor(p.val.images),
                    labels(p.val.labels), tuple(p.mean), tuple(p.std), tuple(p.classes))
 
@@ -111,7 +98,8 @@ class Recipe:
     def check(self, H, W):
         if self.size is not None and self.size > min(H, W):
             raise UserError(f"the images are {H}x{W}, smaller than this recipe's {self.size}x{self.size} crop: "
-                            f"prepare them at --image-size {self.size} or more")
+                            f"give an image folder prepared at --image-size {self.size} or more (CIFAR-10's 32x32 "
+                            "images are for the NIN)")
 
     def draws(self, n, epoch, seed, device, H, W, count=None):
         """The epoch's order of n images (count draws: the images cycled in fresh orders, for
@@ -258,6 +246,9 @@ def benchmark(data_dir, *, image_size=256, batch_size=192, steps=50, device="cpu
     source = on_device(images, device, stream=True)
     order = torch.randperm(len(images))
     slices = [s for _, s in zip(range(steps), ((slice(i, i + batch_size)) for i in range(0, len(images), batch_size)))]
+    if len(slices) < steps:
+        print(f"note: {len(images):,} training images make {len(slices)} batches of {batch_size}, not {steps}: "
+              "timing those", file=sys.stderr)
     result = dict(images=len(images), image_size=image_size, batch_size=batch_size, steps=len(slices), device=str(device),
                   file_GB=round(images.numel() / 1e9, 3))
     for cache_state in ("cold", "warm"):

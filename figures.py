@@ -45,6 +45,7 @@ FIGURE5A_SIZE = (7.0, 4.6)
 HEATMAP, HEATMAP_ALPHA = "jet", 0.5
 PROBE_BLOCK = 2                # Figure 5(a): the non-linear classifier on ConvB2
 SNAPSHOT = re.compile(r"model_epoch(\d+)\.pt$")
+MOST_ROTATIONS = 8             # the multiples of 45 degrees: a RotNet's head has at most 8 outputs
 
 
 def need(path, what):
@@ -53,11 +54,19 @@ def need(path, what):
     return path
 
 
-def load(path, device="cpu"):
-    """A NIN (the figures show its blocks); an AlexNet is a one-line error."""
+def load(path, device="cpu", rotnet=None):
+    """A NIN (the figures show its blocks); an AlexNet is a one-line error. rotnet: True for
+    --rotnet, False for --supervised, which are told apart by their heads where they can be:
+    a RotNet classifies at most 8 rotations, and its model.pt lists them."""
     model = load_model(need(path, "checkpoint"), device)
     if not isinstance(model, NIN):
         raise UserError(f"{path} is an AlexNet: these figures show a NIN's blocks")
+    outputs = model.config["num_classes"]
+    if rotnet and outputs > MOST_ROTATIONS:
+        raise UserError(f"--rotnet {path}: a network of {outputs} outputs, not a RotNet (at most "
+                        f"{MOST_ROTATIONS} rotations): is it the supervised one?")
+    if rotnet is False and "rotations" in read_checkpoint(path):
+        raise UserError(f"--supervised {path}: a RotNet's model.pt (it lists its rotations): is it the --rotnet one?")
     return model
 
 
@@ -107,7 +116,7 @@ def pick_images(labels, n, classes=10):
 
 def attention_figure(rotnet_path, supervised_path, data_dir, out, images=6, power=2.0, device="cpu", image_size=256,
                      cache=None):
-    nets = [("RotNet", load(rotnet_path, device)), ("Supervised", load(supervised_path, device))]
+    nets = [("RotNet", load(rotnet_path, device, rotnet=True)), ("Supervised", load(supervised_path, device, rotnet=False))]
     dataset = data.load(data_dir, image_size=image_size, cache=cache)
     test_y = dataset.test_y if dataset.test_y is not None else torch.zeros(len(dataset.test_x), dtype=torch.int64)
     index = pick_images(test_y, images, len(dataset.classes))
@@ -161,8 +170,8 @@ def filter_grid(weight, gap=1):
 
 def filters_figure(rotnet_path, supervised_path, out):
     fig, axes = plt.subplots(1, 2, figsize=FILTERS_SIZE, layout="constrained")
-    for ax, (name, path) in zip(axes, [("RotNet", rotnet_path), ("Supervised NIN", supervised_path)]):
-        weight = load(path).blocks[0][0].conv.weight
+    for ax, (name, path, rotnet) in zip(axes, [("RotNet", rotnet_path, True), ("Supervised NIN", supervised_path, False)]):
+        weight = load(path, rotnet=rotnet).blocks[0][0].conv.weight
         ax.imshow(filter_grid(weight), interpolation="nearest")
         ax.set_title(f"{name}: {weight.shape[0]} first-layer filters "
                      f"({weight.shape[2]}x{weight.shape[3]}x{weight.shape[1]})", fontsize=11)

@@ -214,6 +214,20 @@ def _hold_out(groups, val_fraction, seed):
     return sorted(train), sorted(val)
 
 
+def _why_no_val(layout, sources, val_fraction):
+    """What would give a classes or flat folder a val split (_hold_out keeps at least one
+    image of each class for training: a class of one image gives none, whatever the fraction)."""
+    per_class = {}
+    for *_, label in sources["train"]:
+        per_class[label] = per_class.get(label, 0) + 1
+    flat, largest = layout == "flat", max(per_class.values())
+    if largest < 2:
+        return ("the folder holds a single image: add more images" if flat else
+                "every class has fewer than 2 images: add a val/ folder or more images per class")
+    return (f"raise --val-fraction (it is {val_fraction}, too small a share of the largest "
+            f"{'folder' if flat else 'class'}'s {largest} images)")
+
+
 def _find_sources(data, val_fraction=0.1, seed=0):
     """(layout, classes, {"train": sources, "val": sources}) of an image folder."""
     if not os.path.isdir(data):
@@ -272,7 +286,7 @@ def _find_sources(data, val_fraction=0.1, seed=0):
 
 
 # ----------------------------------------------------------------------------- the cache
-def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=None, progress=True):
+def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=None, progress=True, need_val=False):
     """The prepared image folder `data`: reused when its cache is complete and up to date,
     finished when it was interrupted, (re)built otherwise. See the top of the file.
 
@@ -281,7 +295,8 @@ def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=
     val_fraction, seed: the held-out part of each class (or of a flat folder) and its draw;
         not used when data has train/ and val/.
     workers: decoding processes (None: one per core; 0 or 1: in this process).
-    progress: a tqdm bar on stderr."""
+    progress: a tqdm bar on stderr.
+    need_val: refuse, before decoding anything, a folder that would leave val empty."""
     if not (isinstance(image_size, int) and image_size >= 1):
         raise UserError(f"image_size must be a positive whole number of pixels, got {image_size!r}")
     if not 0 <= val_fraction < 1:
@@ -294,6 +309,8 @@ def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=
         raise UserError(f"the cache folder {root} is inside the data folder {data}, which is never written to; "
                         "choose a cache folder elsewhere")
     layout, classes, sources = _find_sources(data, val_fraction, seed)
+    if need_val and not sources["val"]:
+        raise UserError(f"{data}: no images were held out for testing; {_why_no_val(layout, sources, val_fraction)}")
     wanted = {"version": VERSION, "complete": False,
               "settings": {"image_size": image_size, "val_fraction": val_fraction, "seed": seed},
               "data": data, "layout": layout, "classes": classes, "mean": None, "std": None, "skipped": [],
@@ -501,7 +518,7 @@ def _fill(root, split, manifest, workers, progress):
         else:
             results = map(_decode, tasks)
         bar = stack.enter_context(tqdm(total=n, initial=first, desc=split, unit="img", file=sys.stderr,
-                                       disable=not progress, dynamic_ncols=True))
+                                       disable=not progress or None, dynamic_ncols=True))  # None: a terminal only
         last = time.monotonic()
         try:
             for i, (image, reason, stats) in enumerate(results, start=first):

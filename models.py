@@ -32,11 +32,17 @@ def read_checkpoint(path):
         why = why[0] if why else type(err).__name__
         if "GLOBAL" in why:  # a class or function: possibly code, never run
             raise UserError(f"{path}: refused, it holds objects that are not plain weights ({why})") from None
-        # torch's unpickler names only the byte it stopped at ("Unsupported operand 123")
-        raise UserError(f"{path}: not a readable checkpoint (not a file torch.save wrote: {why})") from None
-    except Exception as err:  # missing, truncated, garbage: torch raises many kinds
+        # (torch's unpickler names only the byte it stopped at: "Unsupported operand 123")
+        raise UserError(f"{path}: not a readable checkpoint (not a file torch.save wrote)") from None
+    except FileNotFoundError:
+        raise UserError(f"{path}: not a readable checkpoint (no such file)") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: not a readable checkpoint (a folder; give the model.pt or checkpoint.pt in it)") from None
+    except KeyError:  # the legacy format's magic number read from a file that has none
+        raise UserError(f"{path}: not a readable checkpoint (not a file torch.save wrote)") from None
+    except Exception as err:  # truncated, garbage: torch raises many kinds
         first = (str(err).splitlines() or [type(err).__name__])[0].split(". ")[0]
-        raise UserError(f"{path}: not a readable checkpoint ({first})") from None
+        raise UserError(f"{path}: not a readable checkpoint (damaged or cut short: {first})") from None
 
 
 def is_alexnet(saved):

@@ -16,7 +16,6 @@ paper's; Tables 4 and 5 probe the AlexNet RotNet given by --checkpoint.
 """
 import argparse
 import dataclasses
-import json
 import math
 import os
 import time
@@ -240,7 +239,7 @@ def train_classifier(model, s: train.Run, dataset, *, kind, epochs, describe, su
     if kind.startswith("alexnet"):  # the ImageNet tables give top-5 too
         results["test_top5"] = train.evaluate(ctx, net, test_x, test_y, k=5, **views)
     if ctx.main:
-        train.write_results(results, os.path.join(s.out, "results.json"))
+        train.write_json(results, os.path.join(s.out, "results.json"))
         accuracy = results["test_acc"] if isinstance(results["test_acc"], list) else [results["test_acc"]]
         print(f"test accuracy {', '.join(f'{a:.2f}' for a in accuracy)} % ({s.out}/results.json)")
     return results
@@ -358,14 +357,16 @@ def imagenet_probe(s, block=0, classifier="linear"):
     return dataclasses.replace(s, out=os.path.join(s.out, name), block=block, classifier=classifier, resume=True)
 
 
-def format_table(number, columns, rows):
-    """Markdown: each cell 'ours (paper)', in % of test accuracy (top-1 unless a row says)."""
+def format_table(number, columns, rows, data):
+    """Markdown: each cell 'ours (paper)', in % of test accuracy (top-1 unless a row says);
+    data: what ours were measured on (--data)."""
     data_set = "ImageNet" if number in (4, 5) else "CIFAR-10"
     lines = [f"| Table {number} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, ours, paper in rows:
         cells = [f"{o:.2f}" + (f" ({p:.2f})" if paper else "") for o, p in zip(ours, paper or [None] * len(ours))]
         lines.append(f"| {name} | " + " | ".join(cells + ["–"] * (len(columns) - len(ours))) + " |")
-    return "\n".join(lines) + f"\n\nOurs, with the paper's number in brackets ({data_set} test accuracy, %).\n"
+    return "\n".join(lines) + (f"\n\nTest accuracy, %: ours on {data}, the paper's on {data_set} in "
+                               "brackets.\n")
 
 
 def run_plan(nets, probes, imagenet=False):
@@ -412,20 +413,20 @@ def run_table(number, s: Probing):
     table = [(name, ours(probes, "test_acc"), paper) for name, probes, paper in rows]
     if number in (4, 5):
         table += [(f"{name}, top-5", ours(probes, "test_top5"), None) for name, probes, _ in rows]
-    text = format_table(number, columns, table)
+    text = format_table(number, columns, table, s.data)
     print(text)
     # table1.md, table2.md, ...: the tables share one --out and its pretrained RotNets
-    with open(os.path.join(s.out, f"table{number}.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(s.out, f"table{number}.json"), "w") as f:
-        json.dump(dict(table=number, columns=columns, epochs_scale=s.epochs_scale, width=s.width,
-                       rows=[dict(name=n, ours=o, paper=p) for n, o, p in table]), f, indent=1)
+    train.write_text(text, os.path.join(s.out, f"table{number}.md"))
+    train.write_json(dict(table=number, columns=columns, epochs_scale=s.epochs_scale, width=s.width,
+                          rows=[dict(name=n, ours=o, paper=p) for n, o, p in table]),
+                     os.path.join(s.out, f"table{number}.json"))
 
 
 # ----------------------------------------------------------------------------- command line
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    train.add_common_flags(ap, epochs="the classifier's own schedule", out=None, scaled=True)
+    train.add_common_flags(ap, epochs="the classifier's own schedule (a table's RotNets keep their 200 x "
+                           "--epochs-scale)", out=None, scaled=True)
     ap.add_argument("--checkpoint", help="model.pt, checkpoint.pt or an original-format checkpoint")
     ap.add_argument("--block", type=int, default=2,
                     help="which block's (or AlexNet conv's) output to classify, 1-based; 0: conv1..conv5 of an AlexNet at once")

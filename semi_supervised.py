@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+import cifar
 import probe
 import rotnet
 import train
@@ -50,15 +51,15 @@ class Sweep(train.Run):
         require(0 < self.epochs_scale < math.inf, f"epochs_scale: must be positive and finite, got {self.epochs_scale}")
 
 
-def labelled_subset(labels, per_class, seed=None, classes=10):
-    """Indices of K training images of each class: the first K in data set order, or a
-    random K with a seed."""
+def labelled_subset(labels, per_class, seed=None, classes=cifar.CLASSES):
+    """Indices of K training images of each class (classes: their names, label order): the
+    first K in data set order, or a random K with a seed."""
     chosen = []
     g = torch.Generator().manual_seed(seed) if seed is not None else None
-    for c in range(classes):
+    for c, name in enumerate(classes):
         members = (labels == c).nonzero().flatten()
         require(len(members) >= per_class,
-                f"--per-class {per_class}: class {c} has only {len(members)} training images")
+                f"--per-class {per_class}: class {name!r} has only {len(members)} training images")
         if g is not None:
             members = members[torch.randperm(len(members), generator=g)]
         chosen.append(members[:per_class])
@@ -129,7 +130,7 @@ def sweep(s: Sweep):
     the checkpoint and every folder's settings are checked before anything trains."""
     ctx = train.Context(s.device)  # the ranks (each run makes its own Context, with s's precision)
     dataset = s.load_data(ctx).require_labels("the label-scarcity sweep")
-    subsets = {k: labelled_subset(dataset.train_y, k, s.subset_seed, len(dataset.classes)) for k in s.per_class}
+    subsets = {k: labelled_subset(dataset.train_y, k, s.subset_seed, dataset.classes) for k in s.per_class}
     net = None if s.checkpoint else probe.rotnet_for(s, 4)
     checkpoint = s.checkpoint or os.path.join(net.out, "model.pt")
     if s.checkpoint:
@@ -160,10 +161,8 @@ def sweep(s: Sweep):
     if not ctx.main:
         return
     os.makedirs(s.out, exist_ok=True)
-    train.write_results(dict(rows=rows, checkpoint=checkpoint, epoch_size=s.epoch_size),
-                        os.path.join(s.out, "results.json"))
-    with open(os.path.join(s.out, "semi_supervised.md"), "w") as f:
-        f.write(markdown(rows))
+    train.write_json(dict(rows=rows, checkpoint=checkpoint, epoch_size=s.epoch_size), os.path.join(s.out, "results.json"))
+    train.write_text(markdown(rows), os.path.join(s.out, "semi_supervised.md"))
     plot(rows, os.path.join(s.out, "semi_supervised.png"))
     print(markdown(rows) + f"\nwrote {s.out}/results.json, semi_supervised.md, semi_supervised.png")
 
@@ -180,12 +179,14 @@ def per_class_list(text):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    train.add_common_flags(ap, epochs="each arm's own schedule", out="runs/semi_supervised", scaled=True)
+    train.add_common_flags(ap, epochs="each arm's own schedule (the RotNet pretrained without --checkpoint keeps "
+                           "its 200 x --epochs-scale)", out="runs/semi_supervised", scaled=True)
     ap.add_argument("--per-class", required=True, type=per_class_list,
                     help="labelled images per class, e.g. 100 or 20,100,400,1000,5000")
     ap.add_argument("--checkpoint", help="a RotNet (model.pt or original format); default: pretrain one")
     ap.add_argument("--subset-seed", type=int, help="draw a random K per class instead of the first K")
-    ap.add_argument("--epoch-size", type=train.positive_int, default=EPOCH_SIZE, help="samples drawn per epoch")
+    ap.add_argument("--epoch-size", type=train.positive_int, default=EPOCH_SIZE, help=f"labelled images drawn per epoch, with repeats (default: {EPOCH_SIZE:,}, the size of "
+                    "CIFAR-10's training set, whatever K: a small --per-class still trains for full epochs)")
     return ap.parse_args(argv)
 
 

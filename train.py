@@ -97,8 +97,11 @@ class Run:
     def check_out(self):
         """Without resume a run starts afresh: refused if out holds a run already, whose files
         it would overwrite (hours of training lost to a command run again without --resume)."""
-        held = [n for n in ("checkpoint.pt", "model.pt", "results.json") if os.path.exists(os.path.join(self.out, n))]
+        held = [n for n in ("model.pt", "results.json", "checkpoint.pt") if os.path.exists(os.path.join(self.out, n))]
         if held and not self.resume:
+            if held[0] != "checkpoint.pt":  # finished: there is nothing to continue
+                raise UserError(f"{self.out} holds a finished run ({held[0]}): give another --out, or delete it "
+                                "to train again")
             raise UserError(f"{self.out} holds a run already ({held[0]}): add --resume to continue it, or give "
                             "another --out (or delete it to start again)")
 
@@ -362,11 +365,17 @@ def atomic_save(obj, path, keep_previous=False):
     os.replace(path + ".tmp", path)
 
 
-def write_results(results, path):
-    """results.json, written whole or not at all: the file marks a finished run, which the
-    tables and sweeps then reuse, so a run stopped while writing it must leave none."""
+def write_json(obj, path):
+    """A run file (config.json, results.json, a table), written whole or not at all:
+    results.json marks a finished run, which the tables and sweeps then reuse, and a table
+    refuses a run whose config.json it cannot read, so a run stopped while writing one must
+    leave the previous file or none, never half of one."""
+    write_text(json.dumps(obj, indent=1), path)
+
+
+def write_text(text, path):
     with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
+        f.write(text)
     os.replace(path + ".tmp", path)
 
 
@@ -424,12 +433,14 @@ def restore(ctx, out, config, resume, model, opt, sched):
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        if ctx.main:
+            print(f"resuming {out} after epoch {ckpt['epoch']}", file=sys.stderr)
     if ctx.main:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(dict(config, torch=torch.__version__, rot_kernel=rot_kernel.backend(),
-                           device=str(ctx.device), world_size=ctx.world, distributed=ctx.distributed,
-                           device_name=torch.cuda.get_device_name(ctx.device) if ctx.cuda else None), f, indent=1)
+        write_json(dict(config, torch=torch.__version__, rot_kernel=rot_kernel.backend(), device=str(ctx.device),
+                        world_size=ctx.world, distributed=ctx.distributed,
+                        device_name=torch.cuda.get_device_name(ctx.device) if ctx.cuda else None),
+                   os.path.join(out, "config.json"))
         # Keep exactly the epochs the checkpoint holds: a kill between the two writes of
         # an epoch leaves a metrics line the checkpoint has not got, a kill while appending
         # it half a line. Read whole before the file is replaced.
@@ -437,9 +448,7 @@ def restore(ctx, out, config, resume, model, opt, sched):
         path = os.path.join(out, "metrics.jsonl")
         lines = [ln for ln in (open(path).read().splitlines() if os.path.exists(path) else [])
                  if (e := epoch_of(ln)) is not None and e <= done]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(ln + "\n" for ln in lines)
-        os.replace(path + ".tmp", path)
+        write_text("".join(ln + "\n" for ln in lines), path)
     return (ckpt["epoch"] + 1, ckpt["metrics"]) if ckpt else (1, {})
 
 
@@ -518,7 +527,8 @@ def add_common_flags(ap, epochs, out, scaled=False):
     ap.add_argument("--lr", type=positive_float, help="default: the original's (0.1; AlexNet 0.01)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--width", type=positive_float, default=1.0,
-                    help="channel multiplier of the networks this run builds, 1/64 to 16 (1.0 is the paper's NIN)")
+                    help="channel multiplier of the networks this run builds (a --checkpoint keeps its own), "
+                    "1/64 to 16 (1.0 is the paper's NIN)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--out", default=out, help="folder for config.json, metrics.jsonl, checkpoint.pt and results")
     ap.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")

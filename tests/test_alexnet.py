@@ -327,13 +327,16 @@ def damaged_files(tmp_path):
     }
 
 
-@pytest.mark.parametrize("name", ["truncated.pt", "truncated-legacy.pt", "garbage.pt", "empty.pt", "text.pt",
-                                  "missing.pt", "a-folder"])
-def test_an_unreadable_file_is_a_user_error_naming_it(tmp_path, name):
+@pytest.mark.parametrize("name, why", [("truncated.pt", "damaged or cut short"), ("truncated-legacy.pt", "damaged"),
+                                       ("garbage.pt", ""), ("empty.pt", "cut short"),
+                                       ("text.pt", "not a file torch.save wrote"), ("missing.pt", "no such file"),
+                                       ("a-folder", "a folder")])
+def test_an_unreadable_file_is_a_user_error_naming_it(tmp_path, name, why):
     files = damaged_files(tmp_path)
     path = tmp_path / name
     if name in files:
         path.write_bytes(files[name])
     elif name == "a-folder":
         path.mkdir()
-    expect_user_error(path, "not a readable checkpoint")
+    message = expect_user_error(path, "not a readable checkpoint", why)
+    assert not message.rstrip(")").endswith(("(", ": ")), message  # a reason, not a bare number or nothing

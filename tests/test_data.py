@@ -161,6 +161,7 @@ def test_too_few_images_to_hold_out_says_what_helps(tmp_path):
     with pytest.raises(data.UserError) as err:  # 0.1 of 3 rounds to 0: a larger fraction holds one out
         data.load(str(threes), image_size=8, cache=str(tmp_path / "c2"), val_fraction=0.1)
     assert "raise --val-fraction" in str(err.value) and "fewer than 2" not in str(err.value)
+    assert not os.path.exists(tmp_path / "c2" / "train.u8")  # said before any image is decoded
 
 
 def test_the_loader_benchmark_refuses_bad_flags_in_one_line(folder, tmp_path):

@@ -15,6 +15,7 @@ import cifar
 import conftest
 import figures
 from conftest import RunsCode, assert_one_line_error, run_cli, write_cifar, write_folder
+from errors import UserError
 from nin import NIN
 
 
@@ -154,6 +155,15 @@ def test_filter_grid_scales_each_filter_on_its_own():
 
 def test_filters_figure(nets, tmp_path):
     assert_png(figures.filters_figure(*nets, str(tmp_path)), figures.FILTERS_SIZE)
+
+
+def test_the_two_networks_swapped_are_refused(nets, tmp_path):
+    rotnet_model = save_nin(tmp_path / "model.pt", 4, 4, rotations=[0, 90, 180, 270])  # as rotnet.py saves it
+    with pytest.raises(UserError, match="--rotnet .*10 outputs, not a RotNet"):
+        figures.filters_figure(nets[1], nets[0], str(tmp_path))
+    with pytest.raises(UserError, match="--supervised .*a RotNet's model.pt"):
+        figures.filters_figure(rotnet_model, rotnet_model, str(tmp_path))
+    assert not (tmp_path / "filters.png").exists()
 
 
 def test_curves_figure(tmp_path):

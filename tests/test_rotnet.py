@@ -107,6 +107,7 @@ def test_cli_resume_after_kill_equals_an_uninterrupted_run(cifar_dir, tmp_path):
     done = torch.load(out_b / "checkpoint.pt", weights_only=True)["epoch"]
     assert 1 <= done < 4
     resumed = run_cli(*flags(out_b), "--resume")
+    assert f"resuming {out_b} after epoch {done}\n" in resumed.stderr
     assert run_a.wait(timeout=150) == 0
     # The resumed run trains only the epochs the checkpoint lacks.
     assert [int(ln.split()[1]) for ln in resumed.stdout.splitlines() if ln.startswith("epoch ")] == \
@@ -358,11 +359,15 @@ def test_a_finished_run_is_not_overwritten_without_resume(cifar_dir, tmp_path):
     run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1"))
     before = {name: (out / name).read_bytes() for name in ("model.pt", "checkpoint.pt", "metrics.jsonl")}
     proc = run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1"), check=False)  # the same command again
-    assert_one_line_error(proc, str(out), "holds a run already", "--resume", "another --out")
+    message = assert_one_line_error(proc, str(out), "holds a finished run (model.pt)", "another --out")
+    assert "--resume" not in message  # there is nothing to continue
     assert {name: (out / name).read_bytes() for name in before} == before
     probe = run_cli("--data", cifar_dir, "--checkpoint", out / "model.pt", "--block", "1", "--epochs", "1",
                     "--device", "cpu", "--out", out, script="probe.py", check=False)  # a probe into it
-    assert_one_line_error(probe, str(out), "holds a run already")
+    assert_one_line_error(probe, str(out), "holds a finished run")
+    os.remove(out / "model.pt")  # a run stopped before its end: it can be continued
+    proc = run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1"), check=False)
+    assert_one_line_error(proc, str(out), "holds a run already (checkpoint.pt)", "add --resume", "another --out")
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="runs are locked where fcntl is (not Windows)")
@@ -385,7 +390,7 @@ def test_two_processes_never_train_into_one_folder(cifar_dir, tmp_path):
     finally:
         os.close(held)
     # A run lets its folder go when it ends, however it ends (here: refused, then finished).
-    with pytest.raises(UserError, match="holds a run already"):
+    with pytest.raises(UserError, match="holds a finished run"):
         rotnet.pretrain(rotnet.Pretraining(data=str(cifar_dir), out=str(tmp_path / "net"), width=0.125,
                                            epochs=1, device="cpu"))
     for folder in (tmp_path / "net", out):
@@ -406,21 +411,35 @@ def test_an_out_that_cannot_be_made_is_one_line_before_any_data_is_read(tmp_path
     assert os.listdir(tmp_path / "new") == []
 
 
-def test_results_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
-    # results.json marks a finished run (the tables reuse it): one stopped while writing it
-    # must leave the previous file, or none, never half of one.
+def test_run_files_are_written_whole_or_not_at_all(cifar_dir, tmp_path, monkeypatch):
+    # results.json marks a finished run (the tables reuse it), and a table refuses a run whose
+    # config.json it cannot read: one stopped while writing either must leave the previous
+    # file, or none, never half of one.
     path = str(tmp_path / "results.json")
-    train.write_results({"test_acc": 1.0}, path)
+    train.write_json({"test_acc": 1.0}, path)
+    class Stopped:  # a file that takes half the text written to it, then the process is stopped
+        def __init__(self, *args):
+            self.f = open(*args)
 
-    def stopped(obj, f, **kwargs):  # half the file written, then the process is stopped
-        f.write('{"test_acc": ')
-        raise KeyboardInterrupt
+        def __enter__(self):
+            return self
 
-    monkeypatch.setattr(json, "dump", stopped)
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[: len(text) // 2])
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "open", Stopped, raising=False)  # the name train.py's writes look up
     with pytest.raises(KeyboardInterrupt):
-        train.write_results({"test_acc": 2.0}, path)
+        train.write_json({"test_acc": 2.0}, path)
+    with pytest.raises(KeyboardInterrupt):  # a run stopped while it writes its config.json
+        rotnet.pretrain(rotnet.Pretraining(data=str(cifar_dir), out=str(tmp_path / "run"), width=0.125, epochs=1,
+                                           device="cpu"))
     monkeypatch.undo()
     assert json.loads(open(path).read()) == {"test_acc": 1.0}
+    assert not os.path.exists(tmp_path / "run" / "config.json")
 
 
 def test_resume_with_no_good_checkpoint_says_what_to_delete(cifar_dir, tmp_path):

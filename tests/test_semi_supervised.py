@@ -29,7 +29,7 @@ def test_a_seeded_subset_is_random_but_still_k_per_class():
 
 
 def test_too_few_images_of_a_class_is_a_clear_error():
-    with pytest.raises(UserError, match="class 9 has only 0"):
+    with pytest.raises(UserError, match="class 'truck' has only 0"):
         semi_supervised.labelled_subset(torch.arange(90) % 9, 5)
 
 
