@@ -18,8 +18,9 @@ import warnings
 import torch
 
 from . import reference
+from ._sources import fingerprint
 
-__all__ = ["rotation_batch", "resized_crop_boxes", "backend", "reference"]
+__all__ = ["rotation_batch", "resized_crop_boxes", "backend", "stale_build", "reference"]
 
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _JIT_NAME = "rot_kernel_jit"
@@ -49,10 +50,28 @@ def _jit_build():
                        extra_ldflags=["-fopenmp"], extra_cuda_cflags=NVCC_FLAGS, is_python_module=False)
 
 
+def stale_build(module_dir, csrc=_CSRC):
+    """Why the operator built into module_dir is older than the sources in csrc (None when
+    they match, or when either is unknown: a build from before the fingerprint, no sources)."""
+    try:
+        with open(os.path.join(module_dir, "_C.sources")) as f:
+            built = f.read().strip()
+        now = fingerprint(csrc)
+    except OSError:
+        return None
+    if built == now:
+        return None
+    return (f"rot_kernel: the prebuilt operator in {module_dir} was built from other sources than {csrc} "
+            f"holds now (fingerprint {built}, now {now}); rebuild it: pip install --no-build-isolation -e .")
+
+
 def _load():
     """Registers torch.ops.rot_kernel.rotation_batch; returns how it was obtained."""
     try:
         from . import _C  # noqa: F401  (built by setup.py; importing it registers the op)
+        stale = stale_build(os.path.dirname(_C.__file__))
+        if stale:  # it runs, but what runs is not what the sources say: tests would test the old one
+            warnings.warn(stale, RuntimeWarning, stacklevel=3)
         return "prebuilt"
     except ImportError:
         pass

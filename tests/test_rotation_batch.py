@@ -70,6 +70,29 @@ def test_compiled_kernels_are_in_use():
     assert "cpu" in rot_kernel.backend()
 
 
+def test_the_prebuilt_operator_is_built_from_these_sources():
+    # A build older than rot_kernel/csrc would make every test below test the old kernel.
+    if not rot_kernel.backend().endswith("(prebuilt)"):
+        pytest.skip(f"no prebuilt operator ({rot_kernel.backend()})")
+    built_into = os.path.dirname(rot_kernel._C.__file__)
+    assert os.path.exists(os.path.join(built_into, "_C.sources")), "built by an older setup.py: rebuild it"
+    assert rot_kernel.stale_build(built_into) is None
+
+
+def test_a_build_older_than_its_sources_is_said(tmp_path):
+    csrc, built = tmp_path / "csrc", tmp_path / "module"
+    csrc.mkdir()
+    built.mkdir()
+    (csrc / "op.cpp").write_text("int op();\n")
+    assert rot_kernel.stale_build(str(built), str(csrc)) is None  # no fingerprint recorded: unknown
+    (built / "_C.sources").write_text(rot_kernel.fingerprint(str(csrc)) + "\n")
+    assert rot_kernel.stale_build(str(built), str(csrc)) is None
+    for change in (lambda: (csrc / "op.cpp").write_text("int op(int);\n"), lambda: (csrc / "new.h").write_text("")):
+        change()
+        message = rot_kernel.stale_build(str(built), str(csrc))
+        assert str(built) in message and "pip install --no-build-isolation -e ." in message
+
+
 def test_poison_is_on():
     assert torch.empty(64).isnan().all()
     assert torch.empty(64, dtype=torch.bfloat16).isnan().all()
@@ -528,7 +551,7 @@ def test_falls_back_to_the_reference_without_a_compiler(tmp_path):
     package = tmp_path / "rot_kernel"
     package.mkdir()
     source = os.path.dirname(rot_kernel.__file__)
-    for name in ("__init__.py", "reference.py"):
+    for name in ("__init__.py", "reference.py", "_sources.py"):
         (package / name).write_text(open(os.path.join(source, name)).read())
     (package / "csrc").symlink_to(os.path.join(source, "csrc"))
     script = ("import sys, warnings, torch\n"

@@ -70,9 +70,9 @@ if [ "${1:-}" = "--prepare" ]; then
   if [ -n "${2:-}" ]; then  # both operators built here, for sm_90, with the device's own stack
     export TORCH_CUDA_ARCH_LIST=9.0 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=2
     "$2" -c "import sys, torch; print(sys.version.split()[0], torch.__version__)"
-    tmp=$(mktemp -d) && cp -r rot_kernel setup.py "$tmp"/ && rm -f "$tmp"/rot_kernel/_C*.so
+    tmp=$(mktemp -d) && cp -r rot_kernel setup.py "$tmp"/ && rm -f "$tmp"/rot_kernel/_C.*
     ( cd "$tmp" && "$2" setup.py -q build_ext --inplace ) > .device/prebuild.log 2>&1 \
-      && mkdir -p .device/op && cp "$tmp"/rot_kernel/_C*.so .device/op/ && op_sources > .device/op/sources \
+      && mkdir -p .device/op && cp "$tmp"/rot_kernel/_C.* .device/op/ && op_sources > .device/op/sources \
       && ( cd .device/before && "$2" setup.py -q build_ext --inplace ) >> .device/prebuild.log 2>&1 \
       || { echo "a build failed: see .device/prebuild.log"; exit 1; }
     strip --strip-debug .device/op/_C*.so .device/before/rot_kernel/_C*.so  # 9 MB -> 2: carried
@@ -140,20 +140,20 @@ build() {  # the CUDA kernel, built against this machine's torch (MAX_JOBS: all 
   op_loads "$PY" || return 1
   rm -f build/op.failed
   mkdir -p build "$out/op" && op_sources | tee build/op.sources > "$out/op/sources" \
-    && cp rot_kernel/_C*.so "$out/op/" && { strip --strip-debug "$out"/op/_C*.so 2>/dev/null || true; }
+    && cp rot_kernel/_C.* "$out/op/" && { strip --strip-debug "$out"/op/_C*.so 2>/dev/null || true; }
 }
 ensure_op() {  # the operator of these sources: built on this machine, carried in, or built now
   local want; want=$(op_sources)
   if ls rot_kernel/_C*.so > /dev/null 2>&1 && [ "$(cat build/op.sources 2>/dev/null)" = "$want" ]; then
     return 0
   fi
-  if [ "$(cat .device/op/sources 2>/dev/null)" = "$want" ] && cp .device/op/_C*.so rot_kernel/ 2>/dev/null; then
+  if [ "$(cat .device/op/sources 2>/dev/null)" = "$want" ] && cp .device/op/_C.* rot_kernel/ 2>/dev/null; then
     if op_loads "$PY" > /dev/null 2>&1; then
       mkdir -p build && echo "$want" > build/op.sources
       echo "(the operator of these sources carried in .device/op)"
       return 0
     fi
-    rm -f rot_kernel/_C*.so
+    rm -f rot_kernel/_C.*
     echo "(the operator carried in .device/op does not load here)"
   fi
   if [ "$(cat build/op.failed 2>/dev/null)" = "$want" ]; then  # tried once a machine: a build takes minutes
