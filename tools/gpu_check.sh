@@ -9,7 +9,8 @@
 #   was before the kernel restructure (commit $BEFORE, for the before/after table).
 #   With PY, a Python with the device's stack (3.12, torch 2.11.0+cu130 from PyPI), it also
 #   builds both operators for sm_90 (.device/op, .device/before), which saves the device
-#   about 3 minutes of building (4 min here). Such a Python, from this machine's pyenv:
+#   about 3 minutes of building (2.5 min here). Such a Python, from this machine's pyenv
+#   (2 min, on 2026-12-05):
 #     ~/.pyenv/versions/3.12.1/bin/python -m venv /tmp/venv-312
 #     /tmp/venv-312/bin/pip install torch==2.11.0 numpy ninja setuptools
 # There, from the repository root:  bash tools/gpu_check.sh OUT_DIR [--seconds N] [STAGE...]
