@@ -7,6 +7,8 @@ random crop, a random horizontal flip, the quarter turns and normalisation; the 
 collated there, handed over in pinned memory and copied to the device asynchronously. Its
 batches are laid out as rot_kernel.rotation_batch's: image b's rotation r at b*R + r.
 """
+import signal
+
 import torch
 import torch.nn.functional as F
 
@@ -53,7 +55,13 @@ def loader(images, *, batch_size, draws, workers, pin_memory, seed, rotations, m
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=torch.utils.data.RandomSampler(dataset, num_samples=draws, generator=g),
         num_workers=workers, persistent_workers=True, prefetch_factor=PREFETCH, pin_memory=pin_memory, drop_last=True,
-        generator=g)
+        generator=g, worker_init_fn=_default_sigterm)
+
+
+def _default_sigterm(worker_id):
+    # A worker dies of SIGTERM (sent to the whole group by `timeout`, say) rather than
+    # raising run_job's Terminated with a traceback of its own: the main process says it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def to_device(ctx, views, labels):

@@ -116,10 +116,11 @@ def _to_rgb(im):
 
 
 def _start_worker(main_pid):
-    """A decoding worker ignores Ctrl-C (the main process stops the pool) and, on Linux, is
-    ended with the main process: a killed preparation leaves no worker printing tracebacks
-    into the closed result pipe."""
+    """A decoding worker ignores Ctrl-C (the main process stops the pool), dies of SIGTERM,
+    and, on Linux, is ended with the main process: a killed preparation leaves no worker
+    printing tracebacks into the closed result pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not run_job's handler: the pool ends its workers so
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: the workers end when their pipe does

@@ -22,7 +22,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -540,11 +542,24 @@ def add_common_flags(ap, epochs, out, scaled=False):
                         help="shrink every schedule in proportion (milestones included)")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler ending the job), raised where the run is, as Ctrl-C is."""
+
+
+def _terminated(signum, frame):
+    raise Terminated
+
+
 def run_job(job):
     """Every script's main: run the job, turn a problem the user can fix into one line
     (exit status 1), end the ranks. The ranks of a finished run leave together: a DDP model
     that only the garbage collector would free (its hooks make cycles) and a peer still at
-    work (rank 0 writing files) both make gloo abort the process at teardown."""
+    work (rank 0 writing files) both make gloo abort the process at teardown.
+    SIGTERM stops a single process as Ctrl-C does, with the same line; not under torchrun,
+    whose agent sends it to the ranks left when one fails, whose lines would bury its. (A
+    worker forked from here puts SIGTERM back to its default: its parent ends it so.)"""
+    on_term = "TORCHELASTIC_RUN_ID" not in os.environ and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if on_term else None
     try:
         result = job()
         if dist.is_initialized():
@@ -565,10 +580,13 @@ def run_job(job):
             raise
         stop(f"error: {err.filename or 'a run file'}: {err.strerror}; the files written before it are whole: "
              "make room, then run the same command again (a single run with --resume)")
-    except KeyboardInterrupt:  # the files are whole (atomic): say how to go on, not where it stopped
-        stop("\ninterrupted: what was finished is kept (epochs, finished runs, a folder's preparation); "
-             "the same command goes on from it (a single run with --resume)", status=130)
+    except KeyboardInterrupt as err:  # the files are whole (atomic): say how to go on, not where it stopped
+        how, status = ("stopped by SIGTERM", 143) if isinstance(err, Terminated) else ("interrupted", 130)
+        stop(f"\n{how}: what was finished is kept (epochs, finished runs, a folder's preparation); "
+             "the same command goes on from it (a single run with --resume)", status=status)
     finally:
+        if on_term:
+            signal.signal(signal.SIGTERM, previous)
         if dist.is_initialized():
             dist.destroy_process_group()
 

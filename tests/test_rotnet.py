@@ -579,6 +579,29 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mon
         train.run_job(missing)
 
 
+def test_sigterm_stops_a_run_as_ctrl_c_does(capsys):
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stop:
+        train.run_job(lambda: [os.kill(os.getpid(), signal.SIGTERM), time.sleep(5)])
+    assert stop.value.code == 143
+    assert capsys.readouterr().err.strip().startswith("stopped by SIGTERM: what was finished is kept")
+    assert signal.getsignal(signal.SIGTERM) is before  # put back once the job ends
+
+
+def test_cli_sigterm_says_how_to_go_on_in_one_line(cifar_dir, tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.Popen(cli_command(*tiny_run_flags(cifar_dir, out, "--epochs", "30")), cwd=REPO, env=cli_env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 150
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 1):
+        assert run.poll() is None and time.monotonic() < deadline, "no epoch was logged"
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    err = run.communicate(timeout=60)[1]
+    assert run.returncode == 143, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("stopped by SIGTERM:"), err
+
+
 def test_ctrl_c_says_how_to_go_on():
     def interrupted():
         raise KeyboardInterrupt
