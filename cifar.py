@@ -47,6 +47,7 @@ class _CifarUnpickler(pickle.Unpickler):
 
 
 BATCHES = (tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",))  # train, test
+NAMES = BATCHES[0] + BATCHES[1]
 
 
 def load_batch(f, name):
@@ -67,12 +68,11 @@ def load_batch(f, name):
 
 def read_folder(folder):
     """{batch name: (images, labels)} from a cifar-10-batches-py folder."""
-    names = [n for group in BATCHES for n in group]
-    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    missing = [n for n in NAMES if not os.path.isfile(os.path.join(folder, n))]
     if missing:
         raise UserError(f"{folder} lacks {', '.join(missing)}; download the data set again")
     batches = {}
-    for n in names:
+    for n in NAMES:
         with open(os.path.join(folder, n), "rb") as f:
             batches[n] = load_batch(f, os.path.join(folder, n))
     return batches
@@ -81,7 +81,7 @@ def read_folder(folder):
 def read_archive(archive):
     """{batch name: (images, labels)} straight from the .tar.gz, in one pass and without
     unpacking: only the batch files of its cifar-10-batches-py/ are read, and only plain files."""
-    wanted, batches = {f"cifar-10-batches-py/{n}" for group in BATCHES for n in group}, {}
+    wanted, batches = {f"cifar-10-batches-py/{n}" for n in NAMES}, {}
     try:
         with tarfile.open(archive, "r|gz") as tar:  # a stream: each member read as it comes
             for m in tar:
@@ -93,9 +93,10 @@ def read_archive(archive):
                 batches[name.split("/")[-1]] = load_batch(tar.extractfile(m), f"{archive}:{m.name}")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         raise UserError(f"{archive} is damaged ({type(err).__name__}: {err}); delete it and download it again") from None
-    missing = [n for group in BATCHES for n in group if n not in batches]
+    missing = [n for n in NAMES if n not in batches]
     if missing:
-        raise UserError(f"{archive} lacks cifar-10-batches-py/{', '.join(missing)}: not CIFAR-10's archive, or cut short")
+        raise UserError(f"{archive} lacks cifar-10-batches-py/{', '.join(missing)}: not CIFAR-10's archive, "
+                        "or cut short")
     return batches
 
 

@@ -116,7 +116,8 @@ def pick_images(labels, n, classes=10):
 
 def attention_figure(rotnet_path, supervised_path, data_dir, out, images=6, power=2.0, device="cpu", image_size=256,
                      cache=None):
-    nets = [("RotNet", load(rotnet_path, device, rotnet=True)), ("Supervised", load(supervised_path, device, rotnet=False))]
+    nets = [("RotNet", load(rotnet_path, device, rotnet=True)),
+            ("Supervised", load(supervised_path, device, rotnet=False))]
     dataset = data.load(data_dir, image_size=image_size, cache=cache)
     test_y = dataset.test_y if dataset.test_y is not None else torch.zeros(len(dataset.test_x), dtype=torch.int64)
     index = pick_images(test_y, images, len(dataset.classes))
@@ -170,7 +171,8 @@ def filter_grid(weight, gap=1):
 
 def filters_figure(rotnet_path, supervised_path, out):
     fig, axes = plt.subplots(1, 2, figsize=FILTERS_SIZE, layout="constrained")
-    for ax, (name, path, rotnet) in zip(axes, [("RotNet", rotnet_path, True), ("Supervised NIN", supervised_path, False)]):
+    nets = [("RotNet", rotnet_path, True), ("Supervised NIN", supervised_path, False)]
+    for ax, (name, path, rotnet) in zip(axes, nets):
         weight = load(path, rotnet=rotnet).blocks[0][0].conv.weight
         ax.imshow(filter_grid(weight), interpolation="nearest")
         ax.set_title(f"{name}: {weight.shape[0]} first-layer filters "

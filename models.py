@@ -37,7 +37,8 @@ def read_checkpoint(path):
     except FileNotFoundError:
         raise UserError(f"{path}: not a readable checkpoint (no such file)") from None
     except IsADirectoryError:
-        raise UserError(f"{path}: not a readable checkpoint (a folder; give the model.pt or checkpoint.pt in it)") from None
+        raise UserError(f"{path}: not a readable checkpoint (a folder; give the model.pt or checkpoint.pt "
+                        "in it)") from None
     except KeyError:  # the legacy format's magic number read from a file that has none
         raise UserError(f"{path}: not a readable checkpoint (not a file torch.save wrote)") from None
     except Exception as err:  # truncated, garbage: torch raises many kinds

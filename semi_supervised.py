@@ -161,7 +161,8 @@ def sweep(s: Sweep):
     if not ctx.main:
         return
     os.makedirs(s.out, exist_ok=True)
-    train.write_json(dict(rows=rows, checkpoint=checkpoint, epoch_size=s.epoch_size), os.path.join(s.out, "results.json"))
+    train.write_json(dict(rows=rows, checkpoint=checkpoint, epoch_size=s.epoch_size),
+                     os.path.join(s.out, "results.json"))
     train.write_text(markdown(rows), os.path.join(s.out, "semi_supervised.md"))
     plot(rows, os.path.join(s.out, "semi_supervised.png"))
     print(markdown(rows) + f"\nwrote {s.out}/results.json, semi_supervised.md, semi_supervised.png")
@@ -185,7 +186,8 @@ def parse_args(argv=None):
                     help="labelled images per class, e.g. 100 or 20,100,400,1000,5000")
     ap.add_argument("--checkpoint", help="a RotNet (model.pt or original format); default: pretrain one")
     ap.add_argument("--subset-seed", type=int, help="draw a random K per class instead of the first K")
-    ap.add_argument("--epoch-size", type=train.positive_int, default=EPOCH_SIZE, help=f"labelled images drawn per epoch, with repeats (default: {EPOCH_SIZE:,}, the size of "
+    ap.add_argument("--epoch-size", type=train.positive_int, default=EPOCH_SIZE,
+                    help=f"labelled images drawn per epoch, with repeats (default: {EPOCH_SIZE:,}, the size of "
                     "CIFAR-10's training set, whatever K: a small --per-class still trains for full epochs)")
     return ap.parse_args(argv)
 
