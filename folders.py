@@ -236,54 +236,64 @@ def _find_sources(data, val_fraction=0.1, seed=0):
     train_dir, val_dir = os.path.join(data, "train"), os.path.join(data, "val")
     try:
         if os.path.isdir(train_dir) and os.path.isdir(val_dir):
-            classes = _subfolders(train_dir)
-            for folder in (train_dir, val_dir):
-                loose = _loose_images(folder)
-                if loose:
-                    raise UserError(f"{folder} holds {len(loose)} images outside class folders (e.g. {loose[0]}); "
-                                    f"sort them into {os.path.basename(folder)}/<class>/ folders")
-            train = []
-            for label, name in enumerate(classes):
-                found = _sources(data, os.path.join(train_dir, name), label)
-                if not found:
-                    print(f"note: class folder {os.path.join(train_dir, name)} holds no images", file=sys.stderr)
-                train += found
-            val = []
-            for name in _subfolders(val_dir):
-                folder = os.path.join(val_dir, name)
-                if name not in classes:
-                    raise UserError(f"{folder}: class {name!r} is not one of the {len(classes)} "
-                                    f"class folders of {train_dir}")
-                found = _sources(data, folder, classes.index(name))
-                if not found:
-                    raise UserError(f"{folder} holds no images")
-                val += found
-            for folder, found in ((train_dir, train), (val_dir, val)):
-                if not found:
-                    raise UserError(f"{folder} holds no images in class folders")
-            return "train-val", classes, {"train": sorted(train), "val": sorted(val)}
+            return _train_val_sources(data, train_dir, val_dir)
         if os.path.isdir(train_dir):
             raise UserError(f"{data} has train/ but no val/: add val/<class>/ folders, "
                             f"or use {train_dir} itself to hold out {val_fraction:.0%} of it for val")
-        loose, classes = _loose_images(data), _subfolders(data)
-        if loose:
-            mixed = [c for c in classes if next(_walk(os.path.join(data, c)), None) is not None]
-            if mixed:
-                raise UserError(f"{data} holds both images ({len(loose)}) and folders of images ({mixed[0]}/...); "
-                                "use one class folder per class, or only images")
-            train, val = _hold_out([("", _sources(data, data, None))], val_fraction, seed)
-            return "flat", [], {"train": train, "val": val}
-        groups = []
-        for label, name in enumerate(classes):
-            groups.append((name, _sources(data, os.path.join(data, name), label)))
-            if not groups[-1][1]:
-                print(f"note: class folder {os.path.join(data, name)} holds no images", file=sys.stderr)
-        if not any(items for _, items in groups):
-            raise UserError(f"{data} holds no images ({' '.join(EXTENSIONS)})")
-        train, val = _hold_out(groups, val_fraction, seed)
-        return "classes", classes, {"train": train, "val": val}
+        return _held_out_sources(data, val_fraction, seed)
     except OSError as err:
         raise UserError(f"cannot read {err.filename or data}: {err.strerror or err}") from None
+
+
+def _train_val_sources(data, train_dir, val_dir):
+    """The train-val layout: the classes are train's class folders; val's must be among them."""
+    classes = _subfolders(train_dir)
+    for folder in (train_dir, val_dir):
+        loose = _loose_images(folder)
+        if loose:
+            raise UserError(f"{folder} holds {len(loose)} images outside class folders (e.g. {loose[0]}); "
+                            f"sort them into {os.path.basename(folder)}/<class>/ folders")
+    train = []
+    for label, name in enumerate(classes):
+        found = _sources(data, os.path.join(train_dir, name), label)
+        if not found:
+            print(f"note: class folder {os.path.join(train_dir, name)} holds no images", file=sys.stderr)
+        train += found
+    val = []
+    for name in _subfolders(val_dir):
+        folder = os.path.join(val_dir, name)
+        if name not in classes:
+            raise UserError(f"{folder}: class {name!r} is not one of the {len(classes)} "
+                            f"class folders of {train_dir}")
+        found = _sources(data, folder, classes.index(name))
+        if not found:
+            raise UserError(f"{folder} holds no images")
+        val += found
+    for folder, found in ((train_dir, train), (val_dir, val)):
+        if not found:
+            raise UserError(f"{folder} holds no images in class folders")
+    return "train-val", classes, {"train": sorted(train), "val": sorted(val)}
+
+
+def _held_out_sources(data, val_fraction, seed):
+    """The classes layout (a folder per class) or the flat one (only images), val held out."""
+    loose, classes = _loose_images(data), _subfolders(data)
+    if loose:
+        mixed = [c for c in classes if next(_walk(os.path.join(data, c)), None) is not None]
+        if mixed:
+            raise UserError(f"{data} holds both images ({len(loose)}) and folders of images ({mixed[0]}/...); "
+                            "use one class folder per class, or only images")
+        train, val = _hold_out([("", _sources(data, data, None))], val_fraction, seed)
+        return "flat", [], {"train": train, "val": val}
+    groups = []
+    for label, name in enumerate(classes):
+        groups.append((name, _sources(data, os.path.join(data, name), label)))
+        if not groups[-1][1]:
+            print(f"note: class folder {os.path.join(data, name)} holds no images", file=sys.stderr)
+    if not any(items for _, items in groups):
+        raise UserError(f"{data} holds no images ({' '.join(EXTENSIONS)})")
+    train, val = _hold_out(groups, val_fraction, seed)
+    return "classes", classes, {"train": train, "val": val}
 
 
 # ----------------------------------------------------------------------------- the cache

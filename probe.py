@@ -250,6 +250,9 @@ def probe(s: Probing):
     require(s.supervised or s.init == "random" or s.checkpoint, "a probe needs a checkpoint (or init='random')")
     with s.claim_out():  # out held until the run ends (checked first)
         extractor = load_model(s.checkpoint) if not s.supervised and s.init == "checkpoint" else None
+        if extractor is not None:  # config.json records the network probed, not --width and --blocks
+            s = dataclasses.replace(s, width=extractor.config["width"],
+                                    blocks=extractor.config.get("blocks", s.blocks))
         on_alexnet = isinstance(extractor, alexnet.AlexNet)
         blocks = (len(extractor.convs) if on_alexnet else len(extractor.blocks)) if extractor else s.blocks
         require(s.supervised or s.block <= blocks, f"--block {s.block}: the network has blocks 1 to {blocks}")

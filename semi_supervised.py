@@ -82,6 +82,7 @@ def run_arm(s, dataset, arm, per_class, subset, checkpoint):
         torch.manual_seed(s.seed)
         if arm == "rotnet_conv":
             extractor = load_model(checkpoint)
+            run = dataclasses.replace(run, width=extractor.config["width"])  # config.json: the network probed
             shape = probe.feature_shape(extractor, BLOCK, dataset.train_x.shape[-1])
             model = probe.Probe(extractor, BLOCK, probe.make_classifier("conv", shape, len(dataset.classes)))
         else:

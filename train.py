@@ -439,7 +439,9 @@ def restore(ctx, out, config, resume, model, opt, sched):
             print(f"resuming {out} after epoch {ckpt['epoch']}", file=sys.stderr)
     if ctx.main:
         os.makedirs(out, exist_ok=True)
-        write_json(dict(config, torch=torch.__version__, rot_kernel=rot_kernel.backend(), device=str(ctx.device),
+        # amp as it ran (bf16 autocast is for CUDA only, whatever --no-amp says), and the layout
+        write_json(dict(config, amp=ctx.amp, channels_last=ctx.channels_last, torch=torch.__version__,
+                        rot_kernel=rot_kernel.backend(), device=str(ctx.device),
                         world_size=ctx.world, distributed=ctx.distributed,
                         device_name=torch.cuda.get_device_name(ctx.device) if ctx.cuda else None),
                    os.path.join(out, "config.json"))

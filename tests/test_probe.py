@@ -69,10 +69,11 @@ def test_a_frozen_extractor_stays_in_eval_mode_and_gets_no_gradients():
 
 
 def test_a_probe_writes_every_file(cifar_dir, tmp_path):
-    save_nin(tmp_path / "model.pt")
+    save_nin(tmp_path / "model.pt", blocks=3, width=0.125)
     out = tmp_path / "probe"
+    # --width and --blocks are for a NIN made here: a checkpoint's network keeps its own
     run_probe("--checkpoint", tmp_path / "model.pt", "--block", 2, "--classifier", "nonlinear", "--data", cifar_dir,
-              "--epochs", 2, "--device", "cpu", "--out", out, "--batch-size", 32)
+              "--epochs", 2, "--device", "cpu", "--out", out, "--batch-size", 32, "--width", 0.5, "--blocks", 5)
     assert sorted(os.listdir(out)) == ["checkpoint.prev.pt", "checkpoint.pt", "config.json", "metrics.jsonl",
                                        "results.json"]
     results = json.loads((out / "results.json").read_text())
@@ -80,6 +81,8 @@ def test_a_probe_writes_every_file(cifar_dir, tmp_path):
     assert results["checkpoint"] == str(tmp_path / "model.pt") and 0 <= results["test_acc"] <= 100
     assert [m["epoch"] for m in metrics_of(out)] == [1, 2]
     assert {"epoch", "lr", "train_loss", "train_acc", "test_acc"} <= set(metrics_of(out)[0])
+    config = json.loads((out / "config.json").read_text())  # what was probed, and how it ran
+    assert (config["width"], config["blocks"], config["amp"], config["device"]) == (0.125, 3, False, "cpu")
 
 
 @pytest.mark.parametrize("classifier", ["conv", "linear"])

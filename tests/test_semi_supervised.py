@@ -35,7 +35,7 @@ def test_too_few_images_of_a_class_is_a_clear_error():
 
 def test_one_tiny_run_writes_both_arms_and_the_figure(tmp_path):
     write_cifar(tmp_path / "data", 30, 50)
-    save_nin(tmp_path / "model.pt")
+    save_nin(tmp_path / "model.pt", width=0.0625)  # not --width: that is the supervised arm's
     out = tmp_path / "out"
     flags = ["--per-class", "3", "--data", tmp_path / "data", "--epochs", "1", "--epoch-size", "96", "--width", "0.125",
              "--batch-size", "32", "--device", "cpu", "--out", out]
@@ -49,6 +49,9 @@ def test_one_tiny_run_writes_both_arms_and_the_figure(tmp_path):
     for arm in ("K3_rotnet_conv", "K3_supervised"):  # one folder per arm and K, one epoch each
         metrics = [json.loads(line) for line in (out / arm / "metrics.jsonl").read_text().splitlines()]
         assert len(metrics) == 1
+    widths = [json.loads((out / arm / "config.json").read_text())["width"]
+              for arm in ("K3_rotnet_conv", "K3_supervised")]
+    assert widths == [0.0625, 0.125]  # each records the network it trained
     # Its finished arms are reused only by the same sweep: not with another lr, or another RotNet.
     save_nin(tmp_path / "other.pt", seed=1)
     for changed, named in ((["--checkpoint", tmp_path / "model.pt", "--lr", "0.5"], "lr"),
