@@ -160,8 +160,6 @@ def measure(s: Pretraining, v: Variant, images, epoch_images, steps, workers=WOR
         raise Skipped(baseline_unfit(s))
     if v.fused_sgd:
         check_fused_sgd(ctx.device)
-    if v.compile:  # compiled afresh: no graphs, recompile counts or CUDA graph pools carried over
-        torch.compiler.reset()
     torch.manual_seed(s.seed)
     model = build(s.arch, num_classes=len(s.rotations), width=s.width, blocks=s.blocks)
     net = ctx.prepare(model)

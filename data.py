@@ -159,8 +159,10 @@ class Streamed:
     faults than the gather itself), so on the CPU a batch is valid until the next is drawn."""
 
     def __init__(self, images, device):
-        self.images, self.device, self.shape = images, device, images.shape
         self.cuda = device.type == "cuda"
+        if self.cuda and device.index is None:  # the gathering thread sets it: it needs a number
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.images, self.device, self.shape = images, device, images.shape
         self.copies = torch.cuda.Stream(device) if self.cuda else None
         self.ring = [None] * (PREFETCH + 2)  # (buffer, copy event): in the queue, at the step, being filled
 
@@ -180,7 +182,11 @@ class Streamed:
                     pass
 
         def gather():
+            # A new thread starts on GPU 0: on another rank's GPU, its stream switches would
+            # otherwise make a CUDA context on GPU 0 (hundreds of MB for each rank).
             try:
+                if self.cuda:
+                    torch.cuda.set_device(self.device)
                 for step, s in enumerate(slices):
                     if stop.is_set():  # the consumer has left (an error, Ctrl-C): read no more
                         return

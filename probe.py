@@ -137,12 +137,15 @@ def make_classifier(kind, feature_shape, num_classes=10):
 
 class Probe(nn.Module):
     """A classifier on block `block` of a NIN (or conv `block` of an AlexNet). Frozen: the
-    network stays in eval mode (its BatchNorm uses running statistics) and gets no gradients."""
+    network stays in eval mode (its BatchNorm uses running statistics) and gets no gradients.
+    Fine-tuned (a NIN): blocks 1 to `block` train with the classifier."""
 
     def __init__(self, extractor, block, classifier, finetune=False):
         super().__init__()
         self.extractor, self.block, self.classifier, self.finetune = extractor, block, classifier, finetune
-        self.extractor.requires_grad_(finetune)
+        self.extractor.requires_grad_(False)
+        if finetune:  # not the blocks after it, nor the head: DDP stops at a parameter with no gradient
+            self.extractor.blocks[:block].requires_grad_(True)
 
     def train(self, mode=True):
         super().train(mode)
@@ -242,6 +245,7 @@ def train_classifier(model, s: train.Run, dataset, *, kind, epochs, describe, su
         train.write_json(results, os.path.join(s.out, "results.json"))
         accuracy = results["test_acc"] if isinstance(results["test_acc"], list) else [results["test_acc"]]
         print(f"test accuracy {', '.join(f'{a:.2f}' for a in accuracy)} % ({s.out}/results.json)")
+    ctx.barrier()  # tables and sweeps read results.json next, on every rank
     return results
 
 
@@ -416,6 +420,8 @@ def run_table(number, s: Probing):
     table = [(name, ours(probes, "test_acc"), paper) for name, probes, paper in rows]
     if number in (4, 5):
         table += [(f"{name}, top-5", ours(probes, "test_top5"), None) for name, probes, _ in rows]
+    if not train.main_rank():
+        return
     text = format_table(number, columns, table, s.data)
     print(text)
     # table1.md, table2.md, ...: the tables share one --out and its pretrained RotNets

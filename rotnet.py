@@ -128,6 +128,7 @@ def pretrain(s: Pretraining):
         if ctx.main:
             save_model("model.pt", metrics)
             print(f"wrote {os.path.join(s.out, 'model.pt')}", file=sys.stderr)
+        ctx.barrier()  # a table's probes, on every rank, read model.pt next
         return metrics
 
 

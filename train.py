@@ -114,7 +114,7 @@ class Run:
         checkpoints and interleave their metrics. A lock on the folder itself, which the OS
         lets go however the process ends, so a killed run never leaves it held. A run that
         stops before writing anything leaves no folder it made."""
-        if int(os.environ.get("RANK", "0")) != 0:
+        if not main_rank():
             self.check_out()
             yield
             return
@@ -166,6 +166,11 @@ class Run:
 
 
 # ----------------------------------------------------------------------------- where a run computes
+def main_rank():
+    """True in the process that writes the run files and prints: rank 0, or the only one."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def resolve_device(device):
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -181,7 +186,7 @@ class Context:
 
     def __init__(self, device="auto", amp=True, compile=False, channels_last=None, check_bounds=False):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
+        self.rank = int(os.environ.get("RANK", "0"))  # main_rank() before there is a Context
         # Under torchrun even one process runs as a rank (process group, DDP), so that a
         # one-GPU machine tries the multi-GPU path.
         self.distributed = self.world > 1 or dist.is_torchelastic_launched()
@@ -220,6 +225,10 @@ class Context:
             model = nn.parallel.DistributedDataParallel(model)
         if not self.compile:
             return model
+        # Compiled afresh: no graphs, recompile counts or CUDA graph pools carried over from the
+        # runs before it in this process (a table's probes, the benchmark's variants); past
+        # dynamo's recompile limit a model would silently run eager.
+        torch.compiler.reset()
         return torch.compile(model, mode=None if self.compile is True else self.compile)
 
     def batch(self, images, index, *, rotations=(0,), mean, std, **view):
@@ -231,6 +240,12 @@ class Context:
         return rot_kernel.rotation_batch(images, index, mean=mean, std=std, rotations=rotations,
                                          channels_last=self.channels_last, check_bounds=self.check_bounds,
                                          out_dtype=torch.bfloat16 if self.amp else torch.float32, **view)
+
+    def barrier(self):
+        """The ranks wait for each other: after rank 0 has written what every rank reads
+        next (a RotNet's model.pt, a probe's results.json)."""
+        if self.distributed:
+            dist.barrier()
 
     def sum(self, values):
         """Sums numbers (a list or a tensor) over the ranks: one host sync, so once an epoch."""
@@ -433,8 +448,8 @@ def restore(ctx, out, config, resume, model, opt, sched):
                             "give this run another --out") from None
         sched.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
-        if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        if ctx.cuda and isinstance(ckpt["rng"].get("cuda"), torch.Tensor):  # made on a GPU
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], ctx.device)
         if ctx.main:
             print(f"resuming {out} after epoch {ckpt['epoch']}", file=sys.stderr)
     if ctx.main:
@@ -487,7 +502,8 @@ def end_epoch(ctx, out, metrics, model, opt, sched, **extra):
         f.write(json.dumps(metrics) + "\n")
     number = lambda v: f"{v:.4g}" if isinstance(v, float) else ",".join(map(number, v)) if isinstance(v, list) else f"{v}"
     print(" ".join(f"{k} {number(v)}" for k, v in metrics.items()), flush=True)
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    # the run's own GPU only: resumed on a machine with fewer GPUs, a state for each would not fit
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(ctx.device) if ctx.cuda else None}
     atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                      epoch=metrics["epoch"], rng=rng, metrics=metrics, **extra),
                 os.path.join(out, "checkpoint.pt"), keep_previous=True)

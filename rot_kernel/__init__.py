@@ -184,7 +184,8 @@ def resized_crop_boxes(B, H, W, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=1
     draws its crop: up to `tries` draws of an area (a fraction of H*W uniform in `scale`) and an
     aspect ratio w/h (log-uniform in `ratio`), sides rounded; the first that fits wins, at a
     uniform position. If none fits: the largest centred crop whose ratio lies in `ratio`.
-    The `boxes` argument of rotation_batch; drawn on `device` (that of `generator`)."""
+    The `boxes` argument of rotation_batch; drawn on `device` (default: that of `generator`)."""
+    device = device if device is not None or generator is None else generator.device
     area = torch.empty(B, tries, dtype=torch.float64, device=device).uniform_(*scale, generator=generator) * (H * W)
     aspect = torch.empty(B, tries, dtype=torch.float64, device=device).uniform_(
         math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()

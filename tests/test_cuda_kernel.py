@@ -660,8 +660,9 @@ def test_unchecked_bad_values_do_not_fault():
     # bounds. A fault would poison the CUDA context, so this runs in its own process, which
     # must end cleanly with the device still usable afterwards.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    # (a hung kernel fails here in 2 minutes, not the whole GPU stage at its limit)
     done = subprocess.run([sys.executable, "-c", UNCHECKED_SCRIPT], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.split()[-2:] == ["after", "16.0"], done.stdout
 

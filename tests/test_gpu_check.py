@@ -55,3 +55,14 @@ def test_collect_brings_back_the_checkpoints_of_unfinished_runs_only(tmp_path):
     assert back == {"runs/gpu/rotnet/model.pt", "runs/gpu/rotnet/metrics.jsonl", "runs/gpu/tables/probe_a/results.json",
                     "runs/gpu/tables/probe b/checkpoint.pt", "runs/gpu/tables/probe b/checkpoint.prev.pt",
                     "runs/gpu/tables/probe b/config.json", "runs/gpu/semi/arm/checkpoint.prev.pt"}
+
+
+def test_a_stage_of_several_commands_fails_if_any_fails(tmp_path):
+    # `check` runs the independent checker, then its timing table: a failed check followed by
+    # a table that prints fine must still fail the stage.
+    os.makedirs(tmp_path / ".device")
+    (tmp_path / ".device" / "gpu_check.py").write_text(
+        "import sys\nprint('FAILURES: 1 case differs' if '--perf' not in sys.argv else 'timings')\n"
+        "sys.exit(0 if '--perf' in sys.argv else 1)\n")
+    rc, output = gpu_check(tmp_path, "--stage", "check", tmp_path / "gc")
+    assert rc == 1 and "FAILURES" in output and "timings" in output, output

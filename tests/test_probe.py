@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import probe
-from conftest import RunsCode, assert_one_line_error, metrics_of, run_cli, save_nin, to_original_names, write_cifar
+from conftest import (RunsCode, assert_one_line_error, free_port, metrics_of, run_cli, save_nin, to_original_names,
+                      write_cifar)
 from nin import NIN
 
 FEATURES = {1: (96, 16, 16), 2: (192, 8, 8), 3: (192, 8, 8), 4: (192, 8, 8)}
@@ -65,7 +66,9 @@ def test_a_frozen_extractor_stays_in_eval_mode_and_gets_no_gradients():
     tuned = probe.Probe(extractor, 2, probe.make_classifier("conv", (24, 8, 8)), finetune=True).train()
     assert extractor.training
     tuned(torch.randn(4, 3, 32, 32)).sum().backward()
-    assert all(p.grad is not None for p in extractor.blocks[:2].parameters())  # blocks 3, 4: unused
+    assert all(p.grad is not None for p in extractor.blocks[:2].parameters())
+    # blocks 3, 4 and the head are unused: not trained (the optimizer and DDP see only the rest)
+    assert not any(p.requires_grad for p in [*extractor.blocks[2:].parameters(), *extractor.head.parameters()])
 
 
 def test_a_probe_writes_every_file(cifar_dir, tmp_path):
@@ -162,3 +165,15 @@ def test_a_whole_table_at_a_tiny_scale(cifar_dir, tmp_path, table):
     damaged.write_text('{"test_acc": ')
     proc = run_probe(*flags, check=False)
     assert_one_line_error(proc, str(damaged), "damaged")
+
+
+def test_a_table_on_two_cpu_ranks(cifar_dir, tmp_path):
+    # Under torchrun every rank reads what rank 0 writes (the RotNet's model.pt, each probe's
+    # results.json) and the fine-tuned rows train only the blocks they run (DDP stops at a
+    # parameter with no gradient); rank 0 alone writes and prints the table.
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    proc = run_cli("--table", 3, "--data", cifar_dir, "--out", tmp_path, "--epochs-scale", 0.005, "--width", 0.125,
+                   "--device", "cpu", "--batch-size", 32, launcher=launcher, timeout=600, script="probe.py")
+    saved = json.loads((tmp_path / "table3.json").read_text())
+    assert len(saved["rows"]) == 6 and proc.stdout.count("| Table 3 |") == 1
+    assert json.loads((tmp_path / "supervised_nin" / "config.json").read_text())["world_size"] == 2

@@ -134,7 +134,10 @@ ncu_run() { ncu --clock-control none -k regex:'staged|tiled' --metrics "$NCU_MET
 # pytest-xdist's processes where the machine has it (the device image does; the suite passes
 # under it, checked on the CPU): `-n N`, else nothing.
 xdist() { "$PY" -c "import xdist" 2>/dev/null && echo "-n $1"; }
-pytest_cuda() { ROT_REQUIRE_CUDA=1 "$PY" -m pytest -q -W error::RuntimeWarning -p no:cacheprovider "$@"; }
+# faulthandler_timeout: a test stuck for 2 minutes (a hung kernel) has its stack printed, so a
+# stage cut off at its limit still names it; 2 CPU threads a process, as 8 share 16 cores.
+pytest_cuda() { ROT_REQUIRE_CUDA=1 OMP_NUM_THREADS=2 "$PY" -m pytest -q -W error::RuntimeWarning -p no:cacheprovider \
+  -o faulthandler_timeout=120 "$@"; }
 build() {  # the CUDA kernel, built against this machine's torch (MAX_JOBS: all cores); a copy
   # goes to OUT_DIR/op with the hash of its sources, for later calls to carry in .device/op
   MAX_JOBS=$(nproc) "$PY" -m pip install -q --no-build-isolation -e . 2>&1 | tail -20
@@ -180,14 +183,19 @@ stage_body() {
     tests)  # CUDA tests included; a fallback to the reference is an error here
       pytest_cuda $(xdist 8) ;;
     check)  # the independent checker: every path against the CPU kernel, then kernel times
-      "$PY" .device/gpu_check.py
-      "$PY" .device/gpu_check.py --perf ;;
-    sanitize)  # memcheck without the caching allocator (it hides overruns), racecheck, synccheck
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --print-limit 20 \
-        "$PY" .device/gpu_check.py --quick
+      rc=0  # (a stage of several commands fails if any one does, not only the last)
+      "$PY" .device/gpu_check.py || rc=1
+      "$PY" .device/gpu_check.py --perf || rc=1
+      return $rc ;;
+    sanitize)  # memcheck without the caching allocator (it hides overruns), racecheck, synccheck;
+      # --error-exitcode: a hazard fails the stage (by default the tool exits as the program did)
+      rc=0
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
+        "$PY" .device/gpu_check.py --quick || rc=1
       for tool in racecheck synccheck; do
-        compute-sanitizer --tool "$tool" --print-limit 20 "$PY" .device/gpu_check.py --quick
-      done ;;
+        compute-sanitizer --tool "$tool" --error-exitcode 1 --print-limit 20 "$PY" .device/gpu_check.py --quick || rc=1
+      done
+      return $rc ;;
     bench)
       "$PY" -m rot_kernel.bench --device cuda --json "$out/bench_cuda.json" ;;
     ncu)    # the benchmark cases once each, kernel by kernel
@@ -200,8 +208,10 @@ stage_body() {
         && PYTHONPATH=$PWD ncu_run "$PY" ../gpu_check.py --ncu > "$out/ncu_before.csv" ) ;;
     train)  # the AlexNet step (short); then every variant and the DataLoader baseline in one
       # table, the slowest to compile last (the JSON is rewritten after each row)
-      "$PY" rotnet.py --benchmark --device cuda --arch alexnet --steps 30
-      "$PY" rotnet.py --benchmark --sweep --device cuda --json "$out/train_sweep.json" ;;
+      rc=0
+      "$PY" rotnet.py --benchmark --device cuda --arch alexnet --steps 30 || rc=1
+      "$PY" rotnet.py --benchmark --sweep --device cuda --json "$out/train_sweep.json" || rc=1
+      return $rc ;;
     torchrun)  # one process through torchrun on CUDA (NCCL); several GPUs cannot be tried here
       rm -rf runs/gpu/torchrun  # a fresh run each time (a run refuses an --out that holds one)
       "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 rotnet.py --data "$DATA" --epochs 1 \
@@ -277,6 +287,8 @@ for stage in $stages; do
   timeout -k 10 "$limit" bash "$0" --stage "$stage" "$out" >> "$out/$stage.log" 2>&1
   rc=$?
   tail -n 15 "$out/$stage.log"
+  # a failure may lie above the last lines (the checker's before its --perf table)
+  [ "$rc" = 0 ] || grep -E "FAIL|ERROR|Error|error:" "$out/$stage.log" | head -n 20
   how="exit $rc"; { [ "$rc" = 124 ] || [ "$rc" = 137 ]; } && how="stopped at its limit, $limit s (exit $rc)"
   echo "== $stage $how after $(( $(date +%s) - start )) s" | tee -a "$out/summary.log"
 done
