@@ -260,6 +260,8 @@ def rotation_vs_object_figure(run_dir, data_dir, out, probe_epochs=None, device=
     make_out(out)  # and --out made
     rows = [(epoch, rot, object_accuracy(path, epoch, run_dir, data_dir, probe_epochs, device, image_size, cache))
             for (epoch, path), rot in zip(found, accuracies)]
+    if not train.main_rank():  # under torchrun the ranks trained the probes; rank 0 draws
+        return None
     print("epoch  rotation %  object %")
     for epoch, rot, obj in rows:
         print(f"{epoch:5d}  {rot:10.2f}  {obj:8.2f}")
@@ -322,6 +324,10 @@ def parse_args(argv=None):
 
 
 def figure(args):
+    # Only Figure 5(a)'s probes train, and they may share the work out over torchrun's ranks;
+    # the other figures are one process's work, which more ranks would only repeat.
+    train.require(args.command == "rotation-vs-object" or train.world_size() == 1,
+                  f"figures.py {args.command} runs in one process: run it without torchrun")
     device = train.resolve_device(args.device)
     if args.command == "attention":
         return attention_figure(args.rotnet, args.supervised, args.data, args.out, images=args.images,

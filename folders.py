@@ -659,6 +659,7 @@ def _locked(root):
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                print(f"waiting for another process preparing {root}", file=sys.stderr)
+                if os.environ.get("RANK", "0") == "0":  # (the other ranks of a run wait for each other)
+                    print(f"waiting for another process preparing {root}", file=sys.stderr)
                 fcntl.flock(f, fcntl.LOCK_EX)
         yield

@@ -227,6 +227,7 @@ def train_classifier(model, s: train.Run, dataset, *, kind, epochs, describe, su
                   milestones=train.milestones(epochs, schedule.milestones), **describe)
     # A supervised NIN's checkpoint.pt loads with models.load_model, as a RotNet's does.
     extra = dict(model_config=model.config) if isinstance(model, NIN) else {}
+    train.epoch_steps(ctx, epoch_size or len(train_x), batch_size)
     first, metrics = train.restore(ctx, s.out, config, s.resume, model, opt, sched)
     for epoch in range(first, epochs + 1):
         lr, t0 = opt.param_groups[0]["lr"], time.perf_counter()

@@ -29,7 +29,8 @@ import data
 from errors import UserError
 from models import build
 from train import (LR_DECAY, MILESTONES, Context, Run, add_common_flags, atomic_save, end_epoch, epoch_metrics,
-                   evaluate, make_optimizer, positive_int, require, restore, run_job, train_epoch)
+                   epoch_steps, evaluate, make_optimizer, positive_int, require, restore, run_job, train_epoch,
+                   world_size)
 
 # ----------------------------------------------------------------------------- settings
 FOUR = (0, 90, 180, 270)             # the paper's rotations
@@ -101,6 +102,7 @@ def pretrain(s: Pretraining):
         net = ctx.prepare(model)
         opt, sched = make_optimizer(net.parameters(), s.lr, s.epochs, arch.milestones, arch.decay)
         config = dict(dataclasses.asdict(s), model_config=model.config)
+        epoch_steps(ctx, len(train_x), s.batch_size)
         first, metrics = restore(ctx, s.out, config, s.resume, model, opt, sched)
 
         def save_model(name, metrics):
@@ -173,9 +175,14 @@ def main(argv=None):
     args = parse_args(argv)
     if args.benchmark:
         import benchmark  # benchmark.py builds on this module's settings
-        timing = dict(steps=args.steps, workers=args.workers, json_path=args.json)
-        run_job(lambda: benchmark.sweep(Pretraining.from_args(args), **timing) if args.sweep
-                else benchmark.benchmark(Pretraining.from_args(args), dataloader=args.baseline, **timing))
+
+        def timed():
+            # Each rank would time its own whole batch and write the same --json.
+            require(world_size() == 1, "--benchmark times one process's training step: run it without torchrun")
+            s, timing = Pretraining.from_args(args), dict(steps=args.steps, workers=args.workers, json_path=args.json)
+            return (benchmark.sweep(s, **timing) if args.sweep
+                    else benchmark.benchmark(s, dataloader=args.baseline, **timing))
+        run_job(timed)
     else:
         run_job(lambda: pretrain(Pretraining.from_args(args)))
 

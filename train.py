@@ -25,6 +25,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -53,6 +54,7 @@ SEED_LIMIT = 2**40                   # |seed| below this: seed * 100_003 + epoch
 WIDTHS = (1 / 64, 16)                # --width: from every layer keeping a channel to 256x the weights
 # A file the run could not write: said in one line (run_job), the run's finished files kept.
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+RANK_DELAY = 3.0                     # seconds a rank other than 0 waits to say an error (stop)
 # What a resumed run may set anew: where and how fast it runs, not what it computes.
 MAY_CHANGE_ON_RESUME = {"resume", "device", "compile", "amp", "out", "data", "cache", "download", "eval_every",
                         "save_every"}
@@ -147,11 +149,11 @@ class Run:
         """The data set (one rank prepares or downloads it, the others wait, then reuse it)."""
         load = lambda: data.load(self.data, image_size=self.image_size, download=self.download, cache=self.cache,
                                  val_fraction=self.val_fraction)
-        if ctx.distributed:
-            if ctx.main:
-                load()
-            dist.barrier()
-        return load()
+        if not ctx.distributed:
+            return load()
+        got = load() if ctx.main else None
+        dist.barrier()
+        return got if got is not None else load()
 
     @classmethod
     def from_args(cls, args):
@@ -171,6 +173,11 @@ def main_rank():
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def world_size():
+    """How many ranks this process is one of (torchrun's WORLD_SIZE; 1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def resolve_device(device):
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -185,7 +192,7 @@ class Context:
     checks every batch's index on the host, a sync per step on CUDA (off: batch says why)."""
 
     def __init__(self, device="auto", amp=True, compile=False, channels_last=None, check_bounds=False):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.world = world_size()
         self.rank = int(os.environ.get("RANK", "0"))  # main_rank() before there is a Context
         # Under torchrun even one process runs as a rank (process group, DDP), so that a
         # one-GPU machine tries the multi-GPU path.
@@ -279,6 +286,15 @@ def batches(n, batch_size, rank=0, world=1, least=1):
         yield slice(start + rank * size // world, start + (rank + 1) * size // world)
 
 
+def epoch_steps(ctx, n, batch_size):
+    """This rank's slices of an epoch of n draws, refused when they make no step. Runs call
+    it before writing anything too: a refused run leaves no config.json to be refused by."""
+    steps = list(batches(n, batch_size, ctx.rank, ctx.world, least=2))  # BatchNorm needs 2
+    require(steps, f"{n} training images an epoch make no step of at least 2 images a rank "
+                   f"(--batch-size {batch_size}, {ctx.world} rank(s)): BatchNorm needs 2")
+    return steps
+
+
 def train_step(ctx, net, opt, x, y):
     """One SGD step on a built batch; returns the logits and the loss (on the device). A
     network of several heads gives logits [heads, B, classes]: their losses are summed."""
@@ -321,9 +337,7 @@ def train_epoch(ctx, net, opt, images, targets=None, *, recipe, mean, std, epoch
     loss_sum = torch.zeros((), device=ctx.device)
     correct = torch.zeros((), device=ctx.device, dtype=torch.int64)
     outputs = seen = 0
-    steps = list(batches(len(perm), batch_size, ctx.rank, ctx.world, least=2))  # BatchNorm needs 2
-    require(steps, f"{len(perm)} training images an epoch make no step of at least 2 images a rank "
-                   f"(--batch-size {batch_size}, {ctx.world} rank(s)): BatchNorm needs 2")
+    steps = epoch_steps(ctx, len(perm), batch_size)
     bar = tqdm(steps, desc=desc or f"epoch {epoch}", leave=False, disable=not ctx.main or None, file=sys.stderr)
     for s, (source, index) in zip(bar, images.batches(perm, steps)):
         x, y = ctx.batch(source, index, rotations=rotations, mean=mean, std=std, size=size,
@@ -350,7 +364,9 @@ def evaluate(ctx, net, images, targets=None, *, recipe, mean, std, rotations=(0,
     net.eval()
     H, W = images.shape[-2:]
     correct, seen = torch.zeros((), device=ctx.device, dtype=torch.int64), 0
-    steps = list(batches(len(images), EVAL_BATCH * ctx.world, ctx.rank, ctx.world))
+    # least=0: every image is tested, and every rank makes as many forward passes (some
+    # perhaps of no image: DDP's forward may sync buffers, a collective all ranks must join)
+    steps = list(batches(len(images), EVAL_BATCH * ctx.world, ctx.rank, ctx.world, least=0))
     order = torch.arange(len(images), device=ctx.device)
     for s, (source, index) in zip(steps, images.batches(order, steps)):
         x, y = ctx.batch(source, index, rotations=rotations, mean=mean, std=std, size=recipe.out_size(H, W),
@@ -585,14 +601,14 @@ def run_job(job):
             dist.barrier()
         return result
     except UserError as err:
-        stop(f"error: {err}")
+        stop(f"error: {err}", rank_delay=True)
     except RuntimeError as err:
         # A rank whose peer has stopped (rank 0 refusing the data, say) fails in its next
         # collective ("Connection reset by peer"): one line, not a traceback that buries
         # the peer's own error.
         if not (dist.is_initialized() and "peer" in str(err)):
             raise
-        stop(f"error: rank {dist.get_rank()} stopped because another rank did (its error says why)")
+        stop(f"error: rank {dist.get_rank()} stopped because another rank did (its error says why)", rank_delay=True)
     except OSError as err:
         if err.errno not in WRITE_ERRORS:
             raise
@@ -600,6 +616,8 @@ def run_job(job):
              "make room, then run the same command again (a single run with --resume)")
     except KeyboardInterrupt as err:  # the files are whole (atomic): say how to go on, not where it stopped
         how, status = ("stopped by SIGTERM", 143) if isinstance(err, Terminated) else ("interrupted", 130)
+        if not main_rank():  # Ctrl-C reaches every rank: rank 0 says it
+            sys.exit(status)
         stop(f"\n{how}: what was finished is kept (epochs, finished runs, a folder's preparation); "
              "the same command goes on from it (a single run with --resume)", status=status)
     finally:
@@ -609,9 +627,14 @@ def run_job(job):
             dist.destroy_process_group()
 
 
-def stop(message, status=1):
+def stop(message, status=1, rank_delay=False):
     """Says message and exits. Said here, before run_job ends the ranks, not at exit as
     sys.exit(message) would: under torchrun a peer learns of this rank's end at once, and
-    its own line must not come first."""
+    its own line must not come first. rank_delay: a rank other than 0 says it only after
+    RANK_DELAY seconds. Most problems every rank finds alike (a finished --out, bad data),
+    and torchrun ends the other ranks as soon as rank 0 stops, so the line is said once; a
+    problem of this rank alone is still said, a little later."""
+    if rank_delay and not main_rank() and os.environ.get("TORCHELASTIC_RUN_ID"):
+        time.sleep(RANK_DELAY)
     print(message, file=sys.stderr, flush=True)
     sys.exit(status)

@@ -269,3 +269,10 @@ def test_wrong_inputs_stop_with_one_message(case, nets, tmp_path, capsys):
         assert stop.value.code == 1
         message = capsys.readouterr().err.strip()
         assert message.startswith("error: ") and needle in message and "\n" not in message
+
+
+def test_a_figure_that_trains_nothing_refuses_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: each rank would draw the same figure
+    for argv in (["filters", "--rotnet", "r.pt", "--supervised", "s.pt"], ["curves", "runs/x"]):
+        with pytest.raises(UserError, match="runs in one process: run it without torchrun"):
+            figures.figure(figures.parse_args(argv))

@@ -12,8 +12,10 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import baseline
 import benchmark
@@ -159,6 +161,43 @@ def test_cli_cpu_ranks_with_torchrun(cifar_dir, tmp_path, ranks):
     assert (config["world_size"], config["distributed"]) == (ranks, True)
     assert sum(ln.startswith("epoch ") for ln in proc.stdout.splitlines()) == 1  # rank 0 alone reports
     models.load_model(out / "model.pt")
+    # A problem every rank finds (here: --out holds a finished run) is said once, by rank 0.
+    again = run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1"), launcher=launcher, check=False)
+    errors = [ln for ln in again.stderr.splitlines() if "error:" in ln]
+    assert again.returncode != 0 and len(errors) == 1 and "finished run" in errors[0], again.stderr
+
+
+@pytest.mark.parametrize("n, world", [(2, 3), (1001, 2), (1502, 3), (7, 1)])
+def test_evaluation_tests_every_image_once_in_as_many_passes_on_every_rank(n, world):
+    shares = [list(train.batches(n, train.EVAL_BATCH * world, rank, world, least=0)) for rank in range(world)]
+    assert len({len(share) for share in shares}) == 1  # DDP's forward may be a collective
+    assert sorted(i for share in shares for s in share for i in range(s.start, s.stop)) == list(range(n))
+
+
+def test_every_rank_evaluates_even_with_fewer_test_images_than_ranks():
+    # 2 test images on 3 ranks: each rank makes one pass, one of them of no image at all.
+    images = data.Resident(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    net, passes = nin.NIN(3, 4, 0.125), []
+    net.register_forward_hook(lambda module, args, out: passes[-1].append(len(args[0])))
+    for rank in range(3):
+        ctx = train.Context("cpu")
+        ctx.rank, ctx.world = rank, 3  # (not distributed: ctx.sum adds this rank's counts alone)
+        passes.append([])
+        train.evaluate(ctx, net, images, recipe=data.Recipe(), mean=cifar.MEAN, std=cifar.STD, rotations=rotnet.FOUR)
+    assert [len(p) for p in passes] == [1, 1, 1] and sum(map(sum, passes)) == 2 * 4, passes
+
+
+def test_an_epoch_of_no_step_is_refused_before_the_run_writes_anything(tmp_path):
+    # One training image makes no step (BatchNorm needs 2): refused before config.json, which
+    # would make the corrected command refuse the folder as made with other settings.
+    os.makedirs(tmp_path / "data")
+    for i in range(2):  # a flat folder of two images: one held out for testing, one to train on
+        Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(tmp_path / "data" / f"{i}.png")
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="no step of at least 2 images"):
+        rotnet.pretrain(rotnet.Pretraining(data=str(tmp_path / "data"), out=str(out), width=0.125, device="cpu",
+                                           epochs=1, image_size=32, cache=str(tmp_path / "cache"), val_fraction=0.5))
+    assert not out.exists()
 
 
 def test_a_problem_under_torchrun_is_said_once_without_rank_tracebacks(tmp_path):
@@ -608,3 +647,12 @@ def test_ctrl_c_says_how_to_go_on():
     with pytest.raises(SystemExit) as stop:
         train.run_job(interrupted)
     assert stop.value.code == 130
+
+
+def test_the_benchmark_refuses_torchrun(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # each rank would time its own whole batch
+    with pytest.raises(SystemExit) as stopped:
+        rotnet.main(["--benchmark", "--device", "cpu", "--steps", "1"])
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.strip() == ("error: --benchmark times one process's training step: "
+                                                "run it without torchrun")
