@@ -193,7 +193,7 @@ class Context:
 
     def __init__(self, device="auto", amp=True, compile=False, channels_last=None, check_bounds=False):
         self.world = world_size()
-        self.rank = int(os.environ.get("RANK", "0"))  # main_rank() before there is a Context
+        self.rank = int(os.environ.get("RANK", "0"))
         # Under torchrun even one process runs as a rank (process group, DDP), so that a
         # one-GPU machine tries the multi-GPU path.
         self.distributed = self.world > 1 or dist.is_torchelastic_launched()
@@ -608,7 +608,8 @@ def run_job(job):
         # the peer's own error.
         if not (dist.is_initialized() and "peer" in str(err)):
             raise
-        stop(f"error: rank {dist.get_rank()} stopped because another rank did (its error says why)", rank_delay=True)
+        stop(f"error: rank {dist.get_rank()} stopped because another rank did (its error says why)",
+             rank_delay=True)
     except OSError as err:
         if err.errno not in WRITE_ERRORS:
             raise
