@@ -220,8 +220,9 @@ stage_body() {
     # 1.5 GFLOP per rotated image, forward and backward), at 150 TFLOP/s: the RotNet 0.5 min,
     # Table 3 2, Table 1 3, Table 2 3, the semi-supervised sweep 6 (its epochs are 50,000
     # images whatever the labels: 45 M images through 128-image steps, likely bound by
-    # launches rather than FLOPs, so plan it a call of its own, resumed if cut off). A finished run (its model.pt or results.json) is not run
-    # again; one that was cut off resumes from its checkpoint.pt, here or in a later call.
+    # launches rather than FLOPs, so plan it a call of its own, resumed if cut off). A finished
+    # run (its model.pt or results.json) is not run again; one that was cut off resumes from
+    # its checkpoint.pt, here or in a later call.
     rotnet)
       [ -f runs/gpu/rotnet/model.pt ] || "$PY" rotnet.py --data "$DATA" --epochs 100 --out runs/gpu/rotnet --resume ;;
     table[123])
