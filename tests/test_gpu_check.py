@@ -66,3 +66,25 @@ def test_a_stage_of_several_commands_fails_if_any_fails(tmp_path):
         "sys.exit(0 if '--perf' in sys.argv else 1)\n")
     rc, output = gpu_check(tmp_path, "--stage", "check", tmp_path / "gc")
     assert rc == 1 and "FAILURES" in output and "timings" in output, output
+
+
+def test_sanitize_runs_each_tool_on_the_operators_kernels_and_a_hazard_fails_it(tmp_path):
+    # A stand-in compute-sanitizer on PATH: it records how it was called and reports a race.
+    bin_dir = tmp_path / "bin"
+    os.makedirs(bin_dir)
+    fake = bin_dir / "compute-sanitizer"
+    fake.write_text('#!/usr/bin/env bash\necho "caching=${PYTORCH_NO_CUDA_MEMORY_CACHING:-} $*" >> "$CALLS"\n'
+                    '[[ " $* " != *" racecheck "* ]]\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CALLS": str(tmp_path / "calls")}
+    os.makedirs(tmp_path / "tools")
+    shutil.copy(SCRIPT, tmp_path / "tools" / "gpu_check.sh")
+    done = subprocess.run(["bash", "tools/gpu_check.sh", "--stage", "sanitize", str(tmp_path / "gc")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr  # racecheck found a hazard
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [c.split("--tool ")[1].split()[0] for c in calls] == ["memcheck", "racecheck", "synccheck"]
+    for call in calls:
+        assert "--error-exitcode 1" in call and call.endswith(".device/gpu_check.py --quick")
+        assert "--kernel-name kns=staged_kernel --kernel-name kns=tiled_kernel" in call
+    assert calls[0].startswith("caching=1 ") and all(c.startswith("caching= ") for c in calls[1:])
