@@ -27,12 +27,6 @@ ROTATION_SETS = {"four": (0, 90, 180, 270), "half": (0, 180), "sideways": (90, 2
 CIFAR_MEAN, CIFAR_STD = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)
 
 
-
-
-
-
-
-
 def make_batch(gen, N, B, H, W, device, max_shift=4):
     index = torch.randint(0, N, (B,), generator=gen).to(device)
     shifts = torch.randint(-max_shift, max_shift + 1, (B, 2), generator=gen).to(device)
@@ -46,13 +40,27 @@ def normalisation(images):
     return dict(mean=[0.5] * images.shape[1], std=[0.25] * images.shape[1])
 
 
+def on_cpu(x):
+    return x.cpu() if isinstance(x, torch.Tensor) else x
+
+
 def check_against_reference(images, index, shifts, flips, **kw):
     got, labels = rot_kernel.rotation_batch(images, index, shifts, flips, **kw)
-    want, want_labels = reference.rotation_batch(images, index, shifts, flips, **kw)
+    # The reference runs on the CPU whatever the device: the CUDA kernel gives the CPU kernel's
+    # bits (test_cuda_kernel.py), so a CUDA case passes exactly when its CPU twin does. Against
+    # the reference on CUDA (torch's CUDA grid_sample, which rounds differently) the 45-degree
+    # margin below could not be known on a machine without a GPU.
+    want, want_labels = reference.rotation_batch(*map(on_cpu, (images, index, shifts, flips)),
+                                                 **{k: on_cpu(v) for k, v in kw.items()})
     fmt = torch.channels_last if kw.get("channels_last") else torch.contiguous_format
     assert got.shape == want.shape and got.dtype == want.dtype and got.device == images.device
     assert got.is_contiguous(memory_format=fmt)
-    assert torch.equal(labels, want_labels)
+    assert torch.equal(labels.cpu(), want_labels)
+    assert_matches_reference(got.cpu(), want, **kw)
+    return got
+
+
+def assert_matches_reference(got, want, **kw):
     # PyTorch's CPU kernels fuse multiply-adds, ours do not (so that CPU and CUDA agree
     # bit for bit): bilinear paths (45-degree turns, boxes) differ from them by float rounding.
     bilinear = any(r % 90 for r in kw.get("rotations", (0,))) or kw.get("boxes") is not None
@@ -61,7 +69,6 @@ def check_against_reference(images, index, shifts, flips, **kw):
     else:  # one rounding step of the output dtype
         torch.testing.assert_close(got.float(), want.float(), **({"rtol": 1.6e-2, "atol": 1e-2}
                                    if got.dtype == torch.bfloat16 else {"rtol": 1e-3, "atol": 2e-3}))
-    return got
 
 
 def test_compiled_kernels_are_in_use():
@@ -310,6 +317,39 @@ def test_large_crops(gen, device):
                 check_against_reference(images, index, shifts, flips, boxes=boxes, size=size,
                                         rotations=ROTATION_SETS["eight"], channels_last=channels_last,
                                         **normalisation(images))
+
+
+def reference_on_both(device, images, index, shifts, flips, **kw):
+    """The reference's batch from device and from the CPU, both on the CPU."""
+    on_device, labels = reference.rotation_batch(images, index, shifts, flips, **kw)
+    on_host, host_labels = reference.rotation_batch(*map(on_cpu, (images, index, shifts, flips)),
+                                                    **{k: on_cpu(v) for k, v in kw.items()})
+    assert on_device.device.type == torch.device(device).type and torch.equal(labels.cpu(), host_labels)
+    return on_device.cpu(), on_host
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_the_reference_on_cuda_agrees_with_the_reference_on_the_cpu(gen, device):
+    # The reference on CUDA is the op's fallback where the kernel is missing and the baseline
+    # of the operator's benchmark. torch's CUDA grid_sample and interpolate round differently
+    # from the CPU's: each is within about 4e-5 of exact at 131 px (the CPU's, against float64),
+    # so the two may be twice that apart on bilinear paths; quarter turns agree as the kernel does.
+    images = make_images(gen, 3, 3, 131, 131, torch.uint8, device)
+    index, shifts, flips = make_batch(gen, 3, 2, 131, 131, device, max_shift=20)
+    for rotations, atol in ((ROTATION_SETS["four"], 1e-5), (ROTATION_SETS["eight"], 2e-4)):
+        for channels_last in (False, True):
+            got, want = reference_on_both(device, images, index, shifts, flips, rotations=rotations,
+                                          channels_last=channels_last, **normalisation(images))
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=atol)
+    images = make_images(gen, 4, 3, 40, 36, torch.float32, device)
+    index, _, flips = make_batch(gen, 4, 5, 40, 36, device)
+    _, boxes = make_crops(gen, "box", 5, 40, 36, 17, 17, device)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        got, want = reference_on_both(device, images, index, None, flips, boxes=boxes, size=(17, 17),
+                                      rotations=ROTATION_SETS["eight"], out_dtype=out_dtype, **normalisation(images))
+        torch.testing.assert_close(got.float(), want.float(), **({"rtol": 1e-6, "atol": 2e-4}
+                                   if out_dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}))
 
 
 @pytest.mark.parametrize("device", DEVICES)
