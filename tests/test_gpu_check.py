@@ -12,12 +12,12 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
                                 reason="needs bash and coreutils' timeout")
 
 
-def gpu_check(cwd, *args):
+def gpu_check(cwd, *args, env=None):
     """Runs the script from cwd (it works on the repository it is run in) as the device would."""
     os.makedirs(cwd / "tools", exist_ok=True)
     shutil.copy(SCRIPT, cwd / "tools" / "gpu_check.sh")
     done = subprocess.run(["bash", "tools/gpu_check.sh", *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env=env)
     return done.returncode, done.stdout + done.stderr
 
 
@@ -77,11 +77,8 @@ def test_sanitize_runs_each_tool_on_the_operators_kernels_and_a_hazard_fails_it(
                     '[[ " $* " != *" racecheck "* ]]\n')
     fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CALLS": str(tmp_path / "calls")}
-    os.makedirs(tmp_path / "tools")
-    shutil.copy(SCRIPT, tmp_path / "tools" / "gpu_check.sh")
-    done = subprocess.run(["bash", "tools/gpu_check.sh", "--stage", "sanitize", str(tmp_path / "gc")], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1, done.stdout + done.stderr  # racecheck found a hazard
+    rc, output = gpu_check(tmp_path, "--stage", "sanitize", tmp_path / "gc", env=env)
+    assert rc == 1, output  # racecheck found a hazard
     calls = (tmp_path / "calls").read_text().splitlines()
     assert [c.split("--tool ")[1].split()[0] for c in calls] == ["memcheck", "racecheck", "synccheck"]
     for call in calls:

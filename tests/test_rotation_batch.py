@@ -40,8 +40,10 @@ def normalisation(images):
     return dict(mean=[0.5] * images.shape[1], std=[0.25] * images.shape[1])
 
 
-def on_cpu(x):
-    return x.cpu() if isinstance(x, torch.Tensor) else x
+def reference_on_cpu(*args, **kw):
+    """The reference's batch (and labels) computed from CPU copies of these arguments."""
+    cpu = lambda x: x.cpu() if isinstance(x, torch.Tensor) else x
+    return reference.rotation_batch(*map(cpu, args), **{k: cpu(v) for k, v in kw.items()})
 
 
 def check_against_reference(images, index, shifts, flips, **kw):
@@ -50,25 +52,20 @@ def check_against_reference(images, index, shifts, flips, **kw):
     # bits (test_cuda_kernel.py), so a CUDA case passes exactly when its CPU twin does. Against
     # the reference on CUDA (torch's CUDA grid_sample, which rounds differently) the 45-degree
     # margin below could not be known on a machine without a GPU.
-    want, want_labels = reference.rotation_batch(*map(on_cpu, (images, index, shifts, flips)),
-                                                 **{k: on_cpu(v) for k, v in kw.items()})
+    want, want_labels = reference_on_cpu(images, index, shifts, flips, **kw)
     fmt = torch.channels_last if kw.get("channels_last") else torch.contiguous_format
     assert got.shape == want.shape and got.dtype == want.dtype and got.device == images.device
     assert got.is_contiguous(memory_format=fmt)
     assert torch.equal(labels.cpu(), want_labels)
-    assert_matches_reference(got.cpu(), want, **kw)
-    return got
-
-
-def assert_matches_reference(got, want, **kw):
     # PyTorch's CPU kernels fuse multiply-adds, ours do not (so that CPU and CUDA agree
     # bit for bit): bilinear paths (45-degree turns, boxes) differ from them by float rounding.
     bilinear = any(r % 90 for r in kw.get("rotations", (0,))) or kw.get("boxes") is not None
     if got.dtype == torch.float32:  # quarter turns: float rounding of the normalisation only
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-4 if bilinear else 1e-5)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-4 if bilinear else 1e-5)
     else:  # one rounding step of the output dtype
-        torch.testing.assert_close(got.float(), want.float(), **({"rtol": 1.6e-2, "atol": 1e-2}
+        torch.testing.assert_close(got.cpu().float(), want.float(), **({"rtol": 1.6e-2, "atol": 1e-2}
                                    if got.dtype == torch.bfloat16 else {"rtol": 1e-3, "atol": 2e-3}))
+    return got
 
 
 def test_compiled_kernels_are_in_use():
@@ -322,8 +319,7 @@ def test_large_crops(gen, device):
 def reference_on_both(device, images, index, shifts, flips, **kw):
     """The reference's batch from device and from the CPU, both on the CPU."""
     on_device, labels = reference.rotation_batch(images, index, shifts, flips, **kw)
-    on_host, host_labels = reference.rotation_batch(*map(on_cpu, (images, index, shifts, flips)),
-                                                    **{k: on_cpu(v) for k, v in kw.items()})
+    on_host, host_labels = reference_on_cpu(images, index, shifts, flips, **kw)
     assert on_device.device.type == torch.device(device).type and torch.equal(labels.cpu(), host_labels)
     return on_device.cpu(), on_host
 
