@@ -68,20 +68,61 @@ def test_a_stage_of_several_commands_fails_if_any_fails(tmp_path):
     assert rc == 1 and "FAILURES" in output and "timings" in output, output
 
 
-def test_sanitize_runs_each_tool_on_the_operators_kernels_and_a_hazard_fails_it(tmp_path):
-    # A stand-in compute-sanitizer on PATH: it records how it was called and reports a race.
+def fake_tools(tmp_path, **scripts):
+    """Stand-ins on PATH for the device's tools (name: bash body), each recording its calls in
+    calls.NAME first; returns the environment that puts them there."""
     bin_dir = tmp_path / "bin"
-    os.makedirs(bin_dir)
-    fake = bin_dir / "compute-sanitizer"
-    fake.write_text('#!/usr/bin/env bash\necho "caching=${PYTORCH_NO_CUDA_MEMORY_CACHING:-} $*" >> "$CALLS"\n'
-                    '[[ " $* " != *" racecheck "* ]]\n')
-    fake.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CALLS": str(tmp_path / "calls")}
+    os.makedirs(bin_dir, exist_ok=True)
+    for name, body in scripts.items():
+        fake = bin_dir / name
+        fake.write_text(f'#!/usr/bin/env bash\necho "caching=${{PYTORCH_NO_CUDA_MEMORY_CACHING:-}} $*" '
+                        f'>> "{tmp_path}/calls.{name}"\n{body}\n')
+        fake.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def calls_of(tmp_path, name):
+    path = tmp_path / f"calls.{name}"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_sanitize_runs_each_tool_on_the_operators_kernels_and_a_hazard_fails_it(tmp_path):
+    # A stand-in compute-sanitizer that reports a race.
+    env = fake_tools(tmp_path, **{"compute-sanitizer": '[[ " $* " != *" racecheck "* ]]'})
     rc, output = gpu_check(tmp_path, "--stage", "sanitize", tmp_path / "gc", env=env)
     assert rc == 1, output  # racecheck found a hazard
-    calls = (tmp_path / "calls").read_text().splitlines()
+    probe, *calls = calls_of(tmp_path, "compute-sanitizer")  # first, whether it works here at all
+    assert "--tool memcheck" in probe and "torch.cuda.synchronize()" in probe
+    assert (tmp_path / "build" / "works.compute-sanitizer").read_text().strip() == "yes"
     assert [c.split("--tool ")[1].split()[0] for c in calls] == ["memcheck", "racecheck", "synccheck"]
     for call in calls:
         assert "--error-exitcode 1" in call and call.endswith(".device/gpu_check.py --quick")
         assert "--kernel-name kns=staged_kernel --kernel-name kns=tiled_kernel" in call
     assert calls[0].startswith("caching=1 ") and all(c.startswith("caching= ") for c in calls[1:])
+
+
+def test_a_tool_that_fails_on_this_machine_is_said_unavailable_not_a_finding(tmp_path):
+    # As on the gVisor machines: compute-sanitizer refuses the device (and the program then
+    # fails), ncu prints an error and exits as the program did, 0.
+    env = fake_tools(tmp_path, **{"compute-sanitizer": 'echo "========= Error: Device not supported"; exit 1',
+                                  "ncu": 'echo "==ERROR== Failed to initialize the profiler: LibraryNotLoaded"'})
+    said = {}
+    for stage in ("sanitize", "ncu", "sanitize"):  # the second sanitize: the answer is kept
+        rc, said[stage] = gpu_check(tmp_path, "--stage", stage, tmp_path / "gc", env=env)
+        assert rc == 75 and "does not work on this machine: skipped" in said[stage], said[stage]
+    assert "LibraryNotLoaded" in said["ncu"] and "(exit 0;" in said["ncu"]  # what the tool said, once
+    assert "Device not supported" not in said["sanitize"]
+    assert len(calls_of(tmp_path, "compute-sanitizer")) == 1 and len(calls_of(tmp_path, "ncu")) == 1
+    assert not (tmp_path / "gc" / "ncu_after.csv").exists()
+
+    # `before` still runs the old operator's benchmark, and the summary says why it is not a failure.
+    old = tmp_path / ".device" / "before" / "rot_kernel"
+    os.makedirs(old)
+    (old / "__init__.py").write_text("")
+    (old / "_C.fake.so").write_text("")
+    (old / "bench.py").write_text("import sys\nopen(sys.argv[-1], 'w').write('{}')\n")
+    rc, output = gpu_check(tmp_path, tmp_path / "gc2", "before", env=env)
+    summary = (tmp_path / "gc2" / "summary.log").read_text()
+    assert rc == 0 and "== before exit 75: its tool does not work on this machine" in summary, output
+    assert (tmp_path / "gc2" / "bench_cuda_before.json").exists()
+    assert len(calls_of(tmp_path, "ncu")) == 1  # the kept answer: not tried again

@@ -42,10 +42,15 @@
 #      the GPU, the operator's table, the training benchmark: the headline, first)
 #   2. at once (within the 30 s the machine stays warm; call 1's bundle can be unpacked
 #      after: call 2 needs nothing from it), T = budget_left_s (status, free) - 60, S = T - 40:
-#      tests sanitize ncu before table3
-#   then give_back. The tables and the semi-supervised sweep take more than what is left
-#   (about 2-6 minutes each at full width): later sessions run them, `table1 table2` in one,
-#   `semi` in another, each prepared anew (a checkout starts without runs/gpu).
+#      tests sanitize ncu before table3 table1
+#   then give_back. compute-sanitizer and ncu work on the Firecracker machines (the H100s so
+#   far) and not on the gVisor ones (the H200s; `env` prints the kernel: 4.4.0 is gVisor):
+#   there `sanitize` and `ncu` end at once with exit 75, "its tool does not work on this
+#   machine", which is no finding, and `before` gives its benchmark without its counters;
+#   the time saved goes to `table1`, which is skipped where too little is left.
+#   The tables and the semi-supervised sweep take more than what is left (about 2-6 minutes
+#   each at full width): later sessions run the rest, `table1 table2` in one, `semi` in
+#   another, each prepared anew (a checkout starts without runs/gpu).
 #   Every call's reply says how long its stages took: shift stages between calls by it.
 # After each call, here:  bash tools/gpu_check.sh --unpack FILES_AT
 #   puts the call's logs in runs/gpu-calls/N, the operator it built (if it did) in .device/op
@@ -130,6 +135,26 @@ smsp__issue_active.avg.pct_of_peak_sustained_active,sm__inst_executed.sum,\
 l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,launch__registers_per_thread,\
 sm__warps_active.avg.pct_of_peak_sustained_active
 ncu_run() { ncu --clock-control none -k regex:'staged|tiled' --metrics "$NCU_METRICS" --csv "$@"; }
+# Whether a profiler or sanitizer works on this machine at all, tried once a machine on a
+# small CUDA program (the answer kept in build/works.TOOL). On the gVisor machines (KINDS.md
+# names the H200) both fail whatever the program: compute-sanitizer says "Device not
+# supported", ncu "LibraryNotLoaded". A stage that finds its tool failing says so and exits
+# UNAVAILABLE, not 1: that is no finding about the kernels.
+UNAVAILABLE=75
+tool_works() {
+  local name=$1; shift
+  if [ ! -f "build/works.$name" ]; then
+    local said rc
+    said=$("$@" "$PY" -c "import torch; torch.ones(8, device='cuda').add_(1); torch.cuda.synchronize()" 2>&1)
+    rc=$?
+    if [ "$rc" = 0 ] && ! grep -q "==ERROR==" <<< "$said"; then echo yes; else echo no; fi > "build/works.$name"
+    [ "$(cat "build/works.$name")" = yes ] \
+      || { echo "$name fails on a small CUDA program here (exit $rc; kernel $(uname -r)):"; head -n 5 <<< "$said"; }
+  fi
+  [ "$(cat "build/works.$name")" = yes ] || { echo "$name does not work on this machine: skipped"; return 1; }
+}
+ncu_works() { tool_works ncu ncu --clock-control none; }
+sanitizer_works() { tool_works compute-sanitizer compute-sanitizer --tool memcheck --error-exitcode 1; }
 # Stages report failures in their logs and the script goes on to the next one.
 # pytest-xdist's processes where the machine has it (the device image does; the suite passes
 # under it, checked on the CPU): `-n N`, else nothing.
@@ -191,6 +216,7 @@ stage_body() {
       # --error-exitcode: a hazard fails the stage (by default the tool exits as the program did);
       # --kernel-name kns=: only the operator's two kernels are instrumented (a substring of the
       # name), so torch's own kernels run at full speed and the stage fits in minutes
+      mkdir -p build && { sanitizer_works || return $UNAVAILABLE; }
       rc=0
       local san=(compute-sanitizer --error-exitcode 1 --print-limit 20
                  --kernel-name kns=staged_kernel --kernel-name kns=tiled_kernel)
@@ -202,13 +228,16 @@ stage_body() {
     bench)
       "$PY" -m rot_kernel.bench --device cuda --json "$out/bench_cuda.json" ;;
     ncu)    # the benchmark cases once each, kernel by kernel
+      mkdir -p build && { ncu_works || return $UNAVAILABLE; }
       ncu_run "$PY" .device/gpu_check.py --ncu > "$out/ncu_after.csv" ;;
     before) # the pre-restructure operator: its benchmark and counters, for the before/after table
       # (built here unless --prepare built it on the CPU machine)
+      mkdir -p build
       ( cd .device/before && { ls rot_kernel/_C*.so > /dev/null 2>&1 \
           || MAX_JOBS=$(nproc) "$PY" setup.py -q build_ext --inplace 2>&1 | tail -20; } \
-        && "$PY" -m rot_kernel.bench --device cuda --json "$out/bench_cuda_before.json" \
-        && PYTHONPATH=$PWD ncu_run "$PY" ../gpu_check.py --ncu > "$out/ncu_before.csv" ) ;;
+        && "$PY" -m rot_kernel.bench --device cuda --json "$out/bench_cuda_before.json" ) || return 1
+      ncu_works || return $UNAVAILABLE
+      ( cd .device/before && PYTHONPATH=$PWD ncu_run "$PY" ../gpu_check.py --ncu > "$out/ncu_before.csv" ) ;;
     train)  # the AlexNet step (short); then every variant and the DataLoader baseline in one
       # table, the slowest to compile last (the JSON is rewritten after each row)
       rc=0
@@ -295,6 +324,7 @@ for stage in $stages; do
   # a failure may lie above the last lines (the checker's before its --perf table)
   [ "$rc" = 0 ] || grep -E "FAIL|ERROR|Error|error:" "$out/$stage.log" | head -n 20
   how="exit $rc"; { [ "$rc" = 124 ] || [ "$rc" = 137 ]; } && how="stopped at its limit, $limit s (exit $rc)"
+  [ "$rc" = "$UNAVAILABLE" ] && how="exit $rc: its tool does not work on this machine (no finding; see $stage.log)"
   echo "== $stage $how after $(( $(date +%s) - start )) s" | tee -a "$out/summary.log"
 done
 echo "== done $(date +%T)" | tee -a "$out/summary.log"
