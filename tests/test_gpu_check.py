@@ -106,12 +106,14 @@ def test_a_tool_that_fails_on_this_machine_is_said_unavailable_not_a_finding(tmp
     # fails), ncu prints an error and exits as the program did, 0.
     env = fake_tools(tmp_path, **{"compute-sanitizer": 'echo "========= Error: Device not supported"; exit 1',
                                   "ncu": 'echo "==ERROR== Failed to initialize the profiler: LibraryNotLoaded"'})
-    said = {}
+    said = []
     for stage in ("sanitize", "ncu", "sanitize"):  # the second sanitize: the answer is kept
-        rc, said[stage] = gpu_check(tmp_path, "--stage", stage, tmp_path / "gc", env=env)
-        assert rc == 75 and "does not work on this machine: skipped" in said[stage], said[stage]
-    assert "LibraryNotLoaded" in said["ncu"] and "(exit 0;" in said["ncu"]  # what the tool said, once
-    assert "Device not supported" not in said["sanitize"]
+        rc, output = gpu_check(tmp_path, "--stage", stage, tmp_path / "gc", env=env)
+        assert rc == 75 and "does not work on this machine: skipped" in output, output
+        said.append(output)
+    assert "Device not supported" in said[0] and "(exit 1;" in said[0]  # what the tool said, when tried
+    assert "LibraryNotLoaded" in said[1] and "(exit 0;" in said[1]
+    assert "Device not supported" not in said[2]  # not tried again
     assert len(calls_of(tmp_path, "compute-sanitizer")) == 1 and len(calls_of(tmp_path, "ncu")) == 1
     assert not (tmp_path / "gc" / "ncu_after.csv").exists()
 

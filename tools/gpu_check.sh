@@ -143,13 +143,17 @@ ncu_run() { ncu --clock-control none -k regex:'staged|tiled' --metrics "$NCU_MET
 UNAVAILABLE=75
 tool_works() {
   local name=$1; shift
+  mkdir -p build
   if [ ! -f "build/works.$name" ]; then
     local said rc
     said=$("$@" "$PY" -c "import torch; torch.ones(8, device='cuda').add_(1); torch.cuda.synchronize()" 2>&1)
     rc=$?
-    if [ "$rc" = 0 ] && ! grep -q "==ERROR==" <<< "$said"; then echo yes; else echo no; fi > "build/works.$name"
-    [ "$(cat "build/works.$name")" = yes ] \
-      || { echo "$name fails on a small CUDA program here (exit $rc; kernel $(uname -r)):"; head -n 5 <<< "$said"; }
+    if [ "$rc" = 0 ] && ! grep -q "==ERROR==" <<< "$said"; then
+      echo yes > "build/works.$name"
+    else
+      echo no > "build/works.$name"
+      echo "$name fails on a small CUDA program here (exit $rc; kernel $(uname -r)):"; head -n 5 <<< "$said"
+    fi
   fi
   [ "$(cat "build/works.$name")" = yes ] || { echo "$name does not work on this machine: skipped"; return 1; }
 }
@@ -216,7 +220,7 @@ stage_body() {
       # --error-exitcode: a hazard fails the stage (by default the tool exits as the program did);
       # --kernel-name kns=: only the operator's two kernels are instrumented (a substring of the
       # name), so torch's own kernels run at full speed and the stage fits in minutes
-      mkdir -p build && { sanitizer_works || return $UNAVAILABLE; }
+      sanitizer_works || return $UNAVAILABLE
       rc=0
       local san=(compute-sanitizer --error-exitcode 1 --print-limit 20
                  --kernel-name kns=staged_kernel --kernel-name kns=tiled_kernel)
@@ -228,11 +232,10 @@ stage_body() {
     bench)
       "$PY" -m rot_kernel.bench --device cuda --json "$out/bench_cuda.json" ;;
     ncu)    # the benchmark cases once each, kernel by kernel
-      mkdir -p build && { ncu_works || return $UNAVAILABLE; }
+      ncu_works || return $UNAVAILABLE
       ncu_run "$PY" .device/gpu_check.py --ncu > "$out/ncu_after.csv" ;;
     before) # the pre-restructure operator: its benchmark and counters, for the before/after table
       # (built here unless --prepare built it on the CPU machine)
-      mkdir -p build
       ( cd .device/before && { ls rot_kernel/_C*.so > /dev/null 2>&1 \
           || MAX_JOBS=$(nproc) "$PY" setup.py -q build_ext --inplace 2>&1 | tail -20; } \
         && "$PY" -m rot_kernel.bench --device cuda --json "$out/bench_cuda_before.json" ) || return 1
