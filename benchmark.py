@@ -169,9 +169,10 @@ def measure(s: Pretraining, v: Variant, images, epoch_images, steps, workers=WOR
     ips = steps * s.batch_size / t_train
     # batch_building_share: building `steps` batches alone over training on them; for the
     # dataloader it runs beside the step, so near 1 or above means the workers hold it back.
-    return dict(device=str(ctx.device), arch=s.arch, compile=v.compile, amp=ctx.amp, channels_last=ctx.channels_last,
-                fused_sgd=v.fused_sgd, check_bounds=v.check_bounds, width=s.width, batch_size=s.batch_size, rotations=list(s.rotations),
-                steps=steps, **(dict(workers=workers) if v.dataloader else {}), images_per_s=round(ips, 1),
+    return dict(device=str(ctx.device), **ctx.machine(), arch=s.arch, compile=v.compile, amp=ctx.amp,
+                channels_last=ctx.channels_last, fused_sgd=v.fused_sgd, check_bounds=v.check_bounds, width=s.width,
+                batch_size=s.batch_size, rotations=list(s.rotations), steps=steps,
+                **(dict(workers=workers) if v.dataloader else {}), images_per_s=round(ips, 1),
                 minutes_per_epoch=round(epoch_images / ips / 60, 2),
                 minutes_per_100_epochs=round(100 * epoch_images / ips / 60, 2),
                 batch_building_share=round(t_build / t_train, 4))
@@ -260,9 +261,9 @@ def sweep_summary(s: Pretraining, ctx, steps, workers, rows):
     over the DataLoader baseline (the first row against the dataloader row)."""
     first, loader = rows[0], [r for r in rows if r["variant"] == "dataloader" and r["status"] == "ok"]
     speedup = round(first["images_per_s"] / loader[0]["images_per_s"], 2) if loader and "ratio" in loader[0] else None
-    return dict(device=str(ctx.device), device_name=torch.cuda.get_device_name(ctx.device) if ctx.cuda else None,
-                torch=torch.__version__, rot_kernel=rot_kernel.backend(), arch=s.arch, width=s.width,
-                batch_size=s.batch_size, steps=steps, workers=workers, speedup_vs_dataloader=speedup, rows=rows)
+    return dict(device=str(ctx.device), **ctx.machine(), torch=torch.__version__, rot_kernel=rot_kernel.backend(),
+                arch=s.arch, width=s.width, batch_size=s.batch_size, steps=steps, workers=workers,
+                speedup_vs_dataloader=speedup, rows=rows)
 
 
 if __name__ == "__main__":  # the benchmark takes rotnet.py's settings, so it runs from there

@@ -21,6 +21,7 @@ import gc
 import json
 import math
 import os
+import pathlib
 import shutil
 import signal
 import sys
@@ -185,6 +186,15 @@ def resolve_device(device):
     return device
 
 
+def cpu_name():
+    """The CPU's model name as Linux reports it (None elsewhere)."""
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), None)
+
+
 class Context:
     """Where and how a run computes: device, mixed precision, memory format, compilation,
     ranks. compile is False, True (torch.compile's default mode) or a torch.compile mode
@@ -221,6 +231,15 @@ class Context:
     @property
     def main(self):
         return self.rank == 0
+
+    def machine(self):
+        """What a run's last bits depend on besides its settings, for config.json: the chip,
+        and on the CPU the thread count and the instruction set torch dispatches to (each
+        can sum in its own order, so the same seed may give other figures elsewhere)."""
+        if self.cuda:
+            return dict(device_name=torch.cuda.get_device_name(self.device))
+        return dict(device_name=cpu_name(), threads=torch.get_num_threads(),
+                    cpu_capability=torch.backends.cpu.get_cpu_capability())
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
@@ -473,8 +492,7 @@ def restore(ctx, out, config, resume, model, opt, sched):
         # amp as it ran (bf16 autocast is for CUDA only, whatever --no-amp says), and the layout
         write_json(dict(config, amp=ctx.amp, channels_last=ctx.channels_last, torch=torch.__version__,
                         rot_kernel=rot_kernel.backend(), device=str(ctx.device),
-                        world_size=ctx.world, distributed=ctx.distributed,
-                        device_name=torch.cuda.get_device_name(ctx.device) if ctx.cuda else None),
+                        world_size=ctx.world, distributed=ctx.distributed, **ctx.machine()),
                    os.path.join(out, "config.json"))
         # Keep exactly the epochs the checkpoint holds: a kill between the two writes of
         # an epoch leaves a metrics line the checkpoint has not got, a kill while appending

@@ -48,6 +48,10 @@ def test_cli_short_run_writes_its_files(cifar_dir, tmp_path):
     assert config["torch"] == torch.__version__
     assert config["rot_kernel"] == rot_kernel.backend()
     assert config["device"] == "cpu"
+    # the machine, whose instruction set and thread count can decide the last bits of a figure
+    assert config["threads"] == 1  # run_cli's OMP_NUM_THREADS
+    assert config["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert "device_name" in config
     metrics = metrics_of(out)
     assert [m["epoch"] for m in metrics] == [1, 2]
     for m in metrics:
@@ -218,6 +222,7 @@ def test_cli_benchmark_prints_its_json(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("images_per_s", "minutes_per_100_epochs", "batch_building_share"):
         assert result[key] > 0, key
+    assert result["device"] == "cpu" and result["threads"] == 1
 
 
 # ----------------------------------------------------------------------------- the benchmark's baseline and sweep
@@ -294,6 +299,7 @@ def test_cli_sweep_writes_a_row_for_every_variant(tmp_path):
             assert row["status"] == "ok", row
             assert row["images_per_s"] > 0 and row["minutes_per_100_epochs"] > 0 and row["ratio"] > 0
     assert rows[0]["ratio"] == 1.0
+    assert summary["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     loader = rows[[r["variant"] for r in rows].index("dataloader")]
     assert loader["workers"] == 1
     assert summary["speedup_vs_dataloader"] == pytest.approx(rows[0]["images_per_s"] / loader["images_per_s"],
