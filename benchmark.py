@@ -130,12 +130,14 @@ def time_fused(ctx, net, opt, images, s: Pretraining, steps):
 def time_dataloader(ctx, net, opt, images, s: Pretraining, steps, workers):
     """Seconds for `steps` training steps fed by the conventional pipeline (baseline.py:
     a DataLoader of `workers` processes on the CPU images), and for as many of its batches
-    alone. Steady state: one iterator over 3 x steps batches, whose first `steps` train
-    untimed (worker start-up, the prefetch queue's first fill, cudnn.benchmark), the next
-    `steps` are timed, and the last `steps` are only copied to the device (the loader alone)."""
-    batches = iter(baseline.loader(images, batch_size=s.batch_size, draws=3 * steps * s.batch_size, workers=workers,
-                                   pin_memory=ctx.cuda, seed=s.seed, rotations=s.rotations, mean=cifar.MEAN,
-                                   std=cifar.STD))
+    alone. Steady state: one iterator, whose first `steps` batches train untimed (worker
+    start-up, the prefetch queue's first fill, cudnn.benchmark), the next `steps` are timed,
+    then the batches the workers hold ready are taken untimed, and the last `steps` are only
+    copied to the device (the loader alone, without the head start the queue would give it)."""
+    ready = workers * baseline.PREFETCH  # the most batches the workers keep ready
+    batches = iter(baseline.loader(images, batch_size=s.batch_size, draws=(3 * steps + ready) * s.batch_size,
+                                   workers=workers, pin_memory=ctx.cuda, seed=s.seed, rotations=s.rotations,
+                                   mean=cifar.MEAN, std=cifar.STD))
 
     def load_only():
         for _ in range(steps):
@@ -147,7 +149,10 @@ def time_dataloader(ctx, net, opt, images, s: Pretraining, steps, workers):
 
     net.train()
     train()  # warm-up
-    return seconds(ctx, train), seconds(ctx, load_only)
+    t_train = seconds(ctx, train)
+    for _ in range(ready):
+        next(batches)
+    return t_train, seconds(ctx, load_only)
 
 
 def measure(s: Pretraining, v: Variant, images, epoch_images, steps, workers=WORKERS):

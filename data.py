@@ -134,8 +134,16 @@ def on_device(images, device, stream=None):
     CPU a split is always resident (a memory map is paged in by the OS as batches read it)."""
     device = torch.device(device)
     if stream is None:
-        stream = device.type == "cuda" and images.nbytes > RESIDENT_SHARE * torch.cuda.mem_get_info(device)[0]
+        stream = device.type == "cuda" and images.nbytes > RESIDENT_SHARE * free_memory(device)
     return Streamed(images, device) if stream else Resident(images.to(device))
+
+
+def free_memory(device):
+    """Bytes a new tensor can take on a CUDA device: what the driver has free, and what this
+    process's allocator holds cached but unused (the driver counts it as taken; an earlier
+    model in the same process, a table's previous probe say, leaves it there)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 class Resident:

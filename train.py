@@ -255,7 +255,10 @@ class Context:
         # runs before it in this process (a table's probes, the benchmark's variants); past
         # dynamo's recompile limit a model would silently run eager.
         torch.compiler.reset()
-        return torch.compile(model, mode=None if self.compile is True else self.compile)
+        # dynamic=False: an epoch's last, smaller batch gets a graph of its own. By default
+        # dynamo would recompile for it with a symbolic batch size, and every full batch after
+        # it would run that slower dynamic graph (the one --benchmark never times).
+        return torch.compile(model, mode=None if self.compile is True else self.compile, dynamic=False)
 
     def batch(self, images, index, *, rotations=(0,), mean, std, **view):
         """The step's batch: view is the crop and flip (shifts, boxes, flips, size)."""

@@ -84,6 +84,16 @@ def test_a_failure_in_the_stream_reaches_the_caller(device):
         list(streamed.batches(torch.tensor([0, 9]), [slice(0, 2)]))
 
 
+def test_memory_the_allocator_holds_unused_counts_as_free(monkeypatch):
+    # Whether a split fits on the GPU: the driver reports the allocator's cache as taken,
+    # so a run after another in the same process would stream what fits.
+    gib = 2 ** 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 30 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 10 * gib)
+    assert data.free_memory(torch.device("cuda", 0)) == 21 * gib
+
+
 def test_training_on_a_folder_streamed_equals_resident(folder, tmp_path, monkeypatch):
     """One epoch of pretraining with the split streamed gives the very weights of the resident run."""
     def run(stream, out):

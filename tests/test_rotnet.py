@@ -338,6 +338,26 @@ def test_an_unwritable_json_path_stops_before_any_timing(tmp_path):
             run(s, steps=1, json_path=str(tmp_path / "missing" / "result.json"))
 
 
+def test_a_compiled_model_keeps_a_static_graph_for_full_batches(monkeypatch):
+    # An epoch's last batch is smaller. Compiled by default, the model would recompile for
+    # it with a symbolic batch size and run every later full batch through that dynamic
+    # graph; Context compiles each batch size into a static graph of its own.
+    graphs, ran = [], []
+
+    def backend(gm, example_inputs):
+        graphs.append(any(isinstance(n.meta.get("example_value"), torch.SymInt)
+                          for n in gm.graph.nodes if n.op == "placeholder"))
+        k = len(graphs) - 1
+        return lambda *args: ran.append(k) or gm.forward(*args)
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=backend, **kw))
+    model = train.Context("cpu", compile=True).prepare(torch.nn.Conv2d(3, 4, 3))
+    for n in (8, 8, 5, 8):
+        model(torch.randn(n, 3, 6, 6))
+    assert graphs == [False, False] and ran == [0, 0, 1, 0]
+
+
 def test_fused_sgd_steps_as_the_default_optimizer():
     # The sweep's fused variant computes the same update (to float rounding).
     torch.manual_seed(0)
