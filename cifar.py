@@ -129,6 +129,11 @@ def find_cifar(data, download_missing=False):
     and asked for)."""
     if os.path.isfile(data) and data.endswith((".tar.gz", ".tgz")):
         return data
+    if os.path.isfile(data):
+        raise UserError(f"{data} is a file: --data is a folder of images, CIFAR-10's folder, or its archive "
+                        "(cifar-10-python.tar.gz)")
+    if os.path.isdir(data) and not os.access(data, os.R_OK | os.X_OK):
+        raise UserError(f"{data}: cannot read the folder (permission denied)")
     if os.path.isfile(os.path.join(data, "data_batch_1")):
         return data
     folder = os.path.join(data, "cifar-10-batches-py")

@@ -51,6 +51,11 @@ class Dataset:
         if self.train_y is None:
             raise UserError(f"{what} needs labels, but the data is a folder of unlabelled images: "
                             "give a folder of class subfolders (or train/ and val/ of them)")
+        present = self.train_y.unique().tolist()
+        if len(present) < 2:  # one class is 100 % whatever is learnt
+            named = f" ({self.classes[present[0]]})" if present and present[0] < len(self.classes) else ""
+            raise UserError(f"{what} needs images of at least 2 classes, but only one class folder{named} "
+                            "holds training images: give a folder with a subfolder per class")
         return self
 
 
@@ -60,15 +65,21 @@ def as_tensor(array):
         return torch.from_numpy(array)
 
 
-def load(data, *, image_size=256, download=False, cache=None, val_fraction=0.1):
+def load(data, *, image_size=256, download=False, cache=None, val_fraction=0.1, recipe=None):
     """The data set in --data: CIFAR-10 (image_size is then 32), or an image folder,
-    prepared into `cache` on first use at image_size x image_size."""
+    prepared into `cache` on first use at image_size x image_size. recipe: how the run crops,
+    checked against the images' size (a folder's before it is prepared, which can take hours)."""
+    data = os.path.expanduser(data)  # (the shell leaves --data=~/pictures as it is)
     if not os.path.exists(data) and not download:  # before any guess at which data set it is
         raise UserError(f"{data}: no such folder (--data is CIFAR-10's folder, the folder holding it "
                         "or its archive, or a folder of images; --download fetches CIFAR-10)")
     if not folders.is_image_folder(data):
         train_x, train_y, test_x, test_y = cifar.load_cifar(data, download)
+        if recipe is not None:
+            recipe.check(*train_x.shape[-2:])
         return Dataset(train_x, train_y, test_x, test_y, cifar.MEAN, cifar.STD, cifar.CLASSES)
+    if recipe is not None:
+        recipe.check(image_size, image_size)
     # The held-out images are drawn with folders.prepare's fixed seed, not --seed: runs of
     # every seed test on the same images.
     p = folders.prepare(data, image_size=image_size, cache=cache, val_fraction=val_fraction, need_val=True)
@@ -76,8 +87,11 @@ def load(data, *, image_size=256, download=False, cache=None, val_fraction=0.1):
     if len(p.val.images) == 0:  # held out (need_val), but none of them could be decoded
         raise UserError(f"{data}: none of the {len(p.manifest['splits']['val']['sources']):,} images held out for "
                         f"testing could be read (reasons in {os.path.join(p.root, 'manifest.json')})")
+    # A channel that never varies (all-black pictures, one stain saved as RGB) has std 0: it is
+    # 0 once centred, whatever it is divided by, and a grey level is the least a std may be.
+    std = tuple(max(s, 1.0) for s in p.std)
     return Dataset(as_tensor(p.train.images), labels(p.train.labels), as_tensor(p.val.images),
-                   labels(p.val.labels), tuple(p.mean), tuple(p.std), tuple(p.classes))
+                   labels(p.val.labels), tuple(p.mean), std, tuple(p.classes))
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -200,23 +214,23 @@ class Streamed:
                         return
                     index = order[s]
                     slot = step % len(ring)
-                    host, copied = ring[slot] or (None, None)
+                    buffer, copied = ring[slot] or (None, None)
                     if copied is not None:
                         copied.synchronize()  # its last copy to the device is done: free to refill
-                    if host is None or len(host) < len(index):
-                        host = torch.empty((len(index), *self.images.shape[1:]), dtype=torch.uint8,
-                                           pin_memory=self.cuda)
-                    host = host[:len(index)]
-                    torch.index_select(self.images, 0, index, out=host)  # reads the memory map
+                    if buffer is None or len(buffer) < len(index):
+                        buffer = torch.empty((len(index), *self.images.shape[1:]), dtype=torch.uint8,
+                                             pin_memory=self.cuda)
+                    host = buffer[:len(index)]  # the ring keeps the whole buffer: an epoch's short
+                    torch.index_select(self.images, 0, index, out=host)  # last batch does not shrink it
                     if not self.cuda:
-                        ring[slot] = (host, None)
+                        ring[slot] = (buffer, None)
                         offer((host, None))
                         continue
                     with torch.cuda.stream(self.copies):
                         batch = host.to(self.device, non_blocking=True)
                         done = torch.cuda.Event()
                         done.record()
-                    ring[slot] = (host, done)
+                    ring[slot] = (buffer, done)
                     offer((batch, done))
                 offer(None)
             except BaseException as err:  # handed to the training thread, raised there
@@ -250,11 +264,11 @@ def keep_freed_memory():
         pass
 
 
-def benchmark(data_dir, *, image_size=256, batch_size=192, steps=50, device="cpu", cache=None):
+def benchmark(data_dir, *, image_size=256, batch_size=192, steps=50, device="cpu", cache=None, val_fraction=0.1):
     """The loader alone: images/s from a prepared folder's file into device batches (random
     order, as training reads it), with the page cache cold (the file's pages dropped
     first) and then warm. Prints one JSON line and returns it."""
-    p = folders.prepare(data_dir, image_size=image_size, cache=cache)
+    p = folders.prepare(data_dir, image_size=image_size, cache=cache, val_fraction=val_fraction)
     keep_freed_memory()  # as a CPU training run does: batch buffers are reused, not faulted in anew
     images = as_tensor(p.train.images)
     source = on_device(images, device, stream=True)
@@ -290,6 +304,8 @@ if __name__ == "__main__":
     ap.add_argument("--batch-size", type=positive_int, default=192)
     ap.add_argument("--steps", type=positive_int, default=50)
     ap.add_argument("--cache")
+    ap.add_argument("--val-fraction", type=float, default=0.1,
+                    help="as the training scripts' (the prepared folder depends on it)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     a = ap.parse_args()
     try:
@@ -299,6 +315,9 @@ if __name__ == "__main__":
             raise UserError(f"{a.data} is not a folder of images: the loader benchmark is for image folders "
                             "(CIFAR-10 is held in memory, nothing to benchmark)")
         benchmark(a.data, image_size=a.image_size, batch_size=a.batch_size, steps=a.steps, device=a.device,
-                  cache=a.cache)
+                  cache=a.cache, val_fraction=a.val_fraction)
     except UserError as err:
         raise SystemExit(f"error: {err}") from None
+    except KeyboardInterrupt:  # the preparation keeps what it decoded
+        print("\ninterrupted: what was prepared is kept; the same command goes on from it", file=sys.stderr)
+        raise SystemExit(130) from None

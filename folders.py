@@ -4,9 +4,11 @@
     prepared.train.images    # np.memmap uint8 [N, 3, S, S], read-only
     prepared.train.labels    # np.int64 [N], or None for a flat folder of unlabelled images
 
-Layouts of the data folder (hidden files and folders, and files of other extensions, are ignored):
-  train-val  DIR/train/<class>/... and DIR/val/<class>/... (ImageNet's, val sorted into classes).
-             The classes are train's class folders; val_fraction and seed are not used.
+Layouts of the data folder (hidden files and folders, files of other extensions, and pipes or
+devices named like images are ignored):
+  train-val  DIR/train/<class>/... and DIR/val/<class>/... (ImageNet's, val sorted into classes;
+             the names in any case, val/ also validation/). The classes are train's class
+             folders; val_fraction and seed are not used.
   classes    DIR/<class>/...: val_fraction of each class held out for val at random (seeded).
   flat       DIR/*.jpg: unlabelled; val_fraction of the images held out for val at random.
 A class folder is searched recursively; sources are taken in the order of their relative paths.
@@ -18,11 +20,13 @@ orientation applied, turned into RGB, its shorter side resized to S and the cent
   when that still leaves the shorter side >= S: much faster, nearly the same pixels.
 - Alpha is composited over black: a transparent background becomes one plain colour instead of
   whatever colours happen to lie under it. 16-bit grayscale keeps its high byte (as Pillow does
-  for 16-bit RGB); grayscale, palette and CMYK go through Pillow's own conversion.
+  for 16-bit RGB), 32-bit integer grayscale too unless it holds only 0-255, float grayscale in
+  [0, 1] is scaled to 0-255; grayscale, palette and CMYK go through Pillow's own conversion.
 - A file Pillow cannot read (corrupt, truncated, not an image, a decompression bomb) is skipped and
   listed in the manifest with its reason; it never stops the preparation.
 
-The cache folder (default prepared/<name of DIR>-<S>):
+The cache folder (default prepared/<name of DIR>-<S>, where another folder of the same name is
+refused rather than written over it):
   manifest.json       settings, data path, layout, classes, per split the source list
                       [path, size, mtime_ns, label], the skipped files, counts, mean and std (per
                       channel, 0-255, over the training images); "complete": true once finished
@@ -44,6 +48,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import sys
 import time
 import warnings
@@ -63,12 +68,15 @@ except ImportError:  # Windows: no lock
     fcntl = None
 
 VERSION = 1
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff")
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")  # what Pillow may decode (JPEG includes MPO); no EPS etc.
 CIFAR_NAMES = ("cifar-10-batches-py", "data_batch_1", "cifar-10-python.tar.gz")
 SPLITS = ("train", "val")
 TODO, GOOD, BROKEN = 0, 1, 2     # the states in <split>.done
 COMMIT_SECONDS = 2.0             # how often the decoded images are flushed and recorded as done
+# Pillow refuses images above 89 M pixels as possible decompression bombs, a limit made for web
+# uploads: phones take photos of 108 and 200 M pixels. Ours: 256 M (768 MB decoded, a worker).
+Image.MAX_IMAGE_PIXELS = 2**28
 
 
 @dataclass
@@ -93,6 +101,7 @@ def load_image(path, image_size):
     """One image file -> uint8 [3, S, S]. Raises whatever Pillow raises for a bad file, and
     DecompressionBombWarning as an error."""
     with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data": the pixels are fine
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path, formats=FORMATS) as im:
             im.draft("RGB", (image_size, image_size))  # JPEG only (a no-op for the others)
@@ -106,9 +115,13 @@ def load_image(path, image_size):
 
 
 def _to_rgb(im):
-    if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit grayscale: the high byte
-        gray = np.clip(np.asarray(im), 0, 65535) >> 8
-        return Image.fromarray(gray.astype(np.uint8)).convert("RGB")
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):  # grayscale of more than 8 bits
+        gray = np.asarray(im)
+        if im.mode.startswith("I;16") or (im.mode == "I" and gray.max(initial=0) > 255):
+            gray = np.clip(gray, 0, 65535) >> 8  # 16-bit: the high byte
+        elif im.mode == "F" and gray.max(initial=0) <= 1:  # floats in [0, 1]
+            gray = gray * 255.0 + 0.5
+        return Image.fromarray(np.clip(gray, 0, 255).astype(np.uint8)).convert("RGB")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
         black = Image.new("RGBA", im.size, (0, 0, 0, 255))
         return Image.alpha_composite(black, im.convert("RGBA")).convert("RGB")
@@ -174,10 +187,26 @@ def _walk(folder, seen=None):
     with os.scandir(folder) as it:
         entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
     for e in entries:
-        if e.is_dir():
+        if _is_dir(e):
             yield from _walk(e.path, seen)
-        elif e.name.lower().endswith(EXTENSIONS):
+        elif e.name.lower().endswith(EXTENSIONS) and not _special(e):
             yield e
+
+
+def _is_dir(entry):
+    try:
+        return entry.is_dir()
+    except OSError:  # a link to itself (ELOOP): not a folder; an image name makes it a skipped file
+        return False
+
+
+def _special(entry):
+    """A pipe, socket or device named like an image: reading one would wait forever. (A link
+    to nothing is not special: it is listed, then skipped as unreadable.)"""
+    try:
+        return not stat.S_ISREG(entry.stat().st_mode)
+    except OSError:
+        return False
 
 
 def _sources(data, folder, label):
@@ -194,12 +223,12 @@ def _sources(data, folder, label):
 
 
 def _subfolders(folder):
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in os.scandir(folder) if _is_dir(e) and not e.name.startswith("."))
 
 
 def _loose_images(folder):
-    return sorted(e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith(".")
-                  and e.name.lower().endswith(EXTENSIONS))
+    return sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".")
+                  and e.name.lower().endswith(EXTENSIONS) and os.path.isfile(e.path))
 
 
 def _hold_out(groups, val_fraction, seed):
@@ -208,7 +237,7 @@ def _hold_out(groups, val_fraction, seed):
     train, val = [], []
     for name, items in groups:
         n_val = max(0, min(int(val_fraction * len(items) + 0.5), len(items) - 1))
-        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        rng = np.random.default_rng([seed, zlib.crc32(os.fsencode(name))])  # any bytes a name may hold
         held = set(rng.permutation(len(items))[:n_val].tolist())
         for i, item in enumerate(items):
             (val if i in held else train).append(item)
@@ -233,16 +262,24 @@ def _find_sources(data, val_fraction=0.1, seed=0):
     """(layout, classes, {"train": sources, "val": sources}) of an image folder."""
     if not os.path.isdir(data):
         raise UserError(f"{data}: no such folder")
-    train_dir, val_dir = os.path.join(data, "train"), os.path.join(data, "val")
     try:
+        train_dir, val_dir = (os.path.join(data, _split_folder(data, names))
+                              for names in (("train",), ("val", "validation")))
         if os.path.isdir(train_dir) and os.path.isdir(val_dir):
             return _train_val_sources(data, train_dir, val_dir)
-        if os.path.isdir(train_dir):
+        if os.path.isdir(os.path.join(data, "train")):  # (Train/ alone may be a class: trains, buses)
             raise UserError(f"{data} has train/ but no val/: add val/<class>/ folders, "
                             f"or use {train_dir} itself to hold out {val_fraction:.0%} of it for val")
         return _held_out_sources(data, val_fraction, seed)
     except OSError as err:
         raise UserError(f"cannot read {err.filename or data}: {err.strerror or err}") from None
+
+
+def _split_folder(data, names):
+    """The folder of data that holds a split, whatever its case (Train/, VAL/, validation/),
+    so that Train/ and Val/ are not read as two classes. names[0] when there is none."""
+    found = [e.name for e in os.scandir(data) if e.name.lower() in names and _is_dir(e)]
+    return min(found, key=lambda n: (names.index(n.lower()), n)) if found else names[0]
 
 
 def _train_val_sources(data, train_dir, val_dir):
@@ -293,6 +330,12 @@ def _held_out_sources(data, val_fraction, seed):
     if not any(items for _, items in groups):
         raise UserError(f"{data} holds no images ({' '.join(EXTENSIONS)})")
     train, val = _hold_out(groups, val_fraction, seed)
+    held = {label for *_, label in val}
+    untested = [name for label, (name, items) in enumerate(groups) if items and label not in held]
+    if val and untested:  # the test accuracy would say nothing of these classes
+        print(f"note: {len(untested)} class folder{'s' if len(untested) > 1 else ''} ({', '.join(untested[:3])}"
+              f"{', ...' if len(untested) > 3 else ''}) too small to hold out any image at --val-fraction "
+              f"{val_fraction}: none of theirs is tested", file=sys.stderr)
     return "classes", classes, {"train": train, "val": val}
 
 
@@ -337,6 +380,9 @@ def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=
     with _locked(root):
         old = _read_manifest(root)
         why = _why_not_same(old, wanted) if old else None
+        if why and cache is None and old.get("data") not in (None, data):  # two folders of one name
+            raise UserError(f"{root} holds the preparation of another folder of that name, {old['data']}: "
+                            f"give --cache DIR for {data} (or delete {root} to prepare it there)")
         if old and not why:
             why = _damaged(root, old)
             if not why and old["complete"]:
@@ -432,7 +478,20 @@ def _damaged(root, manifest):
         for ext, size in expected.items():
             if not os.path.exists(base + ext) or size is not None and os.path.getsize(base + ext) != size:
                 return f"{split}{ext} is missing or of the wrong size"
+        if manifest["complete"] and info["labels"] and not _labels_fit(base + ".labels.npy", info["shape"][0],
+                                                                        len(manifest["classes"])):
+            return f"{split}.labels.npy is damaged"
     return None
+
+
+def _labels_fit(path, n, classes):
+    """Whether path holds n int64 labels of 0 to classes - 1 (a file cut short or edited is not)."""
+    try:
+        labels = np.load(path, allow_pickle=False)  # (10 MB for ImageNet; _open reads it anyway)
+    except (ValueError, OSError, EOFError):
+        return False
+    return labels.shape == (n,) and labels.dtype == np.int64 and (n == 0 or 0 <= labels.min() and
+                                                                  labels.max() < classes)
 
 
 def _start(root, manifest):

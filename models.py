@@ -8,6 +8,7 @@ this project reads.
 Every file is read with torch.load(weights_only=True): one that carries code is refused,
 never run. Any problem is a UserError of one line that names the file.
 """
+import hashlib
 import pickle
 
 import torch
@@ -53,6 +54,16 @@ def is_alexnet(saved):
         return saved["model_config"].get("arch") == "alexnet"
     # the original's AlexNet starts with an unnamed conv block; its NIN names its blocks
     return isinstance(saved.get("network"), dict) and "_feature_blocks.0.0.weight" in saved["network"]
+
+
+def fingerprint(path):
+    """Which weights a file holds, wherever it lies: the start of its SHA-256 (a probe records
+    it, so one trained on other weights of the same path is not reused)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def load_model(path, device="cpu"):

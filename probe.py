@@ -29,7 +29,7 @@ import alexnet
 import data
 import rotnet
 import train
-from models import is_alexnet, load_model, read_checkpoint
+from models import fingerprint, is_alexnet, load_model, read_checkpoint
 from nin import NIN, ConvBNReLU, init_conv_
 from rotnet import FOUR
 from train import require
@@ -72,7 +72,7 @@ class Probing(train.Run):
     """One probe (or, with supervised, the supervised NIN); also the base settings of a table."""
     out: str = "runs/probe"
     checkpoint: Optional[str] = None  # model.pt, checkpoint.pt or an original-format checkpoint
-    block: int = 2                    # 0 with an AlexNet and classifier linear: conv1..conv5 at once
+    block: int = 2                    # 0 with an AlexNet: linear on conv1..5, nonlinear on conv4-5 at once
     classifier: str = "nonlinear"
     finetune: bool = False
     init: str = "checkpoint"          # or "random": probe a randomly initialised NIN
@@ -182,32 +182,45 @@ def alexnet_nonlinear(extractor, block, num_classes):
                alexnet.LinearBNReLU(hidden, hidden),
                nn.Linear(hidden, num_classes)]
     head = nn.Sequential(*layers)
-    for m in head.modules():  # the original's: linear weights N(0, sqrt(2 / out)), biases 0,
-        if isinstance(m, nn.Linear):  # BatchNorm1d scales U(0, 1) (PyTorch 0.2's default)
+    for m in head.modules():  # the original's: conv weights N(0, sqrt(2 / (k * k * out))), linear
+        if isinstance(m, nn.Conv2d):  # ones N(0, sqrt(2 / out)) with biases 0, BatchNorm1d scales
+            init_conv_(m)             # U(0, 1) (PyTorch 0.2's default)
+        elif isinstance(m, nn.Linear):
             init_linear(m)
         elif isinstance(m, nn.BatchNorm1d):
             nn.init.uniform_(m.weight, 0.0, 1.0)
     return head
 
 
-class LinearHeads(Probe):
-    """Table 5: a linear probe on each of conv1..conv5 of a frozen AlexNet, trained together
-    from one forward pass of the network: logits [5, B, classes], their losses summed."""
+class Heads(Probe):
+    """Several probes on a frozen AlexNet, trained together from one forward pass of it, as
+    the original trains them (Table 5's five linear ones, Table 4's two non-linear ones; the
+    heads are independent, so this is training each alone, at a fraction of the cost):
+    logits [heads, B, classes], their losses summed."""
 
-    def __init__(self, extractor, num_classes):
-        channels = [conv.conv.out_channels for conv in extractor.convs]
-        heads = nn.ModuleList(alexnet_linear(c, p, num_classes) for c, p in zip(channels, LINEAR_POOLS))
-        super().__init__(extractor, len(channels), heads)
+    def __init__(self, extractor, blocks, heads):
+        super().__init__(extractor, max(blocks), nn.ModuleList(heads))
+        self.blocks = tuple(blocks)
 
     def forward(self, x):
         with torch.no_grad():
-            maps = self.extractor.feature_maps(x)
-        return torch.stack([head(m) for head, m in zip(self.classifier, maps)])
+            maps = self.extractor.feature_maps(x, self.block)
+        return torch.stack([head(maps[k - 1]) for head, k in zip(self.classifier, self.blocks)])
+
+
+def alexnet_heads(extractor, classifier, num_classes):
+    """--block 0 on an AlexNet: Table 5's linear probes on conv1..conv5, or Table 4's
+    non-linear ones on conv4 and conv5."""
+    if classifier == "linear":
+        channels = [conv.conv.out_channels for conv in extractor.convs]
+        heads = [alexnet_linear(c, pool, num_classes) for c, pool in zip(channels, LINEAR_POOLS)]
+        return Heads(extractor, range(1, 6), heads)
+    return Heads(extractor, (4, 5), [alexnet_nonlinear(extractor, k, num_classes) for k in (4, 5)])
 
 
 # ----------------------------------------------------------------------------- training a classifier
 def train_classifier(model, s: train.Run, dataset, *, kind, epochs, describe, subset=None, epoch_size=None):
-    """Trains model (a Probe, LinearHeads or a NIN) on the labels of dataset (of the training
+    """Trains model (a Probe, Heads or a NIN) on the labels of dataset (of the training
     images in subset, epoch_size draws an epoch, if given) as SCHEDULES[kind] says, into
     s.out, which the caller holds (Run.claim_out); writes results.json and returns it."""
     ctx = train.Context(s.device, amp=s.amp, compile=s.compile)
@@ -261,23 +274,23 @@ def probe(s: Probing):
         on_alexnet = isinstance(extractor, alexnet.AlexNet)
         blocks = (len(extractor.convs) if on_alexnet else len(extractor.blocks)) if extractor else s.blocks
         require(s.supervised or s.block <= blocks, f"--block {s.block}: the network has blocks 1 to {blocks}")
-        dataset = s.load_data(train.Context(s.device)).require_labels("a probe")
+        kind = schedule_kind(s, on_alexnet)
+        dataset = s.load_data(train.Context(s.device), SCHEDULES[kind].recipe).require_labels("a probe")
         classes, size = len(dataset.classes), dataset.train_x.shape[-1]
         torch.manual_seed(s.seed)
         if s.supervised:
             describe = dict(classifier="supervised", block=None, checkpoint=None, finetune=True, init="random")
         else:
             describe = dict(classifier=s.classifier, block=s.block, checkpoint=s.checkpoint, finetune=s.finetune,
-                            init=s.init)
-        kind = schedule_kind(s, on_alexnet)
+                            init=s.init, checkpoint_hash=fingerprint(s.checkpoint) if extractor else None)
         schedule = dict(kind=kind, describe=describe, epochs=schedule_epochs(kind, s.epochs, s.epochs_scale))
         if s.supervised:
             return train_classifier(NIN(blocks=3, num_classes=classes, width=s.width), s, dataset, **schedule)
         if on_alexnet:
             require(not s.finetune and s.classifier in ("linear", "nonlinear"),
                     "an AlexNet is probed frozen, by the linear or nonlinear classifier (Tables 5 and 4)")
-            if s.classifier == "linear" and s.block == 0:
-                return train_classifier(LinearHeads(extractor, classes), s, dataset, **schedule)
+            if s.block == 0:
+                return train_classifier(alexnet_heads(extractor, s.classifier, classes), s, dataset, **schedule)
             channels = extractor.convs[s.block - 1].conv.out_channels
             head = (alexnet_linear(channels, LINEAR_POOLS[s.block - 1], classes) if s.classifier == "linear"
                     else alexnet_nonlinear(extractor, s.block, classes))
@@ -349,8 +362,7 @@ def table3(s):
 
 
 def table4(s):
-    probes = [imagenet_probe(s, block=k, classifier="nonlinear") for k in (4, 5)]
-    return ["conv4", "conv5"], [("RotNet + non-linear", probes, PAPER_TABLE4)], []
+    return ["conv4", "conv5"], [("RotNet + non-linear", [imagenet_probe(s, classifier="nonlinear")], PAPER_TABLE4)], []
 
 
 def table5(s):
@@ -358,10 +370,10 @@ def table5(s):
 
 
 def imagenet_probe(s, block=0, classifier="linear"):
-    """A probe of the AlexNet in s.checkpoint (block 0: linear probes on conv1..conv5 at once)."""
+    """A probe of the AlexNet in s.checkpoint (block 0: every conv the classifier sits on, at once)."""
     require(s.checkpoint, "Tables 4 and 5 probe an AlexNet RotNet: give --checkpoint (rotnet.py --arch alexnet)")
-    name = f"{os.path.basename(os.path.dirname(os.path.abspath(s.checkpoint)))}_" + (
-        f"conv{block}_{classifier}" if block else "conv1-5_linear")
+    convs = f"conv{block}" if block else "conv1-5" if classifier == "linear" else "conv4-5"
+    name = f"{os.path.basename(os.path.dirname(os.path.abspath(s.checkpoint)))}_{convs}_{classifier}"
     return dataclasses.replace(s, out=os.path.join(s.out, name), block=block, classifier=classifier, resume=True)
 
 
@@ -388,8 +400,11 @@ def run_plan(nets, probes, imagenet=False):
     for p in probes:
         kind = schedule_kind(p, imagenet)
         lr, batch_size = p.lr or SCHEDULES[kind].lr, p.batch_size or SCHEDULES[kind].batch_size
+        # Tables 4 and 5 probe the file --checkpoint names, which may have been trained anew since
+        # (the other tables check the RotNets they train themselves, above).
+        same_weights = dict(checkpoint_hash=fingerprint(p.checkpoint)) if imagenet else {}
         check_reusable(p.out, epochs=schedule_epochs(kind, p.epochs, p.epochs_scale), seed=p.seed, lr=lr,
-                       batch_size=batch_size, checkpoint=p.checkpoint,
+                       batch_size=batch_size, checkpoint=p.checkpoint, **same_weights,
                        **({} if p.checkpoint else dict(width=p.width)))  # it trains a NIN of this width
     needed = {p.checkpoint for p in probes if not finished(p)}
     for net in nets:
@@ -427,9 +442,13 @@ def run_table(number, s: Probing):
     print(text)
     # table1.md, table2.md, ...: the tables share one --out and its pretrained RotNets
     train.write_text(text, os.path.join(s.out, f"table{number}.md"))
-    train.write_json(dict(table=number, columns=columns, epochs_scale=s.epochs_scale, width=s.width,
-                          rows=[dict(name=n, ours=o, paper=p) for n, o, p in table]),
-                     os.path.join(s.out, f"table{number}.json"))
+    if number in (4, 5):  # the network probed is the checkpoint's, as its probe recorded it
+        probed = train.read_json(os.path.join(rows[0][1][0].out, "config.json"))
+        made = dict(checkpoint=s.checkpoint, width=probed["width"], epochs=probed["epochs"])
+    else:  # --epochs, if given, is the probes' (the RotNets keep 200 x epochs_scale)
+        made = dict(epochs_scale=s.epochs_scale, width=s.width, epochs=s.epochs)
+    rows = [dict(name=n, ours=o, paper=p) for n, o, p in table]
+    train.write_json(dict(table=number, columns=columns, **made, rows=rows), os.path.join(s.out, f"table{number}.json"))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -439,7 +458,9 @@ def parse_args(argv=None):
                            "--epochs-scale)", out=None, scaled=True)
     ap.add_argument("--checkpoint", help="model.pt, checkpoint.pt or an original-format checkpoint")
     ap.add_argument("--block", type=int, default=2,
-                    help="which block's (or AlexNet conv's) output to classify, 1-based; 0: conv1..conv5 of an AlexNet at once")
+                    help="which block's (or AlexNet conv's) output to classify, 1-based; 0, on an AlexNet: every "
+                         "conv the classifier sits on, at once (linear: conv1..conv5, Table 5; nonlinear: conv4 "
+                         "and conv5, Table 4)")
     ap.add_argument("--classifier", default="nonlinear", choices=["nonlinear", "linear", "conv"])
     ap.add_argument("--finetune", action="store_true", help="train the feature extractor as well")
     ap.add_argument("--init", default="checkpoint", choices=["checkpoint", "random"],

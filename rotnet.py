@@ -92,8 +92,7 @@ def pretrain(s: Pretraining):
     with s.claim_out():  # out held until the run ends (checked first)
         ctx = Context(s.device, amp=s.amp, compile=s.compile)
         arch = ARCHS[s.arch]
-        dataset = s.load_data(ctx)
-        arch.recipe.check(*dataset.train_x.shape[-2:])
+        dataset = s.load_data(ctx, arch.recipe)
         train_x, test_x = data.on_device(dataset.train_x, ctx.device), data.on_device(dataset.test_x, ctx.device)
         views = dict(recipe=arch.recipe, rotations=s.rotations, mean=dataset.mean, std=dataset.std)
 

@@ -22,7 +22,7 @@ import cifar
 import probe
 import rotnet
 import train
-from models import load_model
+from models import fingerprint, load_model
 from nin import NIN
 from train import require
 
@@ -88,7 +88,8 @@ def run_arm(s, dataset, arm, per_class, subset, checkpoint):
         else:
             model = NIN(blocks=3, num_classes=len(dataset.classes), width=s.width)
         describe = dict(arm=arm, per_class=per_class, classifier=kind, block=BLOCK if kind == "conv" else None,
-                        checkpoint=checkpoint if kind == "conv" else None, subset_seed=s.subset_seed)
+                        checkpoint=checkpoint if kind == "conv" else None, subset_seed=s.subset_seed,
+                        checkpoint_hash=fingerprint(checkpoint) if kind == "conv" else None)
         return probe.train_classifier(model, run, dataset, kind=kind, epochs=epochs, describe=describe,
                                       subset=subset, epoch_size=s.epoch_size)["test_acc"]
 
@@ -140,12 +141,15 @@ def sweep(s: Sweep):
                 f"{s.checkpoint} is an AlexNet: the sweep trains on a NIN RotNet's ConvB2 (Figure 5b)")
     else:
         probe.check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed)
+    # --checkpoint's file may have been trained anew since the arms on it ran (the RotNet the
+    # sweep trains itself is checked above)
+    same_weights = dict(checkpoint_hash=fingerprint(s.checkpoint)) if s.checkpoint else {}
     for k in s.per_class:
         for arm in ("rotnet_conv", "supervised"):
             run, kind, epochs = arm_settings(s, arm, k)
             schedule = probe.SCHEDULES[kind]
             # what the arm trains from: the RotNet's checkpoint, or a NIN of this width
-            source = dict(checkpoint=checkpoint) if kind == "conv" else dict(width=s.width)
+            source = dict(checkpoint=checkpoint, **same_weights) if kind == "conv" else dict(width=s.width)
             probe.check_reusable(run.out, epochs=epochs, seed=s.seed, epoch_size=s.epoch_size,
                                  subset_seed=s.subset_seed, lr=s.lr or schedule.lr,
                                  batch_size=s.batch_size or schedule.batch_size, **source)

@@ -146,10 +146,11 @@ class Run:
         finally:
             os.close(folder)
 
-    def load_data(self, ctx):
-        """The data set (one rank prepares or downloads it, the others wait, then reuse it)."""
+    def load_data(self, ctx, recipe=None):
+        """The data set (one rank prepares or downloads it, the others wait, then reuse it);
+        recipe: how the run will crop it (a folder too small for it is refused unprepared)."""
         load = lambda: data.load(self.data, image_size=self.image_size, download=self.download, cache=self.cache,
-                                 val_fraction=self.val_fraction)
+                                 val_fraction=self.val_fraction, recipe=recipe)
         if not ctx.distributed:
             return load()
         got = load() if ctx.main else None

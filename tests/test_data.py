@@ -60,6 +60,23 @@ def test_streamed_batches_equal_resident_ones(device, n, batch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_the_ring_keeps_whole_buffers_past_an_epochs_short_last_batch(device):
+    images = torch.randint(0, 256, (23, 3, 4, 5), dtype=torch.uint8)
+    streamed = data.on_device(images, device, stream=True)
+    slices = list(train.batches(23, 4))  # five of 4 and a last of 3, in the slot the first used
+    assert len(slices) == len(streamed.ring) + 1
+    for epoch in range(2):
+        order = torch.randperm(23, generator=torch.Generator().manual_seed(epoch))
+        for s, (batch, _) in zip(slices, streamed.batches(order, slices)):
+            assert torch.equal(batch.cpu(), images[order[s]])
+        buffers = [buffer for buffer, _ in streamed.ring]
+        assert [len(b) for b in buffers] == [4] * len(buffers)  # a slot's next step refills, not reallocates
+        if epoch == 0:
+            first = [b.data_ptr() for b in buffers]
+    assert [b.data_ptr() for b in buffers] == first
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_a_consumer_that_stops_early_stops_the_stream(device):
     images = torch.zeros(1000, 3, 4, 4, dtype=torch.uint8)
     streamed = data.on_device(images, device, stream=True)
@@ -187,3 +204,36 @@ def test_the_loader_benchmark_refuses_bad_flags_in_one_line(folder, tmp_path):
     proc = run_cli("--data", tmp_path / "cifar", "--cache", tmp_path / "c2", "--device", "cpu", check=False,
                    script="data.py")
     assert_one_line_error(proc, "image folders")
+
+
+def test_one_class_is_refused_by_what_needs_labels(tmp_path):
+    one = write_folder(tmp_path / "one", classes=("photos",), per_class=20, size=(8, 8))
+    dataset = data.load(str(one), image_size=8, cache=str(tmp_path / "c"))
+    assert dataset.classes == ("photos",)  # pretraining needs no labels: fine
+    with pytest.raises(data.UserError, match=r"a probe needs images of at least 2 classes, .*\(photos\)"):
+        dataset.require_labels("a probe")
+
+
+def test_a_channel_that_never_varies_normalises(tmp_path):
+    from PIL import Image
+    import numpy as np
+    import rot_kernel
+    for c in ("a", "b"):  # red only: one stain saved as RGB
+        os.makedirs(tmp_path / "red" / c)
+        for i in range(10):
+            pixels = np.zeros((8, 8, 3), np.uint8)
+            pixels[..., 0] = np.random.default_rng(i).integers(0, 256, (8, 8))
+            Image.fromarray(pixels).save(tmp_path / "red" / c / f"{i}.png")
+    dataset = data.load(str(tmp_path / "red"), image_size=8, cache=str(tmp_path / "c"))
+    assert dataset.std[0] > 1 and dataset.std[1:] == (1.0, 1.0) and dataset.mean[1:] == (0.0, 0.0)
+    batch, _ = rot_kernel.rotation_batch(dataset.train_x, torch.arange(4), mean=dataset.mean, std=dataset.std)
+    assert batch[:, 1:].eq(0).all() and batch.isfinite().all()
+
+
+def test_data_given_as_a_file_or_from_home(tmp_path, monkeypatch, folder):
+    png = next(p for p in folder.rglob("*.png"))
+    with pytest.raises(data.UserError, match=r"is a file: --data is a folder of images"):
+        data.load(str(png))
+    monkeypatch.setenv("HOME", str(folder.parent))
+    dataset = data.load(f"~/{folder.name}", image_size=8, cache=str(tmp_path / "c"))
+    assert len(dataset.train_x) + len(dataset.test_x) == 36

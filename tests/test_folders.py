@@ -601,3 +601,97 @@ def test_a_manifest_lacking_what_is_read_rebuilds_with_one_line(tmp_path, edit):
     assert len(lines) == 1 and "Traceback" not in err and ": manifest.json" in lines[0], err
     assert again.manifest["complete"]
     assert_same(first, again)
+
+
+# ----------------------------------------------------------------------------- what users' folders hold
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="names of any bytes: Linux file systems")
+def test_a_class_name_that_is_not_utf8(tmp_path):
+    data = tmp_path / "d"
+    latin1 = os.fsdecode(b"caf\xe9")  # as unzipped from an old Windows or Latin-1 archive
+    write_classes(data, {latin1: 10, "tea": 10}, size=(8, 8))
+    prepared, _ = prepare(data, tmp_path / "c", image_size=8, val_fraction=0.2)
+    assert prepared.classes == [latin1, "tea"] and sorted(set(prepared.val.labels.tolist())) == [0, 1]
+    again, err = prepare(data, tmp_path / "c", image_size=8, val_fraction=0.2)  # the manifest reads back
+    assert "rebuilding" not in err and again.classes == prepared.classes
+
+
+def test_split_folders_in_any_case(tmp_path):
+    data = tmp_path / "d"
+    write_classes(data / "Train", {"x": 2, "y": 2}, size=(8, 8))
+    write_classes(data / "Validation", {"x": 1, "y": 1}, size=(8, 8))
+    prepared, _ = prepare(data, tmp_path / "c", image_size=8)
+    assert prepared.manifest["layout"] == "train-val" and prepared.classes == ["x", "y"]
+    assert len(prepared.train.images) == 4 and len(prepared.val.images) == 2
+    # Train/ alone is a class (trains, buses), as before; train/ alone is a layout missing val/
+    write_classes(tmp_path / "v", {"Train": 3, "bus": 3}, size=(8, 8))
+    vehicles, _ = prepare(tmp_path / "v", tmp_path / "c2", image_size=8)
+    assert vehicles.manifest["layout"] == "classes" and vehicles.classes == ["Train", "bus"]
+
+
+def test_classes_too_small_to_test_are_said(tmp_path):
+    write_classes(tmp_path / "d", {"big": 20, "small": 3, "tiny": 1}, size=(8, 8))
+    prepared, err = prepare(tmp_path / "d", tmp_path / "c", image_size=8)
+    assert sorted(set(prepared.val.labels.tolist())) == [0]
+    assert "note: 2 class folders (small, tiny) too small to hold out any image at --val-fraction 0.1" in err
+
+
+def test_links_that_loop_and_pipes_named_like_images(tmp_path):
+    data = tmp_path / "d"
+    write_classes(data, {"x": 3, "y": 3}, size=(8, 8))
+    os.symlink("loop.jpg", data / "x" / "loop.jpg")  # ELOOP when followed
+    os.symlink("loopy", data / "y" / "loopy")
+    os.mkfifo(data / "y" / "pipe.jpg")  # opening it would wait for a writer forever
+    done = {}
+    worker = __import__("threading").Thread(
+        target=lambda: done.update(p=prepare(data, tmp_path / "c", image_size=8, val_fraction=0)[0]), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert "p" in done, "the preparation hung or failed"
+    prepared = done["p"]
+    assert len(prepared.train.images) == 6
+    assert [s["path"] for s in prepared.manifest["skipped"]] == ["x/loop.jpg"]  # listed, as a dangling link is
+    assert all("pipe" not in s[0] for s in prepared.manifest["splits"]["train"]["sources"])
+
+
+def test_more_than_8_bit_grayscale_and_rare_extensions(tmp_path):
+    data = tmp_path / "d"
+    ramp = np.linspace(0, 1, 8 * 8, dtype=np.float32).reshape(8, 8)
+    save(f"{data}/x/unit-float.tif", Image.fromarray(ramp, mode="F"))              # floats in [0, 1]
+    save(f"{data}/x/byte-float.tif", Image.fromarray(ramp * 255, mode="F"))        # floats in [0, 255]
+    save(f"{data}/x/int32-bytes.tif", Image.fromarray((ramp * 255).astype(np.int32), mode="I"))
+    save(f"{data}/x/int32-words.tif", Image.fromarray((ramp * 65535).astype(np.int32), mode="I"))
+    save(f"{data}/x/photo.jfif", rgb(8, 8), format="JPEG")
+    save(f"{data}/x/photo.jpe", rgb(8, 8), format="JPEG")
+    prepared, _ = prepare(data, tmp_path / "c", image_size=8, val_fraction=0)
+    images = by_path(prepared)
+    assert set(images) == {"x/unit-float.tif", "x/byte-float.tif", "x/int32-bytes.tif", "x/int32-words.tif",
+                           "x/photo.jfif", "x/photo.jpe"}
+    want = (ramp * 255 + 0.5).astype(np.uint8)
+    for name in ("unit-float", "byte-float", "int32-bytes", "int32-words"):
+        got = images[f"x/{name}.tif"][0]
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1, name  # the same ramp, at 8 bits
+        assert np.array_equal(got[0], got[1]) and np.array_equal(got[0], got[2])
+    assert Image.MAX_IMAGE_PIXELS >= 200_000_000  # phones' 108 and 200 M pixel photos are not "bombs"
+
+
+def test_a_damaged_labels_file_rebuilds(tmp_path):
+    write_classes(tmp_path / "d", {"x": 3, "y": 3}, size=(8, 8))
+    first, _ = prepare(tmp_path / "d", tmp_path / "c", image_size=8, val_fraction=0)
+    for damage in (b"", b"\x93NUMPY garbage"):
+        (tmp_path / "c" / "train.labels.npy").write_bytes(damage)
+        again, err = prepare(tmp_path / "d", tmp_path / "c", image_size=8, val_fraction=0)
+        assert "train.labels.npy is damaged" in err and "Traceback" not in err
+        assert_same(first, again)
+
+
+def test_two_folders_of_one_name_do_not_share_the_default_cache(tmp_path, monkeypatch):
+    for parent in ("a", "b"):
+        write_classes(tmp_path / parent / "pics", {"x": 2, "y": 2 if parent == "a" else 3}, size=(8, 8))
+    monkeypatch.chdir(tmp_path)
+    quiet = dict(image_size=8, workers=0, progress=False, val_fraction=0)
+    folders.prepare("a/pics", **quiet)
+    with pytest.raises(UserError, match=r"holds the preparation of another folder of that name, .*a/pics: "
+                                        r"give --cache DIR for .*b/pics"):
+        folders.prepare("b/pics", **quiet)
+    assert folders.prepare("a/pics", **quiet).manifest["complete"]  # kept, not wiped
+    folders.prepare("b/pics", cache="elsewhere", **quiet)

@@ -1,6 +1,6 @@
 """The ImageNet experiments at a tiny scale: RandomResizedCrop draws, AlexNet pretraining on a
-folder, Table 5's five linear probes trained jointly (equal to five trained one at a time),
-Table 4's non-linear probes, and both tables end to end (CPU, width 0.125, images the tests
+folder, Table 5's five linear probes and Table 4's two non-linear ones each trained jointly
+(equal to each trained alone), and both tables end to end (CPU, width 0.125, images the tests
 write).
 """
 import copy
@@ -83,29 +83,36 @@ def test_a_crop_larger_than_the_images_is_one_clear_error():
 # ----------------------------------------------------------------------------- probe heads
 def test_linear_heads_pool_to_the_papers_sizes():
     extractor = alexnet.AlexNet(width=1.0).eval()
-    heads = probe.LinearHeads(extractor, 1000)
+    heads = probe.alexnet_heads(extractor, "linear", 1000)
     assert [h[-1].in_features for h in heads.classifier] == [9216, 9408, 9600, 9216, 9216]
     assert all(h[1].weight is None for h in heads.classifier)  # BatchNorm without affine parameters
-    small = probe.LinearHeads(alexnet.AlexNet(width=0.125), 7).eval()
+    small = probe.alexnet_heads(alexnet.AlexNet(width=0.125), "linear", 7).eval()
     assert small(torch.randn(2, 3, 224, 224)).shape == (5, 2, 7)
 
 
 @pytest.mark.parametrize("block", [4, 5])
 def test_nonlinear_heads(block):
-    extractor = alexnet.AlexNet(width=0.125).eval()
+    torch.manual_seed(0)
+    extractor = alexnet.AlexNet(width=0.5).eval()
     head = probe.alexnet_nonlinear(extractor, block, 11)
     model = probe.Probe(extractor, block, head).eval()
     assert model(torch.randn(2, 3, 224, 224)).shape == (2, 11)
     linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
-    assert [m.in_features for m in linears] == [32 * 6 * 6, 512, 512] and linears[0].bias is None
-    assert (block == 4) == any(isinstance(m, torch.nn.Conv2d) for m in head.modules())
+    assert [m.in_features for m in linears] == [128 * 6 * 6, 2048, 2048] and linears[0].bias is None
+    convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == (block == 4)
+    if convs:  # the original's init, N(0, sqrt(2 / (3 * 3 * 128))), not PyTorch's uniform one
+        assert convs[0].weight.std().item() == pytest.approx(math.sqrt(2 / (9 * 128)), rel=0.02)
+    joint = probe.alexnet_heads(extractor, "nonlinear", 11).eval()
+    assert joint.blocks == (4, 5) and joint(torch.randn(2, 3, 224, 224)).shape == (2, 2, 11)
 
 
-def test_five_heads_trained_jointly_equal_five_trained_one_at_a_time():
+@pytest.mark.parametrize("classifier, blocks", [("linear", (1, 2, 3, 4, 5)), ("nonlinear", (4, 5))])
+def test_heads_trained_jointly_equal_heads_trained_one_at_a_time(classifier, blocks):
     torch.manual_seed(0)
     extractor = alexnet.AlexNet(width=0.125).eval()
-    joint = probe.LinearHeads(extractor, 5)
-    alone = [probe.Probe(extractor, k + 1, copy.deepcopy(joint.classifier[k])) for k in range(5)]
+    joint = probe.alexnet_heads(extractor, classifier, 5)
+    alone = [probe.Probe(extractor, k, copy.deepcopy(head)) for k, head in zip(blocks, joint.classifier)]
     opt_joint = train.make_optimizer(joint.classifier.parameters(), 0.01, 10)[0]
     opts = [train.make_optimizer(m.classifier.parameters(), 0.01, 10)[0] for m in alone]
     ctx = train.Context("cpu")
@@ -117,8 +124,8 @@ def test_five_heads_trained_jointly_equal_five_trained_one_at_a_time():
         for model, opt in zip(alone, opts):
             model.train()
             train.train_step(ctx, model, opt, x, y)
-    for k, model in enumerate(alone):
-        for a, b in zip(joint.classifier[k].state_dict().values(), model.classifier.state_dict().values()):
+    for head, model in zip(joint.classifier, alone):
+        for a, b in zip(head.state_dict().values(), model.classifier.state_dict().values()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not any(p.requires_grad for p in extractor.parameters())
 
@@ -136,6 +143,21 @@ def test_alexnet_pretraining_on_a_folder(imagenet, tmp_path):
     assert isinstance(model, alexnet.AlexNet) and model.head.out_features == 4
 
 
+def test_a_folder_too_small_for_the_crop_is_refused_before_it_is_prepared(imagenet, tmp_path):
+    # preparing ImageNet takes hours and hundreds of GB: the size is checked first
+    proc = run_cli("--arch", "alexnet", "--data", imagenet, "--image-size", 64, "--cache", tmp_path / "cache",
+                   "--device", "cpu", "--out", tmp_path / "run", check=False)
+    assert_one_line_error(proc, "64x64", "--image-size 224")
+    assert "preparing" not in proc.stderr and not (tmp_path / "cache").exists()
+    net = alexnet.AlexNet(width=0.125)
+    torch.save(dict(model=net.state_dict(), model_config=net.config), tmp_path / "model.pt")
+    proc = run_cli("--table", 5, "--data", imagenet, "--image-size", 128, "--cache", tmp_path / "cache",
+                   "--checkpoint", tmp_path / "model.pt", "--device", "cpu", "--out", tmp_path / "tables",
+                   script="probe.py", check=False)
+    assert_one_line_error(proc, "128x128", "--image-size 224")
+    assert not (tmp_path / "cache").exists()
+
+
 def test_both_imagenet_tables_end_to_end(imagenet, tmp_path):
     torch.manual_seed(0)
     net = alexnet.AlexNet(width=0.125)
@@ -146,10 +168,17 @@ def test_both_imagenet_tables_end_to_end(imagenet, tmp_path):
     assert "(18.80)" in five.stdout and "(36.50)" in five.stdout and "top-5" in five.stdout
     table = json.loads((tmp_path / "tables" / "table5.json").read_text())
     assert [len(row["ours"]) for row in table["rows"]] == [5, 5]
+    assert (table["checkpoint"], table["width"], table["epochs"]) == (str(tmp_path / "model.pt"), 0.125, 1)
     four = run_cli("--table", 4, *common, script="probe.py")
     assert "(50.00)" in four.stdout and "(43.80)" in four.stdout
+    assert four.stdout.count("epoch 1 ") == 1  # conv4's and conv5's probes trained together
+    assert [len(row["ours"]) for row in json.loads((tmp_path / "tables" / "table4.json").read_text())["rows"]] == [2, 2]
     again = run_cli("--table", 5, *common, script="probe.py")  # reused, not trained again
     assert "epoch 1" not in again.stdout
+    # The same path, other weights (the RotNet trained anew): the probes are not reused.
+    torch.save(dict(model=alexnet.AlexNet(width=0.125).state_dict(), model_config=net.config), tmp_path / "model.pt")
+    proc = run_cli("--table", 5, *common, script="probe.py", check=False)
+    assert_one_line_error(proc, "made with other settings", "checkpoint_hash")
     save_nin(tmp_path / "nin.pt")  # a CIFAR RotNet: nothing for these tables
     common[common.index(tmp_path / "model.pt")] = tmp_path / "nin.pt"
     proc = run_cli("--table", 4, *common, script="probe.py", check=False)

@@ -52,12 +52,16 @@ def test_one_tiny_run_writes_both_arms_and_the_figure(tmp_path):
     widths = [json.loads((out / arm / "config.json").read_text())["width"]
               for arm in ("K3_rotnet_conv", "K3_supervised")]
     assert widths == [0.0625, 0.125]  # each records the network it trained
-    # Its finished arms are reused only by the same sweep: not with another lr, or another RotNet.
+    # Its finished arms are reused only by the same sweep: not with another lr, or another RotNet,
+    # be it another file or other weights in the same file (trained anew).
     save_nin(tmp_path / "other.pt", seed=1)
     for changed, named in ((["--checkpoint", tmp_path / "model.pt", "--lr", "0.5"], "lr"),
                            (["--checkpoint", tmp_path / "other.pt"], "other.pt")):
         again = run_cli(*flags, *changed, check=False, script="semi_supervised.py")
         assert_one_line_error(again, "K3_", named, "other settings")
+    save_nin(tmp_path / "model.pt", width=0.0625, seed=1)
+    again = run_cli(*flags, "--checkpoint", tmp_path / "model.pt", check=False, script="semi_supervised.py")
+    assert_one_line_error(again, "K3_rotnet_conv", "checkpoint_hash", "other settings")
 
 
 def test_an_epoch_cycles_a_small_set_in_fresh_orders():
