@@ -13,6 +13,7 @@ images from the file into pinned memory and copies them on a side stream while t
 current step runs. Both give the same batches for the same draws.
 """
 import ctypes
+import hashlib
 import json
 import os
 import queue
@@ -46,6 +47,7 @@ class Dataset:
     mean: tuple                      # per channel, 0-255 scale: what batches are normalised by
     std: tuple
     classes: tuple
+    fingerprint: str = ""            # which images, in which split, with which labels (config.json)
 
     def require_labels(self, what):
         if self.train_y is None:
@@ -77,7 +79,9 @@ def load(data, *, image_size=256, download=False, cache=None, val_fraction=0.1, 
         train_x, train_y, test_x, test_y = cifar.load_cifar(data, download)
         if recipe is not None:
             recipe.check(*train_x.shape[-2:])
-        return Dataset(train_x, train_y, test_x, test_y, cifar.MEAN, cifar.STD, cifar.CLASSES)
+        # the labels tell the full set from a sample of it, and cost nothing to hash
+        fingerprint = digest(train_y.numpy().tobytes(), b"|", test_y.numpy().tobytes())
+        return Dataset(train_x, train_y, test_x, test_y, cifar.MEAN, cifar.STD, cifar.CLASSES, fingerprint)
     if recipe is not None:
         recipe.check(image_size, image_size)
     # The held-out images are drawn with folders.prepare's fixed seed, not --seed: runs of
@@ -90,8 +94,20 @@ def load(data, *, image_size=256, download=False, cache=None, val_fraction=0.1, 
     # A channel that never varies (all-black pictures, one stain saved as RGB) has std 0: it is
     # 0 once centred, whatever it is divided by, and a grey level is the least a std may be.
     std = tuple(max(s, 1.0) for s in p.std)
+    # Which files, labelled how, in which split: not their sizes and times, which a copy of the
+    # folder changes (a file edited in place is not seen; one added or moved to val/ is).
+    splits = [[(path, label) for path, _, _, label in p.manifest["splits"][s]["sources"]] for s in folders.SPLITS]
+    fingerprint = digest(json.dumps([p.classes, *splits]).encode())  # (ASCII: odd names are escaped)
     return Dataset(as_tensor(p.train.images), labels(p.train.labels), as_tensor(p.val.images),
-                   labels(p.val.labels), tuple(p.mean), std, tuple(p.classes))
+                   labels(p.val.labels), tuple(p.mean), std, tuple(p.classes), fingerprint)
+
+
+def digest(*parts):
+    """The start of the SHA-256 of the bytes in parts."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- augmentation

@@ -237,7 +237,8 @@ def train_classifier(model, s: train.Run, dataset, *, kind, epochs, describe, su
     trained = [p for p in net.parameters() if p.requires_grad]
     opt, sched = train.make_optimizer(trained, lr, epochs, schedule.milestones)
     config = dict(dataclasses.asdict(s), lr=lr, batch_size=batch_size, epochs=epochs,
-                  milestones=train.milestones(epochs, schedule.milestones), **describe)
+                  milestones=train.milestones(epochs, schedule.milestones), data_fingerprint=dataset.fingerprint,
+                  **describe)
     # A supervised NIN's checkpoint.pt loads with models.load_model, as a RotNet's does.
     extra = dict(model_config=model.config) if isinstance(model, NIN) else {}
     train.epoch_steps(ctx, epoch_size or len(train_x), batch_size)

@@ -100,7 +100,7 @@ def pretrain(s: Pretraining):
         model = build(s.arch, num_classes=len(s.rotations), width=s.width, blocks=s.blocks)
         net = ctx.prepare(model)
         opt, sched = make_optimizer(net.parameters(), s.lr, s.epochs, arch.milestones, arch.decay)
-        config = dict(dataclasses.asdict(s), model_config=model.config)
+        config = dict(dataclasses.asdict(s), model_config=model.config, data_fingerprint=dataset.fingerprint)
         epoch_steps(ctx, len(train_x), s.batch_size)
         first, metrics = restore(ctx, s.out, config, s.resume, model, opt, sched)
 

@@ -475,6 +475,9 @@ def restore(ctx, out, config, resume, model, opt, sched):
         print(f"no checkpoint in {out}: starting from the beginning", file=sys.stderr)
     if ckpt:
         changed = changed_settings(out, config)
+        require(not any(c.startswith("data_fingerprint ") for c in changed),
+                f"{out} was trained on other images: the data in --data changed since (images added or removed, "
+                "or held out otherwise); resumed, it would test on images it trained on. Give this run another --out")
         require(not changed, f"{out} was made with other settings ({'; '.join(changed)}): resume it with its own, "
                              "or give this run another --out")
         try:

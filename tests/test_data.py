@@ -237,3 +237,18 @@ def test_data_given_as_a_file_or_from_home(tmp_path, monkeypatch, folder):
     monkeypatch.setenv("HOME", str(folder.parent))
     dataset = data.load(f"~/{folder.name}", image_size=8, cache=str(tmp_path / "c"))
     assert len(dataset.train_x) + len(dataset.test_x) == 36
+
+
+def test_a_run_resumed_on_other_images_is_refused(tmp_path):
+    pictures = write_folder(tmp_path / "pictures", per_class=10, size=(16, 16))
+    settings = dict(data=str(pictures), image_size=16, cache=str(tmp_path / "cache"), epochs=1, width=0.125,
+                    batch_size=8, device="cpu", out=str(tmp_path / "run"))
+    rotnet.pretrain(rotnet.Pretraining(**settings))
+    rotnet.pretrain(rotnet.Pretraining(**settings, resume=True))  # the same images: fine
+    os.rename(pictures, tmp_path / "moved")  # moved (files copied elsewhere): the same images
+    rotnet.pretrain(rotnet.Pretraining(**dict(settings, data=str(tmp_path / "moved"), cache=str(tmp_path / "c2")),
+                                       resume=True))
+    write_folder(tmp_path / "moved", classes=("cat",), per_class=11, size=(16, 16))  # one image more
+    with pytest.raises(data.UserError, match=r"run was trained on other images: the data in --data changed"):
+        rotnet.pretrain(rotnet.Pretraining(**dict(settings, data=str(tmp_path / "moved"), cache=str(tmp_path / "c2")),
+                                           resume=True))
