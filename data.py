@@ -313,13 +313,13 @@ if __name__ == "__main__":
     import argparse
     # Only here: train imports this module, but this module does not import train at import
     # time, so there is no cycle (train imports a second copy of data.py, as "data").
-    from train import positive_int
+    from train import positive_int, user_path
     ap = argparse.ArgumentParser(description="Loader benchmark: a prepared image folder into device batches")
-    ap.add_argument("--data", required=True, help="a folder of images (prepared on first use)")
+    ap.add_argument("--data", required=True, type=user_path, help="a folder of images (prepared on first use)")
     ap.add_argument("--image-size", type=positive_int, default=256)
     ap.add_argument("--batch-size", type=positive_int, default=192)
     ap.add_argument("--steps", type=positive_int, default=50)
-    ap.add_argument("--cache")
+    ap.add_argument("--cache", type=user_path)
     ap.add_argument("--val-fraction", type=float, default=0.1,
                     help="as the training scripts' (the prepared folder depends on it)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])

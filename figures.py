@@ -285,18 +285,21 @@ def parse_args(argv=None):
 
     def command(name, help):
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--out", default="runs/figures", help="folder for the PNG")
+        p.add_argument("--out", default="runs/figures", type=train.user_path, help="folder for the PNG")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the models run")
         return p
 
     def networks(p):
-        p.add_argument("--rotnet", required=True, help="a RotNet model.pt, checkpoint.pt or original checkpoint")
-        p.add_argument("--supervised", required=True, help="a supervised NIN (probe.py --supervised: checkpoint.pt)")
+        p.add_argument("--rotnet", required=True, type=train.user_path,
+                       help="a RotNet model.pt, checkpoint.pt or original checkpoint")
+        p.add_argument("--supervised", required=True, type=train.user_path,
+                       help="a supervised NIN (probe.py --supervised: checkpoint.pt)")
 
     def images(p, help):  # as the training scripts take them
-        p.add_argument("--data", default="./data", help=help)
+        p.add_argument("--data", default="./data", type=train.user_path, help=help)
         p.add_argument("--image-size", type=train.positive_int, default=256, help="S of an image folder")
-        p.add_argument("--cache", help="where the image folder is prepared (default: prepared/NAME-S)")
+        p.add_argument("--cache", type=train.user_path,
+                       help="where the image folder is prepared (default: prepared/NAME-S)")
 
     p = command("attention", "Figure 3: attention maps of every block of both networks on a few test images")
     networks(p)
@@ -308,7 +311,7 @@ def parse_args(argv=None):
     p = command("filters", "Figure 4: the first-layer 5x5 filters of both networks")
     networks(p)
     p = command("curves", "training curves (loss, train and test accuracy) of runs, from their metrics.jsonl")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", type=train.user_path)
     p = command("rotation-vs-object",
                 "Figure 5(a): rotation and object accuracy of every model_epochNNN.pt of a run "
                 "(rotnet.py --save-every N). Trains one non-linear probe on ConvB2 PER SNAPSHOT, in "

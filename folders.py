@@ -7,8 +7,8 @@
 Layouts of the data folder (hidden files and folders, files of other extensions, and pipes or
 devices named like images are ignored):
   train-val  DIR/train/<class>/... and DIR/val/<class>/... (ImageNet's, val sorted into classes;
-             the names in any case, val/ also validation/). The classes are train's class
-             folders; val_fraction and seed are not used.
+             the names in any case, also training/, validation/, valid/). The classes are train's
+             class folders; val_fraction and seed are not used.
   classes    DIR/<class>/...: val_fraction of each class held out for val at random (seeded).
   flat       DIR/*.jpg: unlabelled; val_fraction of the images held out for val at random.
 A class folder is searched recursively; sources are taken in the order of their relative paths.
@@ -72,6 +72,7 @@ EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif",
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")  # what Pillow may decode (JPEG includes MPO); no EPS etc.
 CIFAR_NAMES = ("cifar-10-batches-py", "data_batch_1", "cifar-10-python.tar.gz")
 SPLITS = ("train", "val")
+SPLIT_NAMES = (("train", "training"), ("val", "validation", "valid"))  # what the folders may be called, in any case
 TODO, GOOD, BROKEN = 0, 1, 2     # the states in <split>.done
 COMMIT_SECONDS = 2.0             # how often the decoded images are flushed and recorded as done
 # Pillow refuses images above 89 M pixels as possible decompression bombs, a limit made for web
@@ -260,11 +261,12 @@ def _why_no_val(layout, sources, val_fraction):
 
 def _find_sources(data, val_fraction=0.1, seed=0):
     """(layout, classes, {"train": sources, "val": sources}) of an image folder."""
+    if os.path.isfile(data):
+        raise UserError(f"{data} is a file, not a folder of images")
     if not os.path.isdir(data):
         raise UserError(f"{data}: no such folder")
     try:
-        train_dir, val_dir = (os.path.join(data, _split_folder(data, names))
-                              for names in (("train",), ("val", "validation")))
+        train_dir, val_dir = (os.path.join(data, _split_folder(data, names)) for names in SPLIT_NAMES)
         if os.path.isdir(train_dir) and os.path.isdir(val_dir):
             return _train_val_sources(data, train_dir, val_dir)
         if os.path.isdir(os.path.join(data, "train")):  # (Train/ alone may be a class: trains, buses)
@@ -322,6 +324,10 @@ def _held_out_sources(data, val_fraction, seed):
                             "use one class folder per class, or only images")
         train, val = _hold_out([("", _sources(data, data, None))], val_fraction, seed)
         return "flat", [], {"train": train, "val": val}
+    split = [c for c in classes if c.lower() in SPLIT_NAMES[1] + ("training", "test", "testing")]
+    if split:  # (not Train/ alone: trains and buses are classes)
+        raise UserError(f"{os.path.join(data, split[0])} is named like a split, not a class: give {data} a train/ "
+                        "and a val/ folder, each of class folders (or rename it, if it is a class)")
     groups = []
     for label, name in enumerate(classes):
         groups.append((name, _sources(data, os.path.join(data, name), label)))

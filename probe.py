@@ -457,7 +457,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     train.add_common_flags(ap, epochs="the classifier's own schedule (a table's RotNets keep their 200 x "
                            "--epochs-scale)", out=None, scaled=True)
-    ap.add_argument("--checkpoint", help="model.pt, checkpoint.pt or an original-format checkpoint")
+    ap.add_argument("--checkpoint", type=train.user_path,
+                    help="model.pt, checkpoint.pt or an original-format checkpoint")
     ap.add_argument("--block", type=int, default=2,
                     help="which block's (or AlexNet conv's) output to classify, 1-based; 0, on an AlexNet: every "
                          "conv the classifier sits on, at once (linear: conv1..conv5, Table 5; nonlinear: conv4 "

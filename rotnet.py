@@ -30,7 +30,7 @@ from errors import UserError
 from models import build
 from train import (LR_DECAY, MILESTONES, Context, Run, add_common_flags, atomic_save, end_epoch, epoch_metrics,
                    epoch_steps, evaluate, make_optimizer, positive_int, require, restore, run_job, train_epoch,
-                   world_size)
+                   user_path, world_size)
 
 # ----------------------------------------------------------------------------- settings
 FOUR = (0, 90, 180, 270)             # the paper's rotations
@@ -160,7 +160,8 @@ def parse_args(argv=None):
                     "fused SGD, the DataLoader baseline, torch.compile modes) in one run; a table at the end")
     ap.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1),
                     help="the DataLoader baseline's worker processes (default: %(default)s)")
-    ap.add_argument("--json", metavar="PATH", help="with --benchmark: also write the result (--sweep: every row) here")
+    ap.add_argument("--json", metavar="PATH", type=user_path,
+                    help="with --benchmark: also write the result (--sweep: every row) here")
     args = ap.parse_args(argv)
     for given, flag in ((args.baseline, "--baseline"), (args.sweep, "--sweep"), (args.json, "--json")):
         if given and not args.benchmark:

@@ -189,7 +189,8 @@ def parse_args(argv=None):
                            "its 200 x --epochs-scale)", out="runs/semi_supervised", scaled=True)
     ap.add_argument("--per-class", required=True, type=per_class_list,
                     help="labelled images per class, e.g. 100 or 20,100,400,1000,5000")
-    ap.add_argument("--checkpoint", help="a RotNet (model.pt or original format); default: pretrain one")
+    ap.add_argument("--checkpoint", type=train.user_path,
+                    help="a RotNet (model.pt or original format); default: pretrain one")
     ap.add_argument("--subset-seed", type=int, help="draw a random K per class instead of the first K")
     ap.add_argument("--epoch-size", type=train.positive_int, default=EPOCH_SIZE,
                     help=f"labelled images drawn per epoch, with repeats (default: {EPOCH_SIZE:,}, the size of "

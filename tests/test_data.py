@@ -237,6 +237,11 @@ def test_data_given_as_a_file_or_from_home(tmp_path, monkeypatch, folder):
     monkeypatch.setenv("HOME", str(folder.parent))
     dataset = data.load(f"~/{folder.name}", image_size=8, cache=str(tmp_path / "c"))
     assert len(dataset.train_x) + len(dataset.test_x) == 36
+    # --flag=~/x reaches the scripts unexpanded: every path flag expands it
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run_cli(f"--data=~/../{folder.parent.name}/{folder.name}", "--image-size", 8, "--cache=~/cache", "--out=~/run",
+            "--epochs", 1, "--width", 0.125, "--batch-size", 8, "--device", "cpu", env={"HOME": str(tmp_path)})
+    assert (tmp_path / "run" / "model.pt").exists() and (tmp_path / "cache" / "manifest.json").exists()
 
 
 def test_a_run_resumed_on_other_images_is_refused(tmp_path):

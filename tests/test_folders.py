@@ -622,10 +622,19 @@ def test_split_folders_in_any_case(tmp_path):
     prepared, _ = prepare(data, tmp_path / "c", image_size=8)
     assert prepared.manifest["layout"] == "train-val" and prepared.classes == ["x", "y"]
     assert len(prepared.train.images) == 4 and len(prepared.val.images) == 2
+    write_classes(tmp_path / "e" / "training", {"x": 2, "y": 2}, size=(8, 8))
+    write_classes(tmp_path / "e" / "VALID", {"x": 1, "y": 1}, size=(8, 8))
+    assert prepare(tmp_path / "e", tmp_path / "c3", image_size=8)[0].manifest["layout"] == "train-val"
     # Train/ alone is a class (trains, buses), as before; train/ alone is a layout missing val/
     write_classes(tmp_path / "v", {"Train": 3, "bus": 3}, size=(8, 8))
     vehicles, _ = prepare(tmp_path / "v", tmp_path / "c2", image_size=8)
     assert vehicles.manifest["layout"] == "classes" and vehicles.classes == ["Train", "bus"]
+    # a split folder among class folders is not read as one more class
+    write_classes(tmp_path / "w", {"car": 3, "bus": 3, "val/car": 1, "val/bus": 1}, size=(8, 8))
+    with pytest.raises(UserError, match=r"w/val is named like a split, not a class: give .* a train/ and a val/"):
+        prepare(tmp_path / "w", tmp_path / "c5", image_size=8)
+    with pytest.raises(UserError, match=r"000.png is a file, not a folder of images"):
+        prepare(tmp_path / "v" / "bus" / "000.png", tmp_path / "c4", image_size=8)
 
 
 def test_classes_too_small_to_test_are_said(tmp_path):
