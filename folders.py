@@ -37,7 +37,8 @@ While preparing, per split: <split>.done (uint8 per source: 0 to do, 1 stored, 2
 <split>.skipped.jsonl (the reasons); they are deleted at the end.
 
 A complete cache is reused while the settings and every source's path, size and mtime match; any
-difference rebuilds it from scratch (one line says why). A killed preparation resumes where it
+difference rebuilds it from scratch (one line says why). One this process may not write in (shared
+read-only) is used as it is, when it matches. A killed preparation resumes where it
 stopped. Nothing in the data folder is ever written.
 """
 import contextlib
@@ -383,7 +384,7 @@ def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=
         reason = "a file of that name exists" if isinstance(err, FileExistsError) else err.strerror or err
         raise UserError(f"{'--cache' if cache else 'the cache folder'} {root}: cannot create the folder "
                         f"({reason})") from None
-    with _locked(root):
+    with _locked(root) as unwritable:
         old = _read_manifest(root)
         why = _why_not_same(old, wanted) if old else None
         if why and cache is None and old.get("data") not in (None, data):  # two folders of one name
@@ -393,6 +394,9 @@ def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=
             why = _damaged(root, old)
             if not why and old["complete"]:
                 return _open(root, old)
+        if unwritable:  # a shared preparation is used as it is, but cannot be made or finished here
+            need = f"; it would be {'rebuilt: ' + why if why else 'made or finished'}" if old else ""
+            raise UserError(f"{root}: cannot write in the cache folder ({unwritable.strerror or unwritable}){need}")
         # Before anything is deleted or said: a run refused for space leaves the old cache whole.
         _check_space(root, wanted, reset=not old or bool(why))
         if old and why:
@@ -714,11 +718,14 @@ def _remove(root, names):
 
 @contextlib.contextmanager
 def _locked(root):
-    """Holds the cache folder's lock (several ranks of one run may call prepare at once)."""
+    """Holds the cache folder's lock (several ranks of one run may call prepare at once).
+    Yields None, or the OSError that kept it from being taken: a folder this process may not
+    write in, such as a preparation shared read-only, holds no lock and can only be read."""
     try:
-        f = open(os.path.join(root, ".lock"), "w")
-    except OSError as err:  # a folder we may not write in
-        raise UserError(f"{root}: cannot write in the cache folder ({err.strerror or err})") from None
+        f = _lock_file(root)
+    except OSError as err:
+        yield err
+        return
     with f:
         if fcntl:
             try:
@@ -727,4 +734,8 @@ def _locked(root):
                 if os.environ.get("RANK", "0") == "0":  # (the other ranks of a run wait for each other)
                     print(f"waiting for another process preparing {root}", file=sys.stderr)
                 fcntl.flock(f, fcntl.LOCK_EX)
-        yield
+        yield None
+
+
+def _lock_file(root):
+    return open(os.path.join(root, ".lock"), "w")

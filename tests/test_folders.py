@@ -704,3 +704,22 @@ def test_two_folders_of_one_name_do_not_share_the_default_cache(tmp_path, monkey
         folders.prepare("b/pics", **quiet)
     assert folders.prepare("a/pics", **quiet).manifest["complete"]  # kept, not wiped
     folders.prepare("b/pics", cache="elsewhere", **quiet)
+
+
+def test_a_preparation_shared_read_only_is_used_as_it_is(tmp_path, monkeypatch, count_decodes):
+    write_classes(tmp_path / "d", {"x": 3, "y": 3}, size=(8, 8))
+    first, _ = prepare(tmp_path / "d", tmp_path / "c", image_size=8, val_fraction=0)
+    decoded = count_decodes["n"]
+
+    def read_only(root):  # as for a user other than the one who prepared it (root ignores modes)
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(folders, "_lock_file", read_only)
+    again, err = prepare(tmp_path / "d", tmp_path / "c", image_size=8, val_fraction=0)
+    assert count_decodes["n"] == decoded and err == ""
+    assert_same(first, again)
+    save(f"{tmp_path}/d/x/new.png", rgb(8, 8))  # it no longer matches: said, and nothing is touched
+    with pytest.raises(UserError, match=r"c: cannot write in the cache folder \(Permission denied\); it would be "
+                                        r"rebuilt: 1 files added"):
+        prepare(tmp_path / "d", tmp_path / "c", image_size=8, val_fraction=0)
+    with pytest.raises(UserError, match=r"cannot write in the cache folder \(Permission denied\)$"):
+        prepare(tmp_path / "d", tmp_path / "fresh", image_size=8, val_fraction=0)
