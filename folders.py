@@ -325,8 +325,9 @@ def _held_out_sources(data, val_fraction, seed):
                             "use one class folder per class, or only images")
         train, val = _hold_out([("", _sources(data, data, None))], val_fraction, seed)
         return "flat", [], {"train": train, "val": val}
-    split = [c for c in classes if c.lower() in SPLIT_NAMES[1] + ("training", "test", "testing")]
-    if split:  # (not Train/ alone: trains and buses are classes)
+    train_names, val_names = SPLIT_NAMES
+    split = [c for c in classes if c.lower() in train_names[1:] + val_names + ("test", "testing")]
+    if split:  # (not train/ itself: trains and buses are classes)
         raise UserError(f"{os.path.join(data, split[0])} is named like a split, not a class: give {data} a train/ "
                         "and a val/ folder, each of class folders (or rename it, if it is a class)")
     groups = []

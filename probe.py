@@ -448,8 +448,9 @@ def run_table(number, s: Probing):
         made = dict(checkpoint=s.checkpoint, width=probed["width"], epochs=probed["epochs"])
     else:  # --epochs, if given, is the probes' (the RotNets keep 200 x epochs_scale)
         made = dict(epochs_scale=s.epochs_scale, width=s.width, epochs=s.epochs)
-    rows = [dict(name=n, ours=o, paper=p) for n, o, p in table]
-    train.write_json(dict(table=number, columns=columns, **made, rows=rows), os.path.join(s.out, f"table{number}.json"))
+    train.write_json(dict(table=number, columns=columns, **made,
+                          rows=[dict(name=n, ours=o, paper=p) for n, o, p in table]),
+                     os.path.join(s.out, f"table{number}.json"))
 
 
 # ----------------------------------------------------------------------------- command line

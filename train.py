@@ -475,10 +475,11 @@ def restore(ctx, out, config, resume, model, opt, sched):
         print(f"no checkpoint in {out}: starting from the beginning", file=sys.stderr)
     if ckpt:
         changed = changed_settings(out, config)
-        require(not any(c.startswith("data_fingerprint ") for c in changed),
+        require("data_fingerprint" not in changed,
                 f"{out} was trained on other images: the data in --data changed since (images added or removed, "
                 "or held out otherwise); resumed, it would test on images it trained on. Give this run another --out")
-        require(not changed, f"{out} was made with other settings ({'; '.join(changed)}): resume it with its own, "
+        differ = "; ".join(f"{k} {there} there, {here} here" for k, (there, here) in changed.items())
+        require(not changed, f"{out} was made with other settings ({differ}): resume it with its own, "
                              "or give this run another --out")
         try:
             model.load_state_dict(ckpt["model"])
@@ -513,16 +514,16 @@ def restore(ctx, out, config, resume, model, opt, sched):
 
 
 def changed_settings(out, config):
-    """The settings in config that differ from those out's run was made with (its
-    config.json): resumed with others, a run would train something else than it records."""
+    """{setting: (there, here)} for those in config that differ from what out's run was made
+    with (its config.json): resumed with others, a run would train something else than it records."""
     try:
         with open(os.path.join(out, "config.json")) as f:
             saved = json.load(f)
     except (OSError, ValueError):  # none to compare with: the checkpoint's shapes are still checked
-        return []
+        return {}
     as_saved = lambda v: json.loads(json.dumps(v))  # tuples as lists, as config.json holds them
-    return [f"{k} {saved[k]} there, {v} here" for k, v in config.items()
-            if k in saved and k not in MAY_CHANGE_ON_RESUME and saved[k] != as_saved(v)]
+    return {k: (saved[k], v) for k, v in config.items()
+            if k in saved and k not in MAY_CHANGE_ON_RESUME and saved[k] != as_saved(v)}
 
 
 def epoch_of(line):
