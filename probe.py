@@ -264,8 +264,9 @@ def train_classifier(model, s: train.Run, dataset, *, kind, epochs, describe, su
     return results
 
 
-def probe(s: Probing):
-    """The probe s describes (or the supervised NIN); returns its results."""
+def probe(s: Probing, dataset=None):
+    """The probe s describes (or the supervised NIN), on dataset (default: s's --data);
+    returns its results."""
     require(s.supervised or s.init == "random" or s.checkpoint, "a probe needs a checkpoint (or init='random')")
     with s.claim_out():  # out held until the run ends (checked first)
         extractor = load_model(s.checkpoint) if not s.supervised and s.init == "checkpoint" else None
@@ -276,7 +277,7 @@ def probe(s: Probing):
         blocks = (len(extractor.convs) if on_alexnet else len(extractor.blocks)) if extractor else s.blocks
         require(s.supervised or s.block <= blocks, f"--block {s.block}: the network has blocks 1 to {blocks}")
         kind = schedule_kind(s, on_alexnet)
-        dataset = s.load_data(train.Context(s.device), SCHEDULES[kind].recipe).require_labels("a probe")
+        dataset = (dataset or s.load_data(train.Context(s.device), SCHEDULES[kind].recipe)).require_labels("a probe")
         classes, size = len(dataset.classes), dataset.train_x.shape[-1]
         torch.manual_seed(s.seed)
         if s.supervised:
@@ -304,14 +305,20 @@ def probe(s: Probing):
 
 
 # ----------------------------------------------------------------------------- tables
-def check_reusable(out, **wanted):
-    """A run in out (finished or stopped) is reused only if it was made with these settings,
-    and, if finished, its results.json is whole (a damaged one stops here, before any training)."""
+def check_reusable(out, data_fingerprint=None, **wanted):
+    """A run in out (finished or stopped) is reused only if it was made with these settings
+    (and on these images: the data's fingerprint, where given and recorded), and, if finished,
+    its results.json is whole (a damaged one stops here, before any training)."""
     path = os.path.join(out, "config.json")
     if os.path.exists(path):
         saved = train.read_json(path)
         differ = [f"{k} {saved.get(k)} there, {v} here" for k, v in wanted.items() if saved.get(k) != v]
         require(not differ, f"{out} was made with other settings ({'; '.join(differ)}): give this run another --out")
+        made_on = saved.get("data_fingerprint", data_fingerprint)  # (runs from before it was recorded pass)
+        require(data_fingerprint is None or made_on == data_fingerprint,
+                f"{out} was made on other images than --data holds now (images added or removed, held out "
+                "otherwise, or another data set): its numbers would not be this data's. Give this run "
+                "another --out, or delete that folder to train it anew")
     if os.path.exists(os.path.join(out, "results.json")):
         train.read_json(os.path.join(out, "results.json"))
 
@@ -392,14 +399,14 @@ def format_table(number, columns, rows, data):
 
 def run_plan(nets, probes, imagenet=False):
     """Runs the probes that are not finished (a stopped one resumes), first pretraining the
-    RotNets they need; every folder's settings are checked before anything trains. A RotNet
-    whose probes are all finished is not needed: its model.pt may be deleted. Returns each
-    probe's results, by folder."""
+    RotNets they need; every folder's settings and images are checked before anything trains.
+    A RotNet whose probes are all finished is not needed: its model.pt may be deleted. Returns
+    each probe's results, by folder."""
     for net in nets:
         check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed)
     finished = lambda p: os.path.exists(os.path.join(p.out, "results.json"))
-    for p in probes:
-        kind = schedule_kind(p, imagenet)
+    kinds = [schedule_kind(p, imagenet) for p in probes]
+    for p, kind in zip(probes, kinds):
         lr, batch_size = p.lr or SCHEDULES[kind].lr, p.batch_size or SCHEDULES[kind].batch_size
         # Tables 4 and 5 probe the file --checkpoint names, which may have been trained anew since
         # (the other tables check the RotNets they train themselves, above).
@@ -407,6 +414,11 @@ def run_plan(nets, probes, imagenet=False):
         check_reusable(p.out, epochs=schedule_epochs(kind, p.epochs, p.epochs_scale), seed=p.seed, lr=lr,
                        batch_size=batch_size, checkpoint=p.checkpoint, **same_weights,
                        **({} if p.checkpoint else dict(width=p.width)))  # it trains a NIN of this width
+    # The data, loaded once for every probe: a run made on other images (the folder changed
+    # since, another sample) is not reused, finished or not.
+    dataset = probes[0].load_data(train.Context(probes[0].device), SCHEDULES[kinds[0]].recipe)
+    for run in [*nets, *probes]:
+        check_reusable(run.out, data_fingerprint=dataset.fingerprint)
     needed = {p.checkpoint for p in probes if not finished(p)}
     for net in nets:
         model = os.path.join(net.out, "model.pt")
@@ -415,7 +427,7 @@ def run_plan(nets, probes, imagenet=False):
     results = {}
     for p in probes:
         if not finished(p):
-            probe(p)
+            probe(p, dataset)
         results[p.out] = train.read_json(os.path.join(p.out, "results.json"))
     return results
 

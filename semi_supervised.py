@@ -140,7 +140,8 @@ def sweep(s: Sweep):
         require(isinstance(load_model(s.checkpoint), NIN),
                 f"{s.checkpoint} is an AlexNet: the sweep trains on a NIN RotNet's ConvB2 (Figure 5b)")
     else:
-        probe.check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed)
+        probe.check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed,
+                             data_fingerprint=dataset.fingerprint)
     # --checkpoint's file may have been trained anew since the arms on it ran (the RotNet the
     # sweep trains itself is checked above)
     same_weights = dict(checkpoint_hash=fingerprint(s.checkpoint)) if s.checkpoint else {}
@@ -152,7 +153,8 @@ def sweep(s: Sweep):
             source = dict(checkpoint=checkpoint, **same_weights) if kind == "conv" else dict(width=s.width)
             probe.check_reusable(run.out, epochs=epochs, seed=s.seed, epoch_size=s.epoch_size,
                                  subset_seed=s.subset_seed, lr=s.lr or schedule.lr,
-                                 batch_size=s.batch_size or schedule.batch_size, **source)
+                                 batch_size=s.batch_size or schedule.batch_size,
+                                 data_fingerprint=dataset.fingerprint, **source)
     if net and not os.path.exists(checkpoint):
         rotnet.pretrain(net)
     rows = []

@@ -160,6 +160,10 @@ def test_a_whole_table_at_a_tiny_scale(cifar_dir, tmp_path, table):
     assert_one_line_error(other, "other settings", "epochs")
     other = run_probe(*flags, "--lr", 0.5, check=False)  # nor at another learning rate
     assert_one_line_error(other, "other settings", "lr")
+    # Nor on other images: another sample, or the folder changed since (its labels differ here).
+    write_cifar(tmp_path / "other_data", 40, 60, seed=1)
+    other = run_probe(*[tmp_path / "other_data" if f == cifar_dir else f for f in flags], check=False)
+    assert_one_line_error(other, "rotnet_", "made on other images")
     # A results.json damaged (by hand, or a disk) stops the table before anything trains.
     damaged = next(tmp_path.glob("*/results.json"))
     damaged.write_text('{"test_acc": ')

@@ -62,6 +62,12 @@ def test_one_tiny_run_writes_both_arms_and_the_figure(tmp_path):
     save_nin(tmp_path / "model.pt", width=0.0625, seed=1)
     again = run_cli(*flags, "--checkpoint", tmp_path / "model.pt", check=False, script="semi_supervised.py")
     assert_one_line_error(again, "K3_rotnet_conv", "checkpoint_hash", "other settings")
+    # nor on other images (another sample, or the folder changed since)
+    save_nin(tmp_path / "model.pt", width=0.0625)
+    write_cifar(tmp_path / "other_data", 30, 50, seed=1)
+    again = run_cli(*[tmp_path / "other_data" if f == tmp_path / "data" else f for f in flags], "--checkpoint",
+                    tmp_path / "model.pt", check=False, script="semi_supervised.py")
+    assert_one_line_error(again, "K3_", "made on other images")
 
 
 def test_an_epoch_cycles_a_small_set_in_fresh_orders():
