@@ -383,9 +383,11 @@ def train_epoch(ctx, net, opt, images, targets=None, *, recipe, mean, std, epoch
 @torch.no_grad()
 def evaluate(ctx, net, images, targets=None, *, recipe, mean, std, rotations=(0,), k=1):
     """Top-k accuracy in % (one per head) over every rotation of every image of a
-    data.Resident or Streamed split, seen as the recipe tests (no augmentation), in eval mode."""
+    data.Resident or Streamed split, seen as the recipe tests (no augmentation), in eval mode;
+    k a tuple (1, 5): one such accuracy per k, from the same pass."""
     net.eval()
     H, W = images.shape[-2:]
+    ks = k if isinstance(k, tuple) else (k,)
     correct, seen = torch.zeros((), device=ctx.device, dtype=torch.int64), 0
     # least=0: every image is tested, and every rank makes as many forward passes (some
     # perhaps of no image: DDP's forward may sync buffers, a collective all ranks must join)
@@ -397,11 +399,13 @@ def evaluate(ctx, net, images, targets=None, *, recipe, mean, std, rotations=(0,
         if targets is not None:
             y = targets[order[s]].repeat_interleave(len(rotations))
         with ctx.autocast():
-            correct = correct + hits(net(x), y, k)
+            logits = net(x)
+        correct = correct + torch.stack([hits(logits, y, j) for j in ks])  # [k] or [k, head]
         seen += len(y)
-    heads = correct.dim() == 1
-    *correct, seen = ctx.sum([*correct.reshape(-1).tolist(), seen])
-    return percent(correct if heads else correct[0], seen)
+    correct = correct.expand(len(ks)) if correct.dim() == 0 else correct  # (no image at all)
+    *counts, seen = ctx.sum([*correct.reshape(-1).tolist(), seen])
+    per_k = [percent(c, seen) for c in torch.tensor(counts).reshape(correct.shape).tolist()]
+    return tuple(per_k) if isinstance(k, tuple) else per_k[0]
 
 
 # ----------------------------------------------------------------------------- run files

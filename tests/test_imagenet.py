@@ -169,6 +169,9 @@ def test_both_imagenet_tables_end_to_end(imagenet, tmp_path):
     table = json.loads((tmp_path / "tables" / "table5.json").read_text())
     assert [len(row["ours"]) for row in table["rows"]] == [5, 5]
     assert (table["checkpoint"], table["width"], table["epochs"]) == (str(tmp_path / "model.pt"), 0.125, 1)
+    probed = next((tmp_path / "tables").glob("*/results.json")).parent  # top-5 measured in the last epoch's pass
+    last = json.loads((probed / "metrics.jsonl").read_text().splitlines()[-1])
+    assert json.loads((probed / "results.json").read_text())["test_top5"] == last["test_top5"]
     four = run_cli("--table", 4, *common, script="probe.py")
     assert "(50.00)" in four.stdout and "(43.80)" in four.stdout
     assert four.stdout.count("epoch 1 ") == 1  # conv4's and conv5's probes trained together

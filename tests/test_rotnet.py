@@ -191,6 +191,28 @@ def test_every_rank_evaluates_even_with_fewer_test_images_than_ranks():
     assert [len(p) for p in passes] == [1, 1, 1] and sum(map(sum, passes)) == 2 * 4, passes
 
 
+def test_top1_and_top5_of_every_head_come_from_one_pass():
+    # Two heads' fixed logits for 50 images: an image counts in top-k when fewer than k classes
+    # score above its label (no ties in randn), counted here without topk.
+    n, classes = 50, 10
+    logits, targets = torch.randn(2, n, classes), torch.randint(0, classes, (n,))
+    above = (logits > logits.gather(-1, targets.expand(2, n)[..., None])).sum(-1)
+    passes = []
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            passes.append(len(x))
+            return logits[:, :len(x)]
+
+    views = dict(recipe=data.Recipe(), mean=cifar.MEAN, std=cifar.STD)
+    images = data.Resident(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8))
+    top1, top5 = train.evaluate(train.Context("cpu"), Fixed(), images, targets, k=(1, 5), **views)
+    assert passes == [n]
+    assert top1 == pytest.approx((100 * (above < 1).sum(-1) / n).tolist())
+    assert top5 == pytest.approx((100 * (above < 5).sum(-1) / n).tolist())
+    assert top5 != top1 and train.evaluate(train.Context("cpu"), Fixed(), images, targets, k=5, **views) == top5
+
+
 def test_an_epoch_of_no_step_is_refused_before_the_run_writes_anything(tmp_path):
     # One training image makes no step (BatchNorm needs 2): refused before config.json, which
     # would make the corrected command refuse the folder as made with other settings.
