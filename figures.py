@@ -31,7 +31,7 @@ import probe  # noqa: E402
 import rot_kernel  # noqa: E402
 import train  # noqa: E402
 from errors import UserError  # noqa: E402
-from models import load_model, read_checkpoint  # noqa: E402
+from models import fingerprint, load_model, read_checkpoint  # noqa: E402
 from nin import NIN  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
@@ -242,24 +242,30 @@ def rotation_accuracy(path):
     return saved["metrics"]["test_acc"]
 
 
-def object_accuracy(path, epoch, run_dir, data_dir, probe_epochs, device, image_size=256, cache=None):
-    """Test accuracy of the non-linear probe on ConvB2 of one snapshot, trained unless its
-    results.json is there (an interrupted probe resumes)."""
-    out = os.path.join(run_dir, "figure5a_probes", f"epoch{epoch:03d}")
-    results = os.path.join(out, "results.json")
+def object_accuracy(p, dataset):
+    """Test accuracy of the probe p (Probing) on dataset, trained unless its results.json is
+    there (an interrupted probe resumes)."""
+    results = os.path.join(p.out, "results.json")
     if not os.path.exists(results):
-        probe.probe(probe.Probing(checkpoint=path, block=PROBE_BLOCK, classifier="nonlinear", data=data_dir,
-                                  image_size=image_size, cache=cache, device=device, out=out, resume=True,
-                                  epochs=probe_epochs))
+        probe.probe(p, dataset)
     return train.read_json(results)["test_acc"]
 
 
 def rotation_vs_object_figure(run_dir, data_dir, out, probe_epochs=None, device="cpu", image_size=256, cache=None):
     found = snapshots(run_dir)
     accuracies = [rotation_accuracy(path) for _, path in found]  # every snapshot read before any probe trains
+    probes = [probe.Probing(checkpoint=path, block=PROBE_BLOCK, classifier="nonlinear", data=data_dir,
+                            image_size=image_size, cache=cache, device=device, resume=True, epochs=probe_epochs,
+                            out=os.path.join(run_dir, "figure5a_probes", f"epoch{epoch:03d}")) for epoch, path in found]
+    # A probe made otherwise is not reused: with other --probe-epochs, on a snapshot since trained
+    # anew in place, or on other images (the snapshot's path may change: the run moved).
+    dataset = probes[0].load_data(train.Context(device), probe.SCHEDULES["nonlinear"].recipe)
+    fix = f"delete {os.path.join(run_dir, 'figure5a_probes')} to train its probes anew"
+    for p in probes:
+        probe.check_reusable(p.out, epochs=probe.schedule_epochs("nonlinear", probe_epochs),
+                             checkpoint_hash=fingerprint(p.checkpoint), data_fingerprint=dataset.fingerprint, fix=fix)
     make_out(out)  # and --out made
-    rows = [(epoch, rot, object_accuracy(path, epoch, run_dir, data_dir, probe_epochs, device, image_size, cache))
-            for (epoch, path), rot in zip(found, accuracies)]
+    rows = [(epoch, rot, object_accuracy(p, dataset)) for (epoch, _), rot, p in zip(found, accuracies, probes)]
     if not train.main_rank():  # under torchrun the ranks trained the probes; rank 0 draws
         return None
     print("epoch  rotation %  object %")
@@ -315,7 +321,7 @@ def parse_args(argv=None):
     p = command("rotation-vs-object",
                 "Figure 5(a): rotation and object accuracy of every model_epochNNN.pt of a run "
                 "(rotnet.py --save-every N). Trains one non-linear probe on ConvB2 PER SNAPSHOT, in "
-                "RUN_DIR/figure5a_probes/epochNNN, and reuses those already finished.")
+                "RUN_DIR/figure5a_probes/epochNNN, and reuses those already finished with the same settings.")
     p.add_argument("run", metavar="RUN_DIR")
     images(p, "CIFAR-10 or an image folder")
     p.add_argument("--probe-epochs", type=train.positive_int, default=None,

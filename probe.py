@@ -308,20 +308,20 @@ def probe(s: Probing, dataset=None):
 
 
 # ----------------------------------------------------------------------------- tables
-def check_reusable(out, data_fingerprint=None, **wanted):
+def check_reusable(out, data_fingerprint=None, fix="give this run another --out", **wanted):
     """A run in out (finished or stopped) is reused only if it was made with these settings
     (and on these images: the data's fingerprint, where given and recorded), and, if finished,
-    its results.json is whole (a damaged one stops here, before any training)."""
+    its results.json is whole (a damaged one stops here, before any training). fix: what the
+    refusal tells the user to do."""
     path = os.path.join(out, "config.json")
     if os.path.exists(path):
         saved = train.read_json(path)
         differ = [f"{k} {saved.get(k)} there, {v} here" for k, v in wanted.items() if saved.get(k) != v]
-        require(not differ, f"{out} was made with other settings ({'; '.join(differ)}): give this run another --out")
+        require(not differ, f"{out} was made with other settings ({'; '.join(differ)}): {fix}")
         made_on = saved.get("data_fingerprint", data_fingerprint)  # (runs from before it was recorded pass)
         require(data_fingerprint is None or made_on == data_fingerprint,
                 f"{out} was made on other images than --data holds now (images added or removed, held out "
-                "otherwise, or another data set): its numbers would not be this data's. Give this run "
-                "another --out, or delete that folder to train it anew")
+                f"otherwise, or another data set), so its numbers are not this data's: {fix}")
     if os.path.exists(os.path.join(out, "results.json")):
         train.read_json(os.path.join(out, "results.json"))
 

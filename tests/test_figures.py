@@ -198,6 +198,22 @@ def test_rotation_vs_object(cifar_dir, tmp_path, monkeypatch, capsys):
     figures.main(args)  # every probe has its results.json: nothing is trained
     assert_png(os.path.join(out, "rotation_vs_object.png"), figures.FIGURE5A_SIZE)
 
+    def refused(argv, *needles):
+        with pytest.raises(SystemExit) as stop:
+            figures.main(argv)
+        message = capsys.readouterr().err.strip()
+        assert stop.value.code == 1 and message.startswith("error: ") and "\n" not in message
+        assert all(needle in message for needle in needles), message
+
+    # A finished probe made otherwise is not taken for this figure's: with other epochs, on other
+    # images, or on a snapshot trained anew in place.
+    capsys.readouterr()
+    refused(["2" if a == "1" else a for a in args], "epoch001", "epochs 1 there, 2 here", "figure5a_probes to train")
+    write_cifar(tmp_path / "other_data", 20, 30, seed=1)
+    refused([str(tmp_path / "other_data") if a == cifar_dir else a for a in args], "epoch001", "other images")
+    save_nin(run / "model_epoch002.pt", 4, 4, seed=7, rotations=[0, 90, 180, 270], metrics=dict(epoch=2, test_acc=47.5))
+    refused(args, "epoch002", "checkpoint_hash")
+
 
 # ----------------------------------------------------------------------------- errors
 def test_missing_checkpoint_is_one_line(tmp_path):
