@@ -12,8 +12,10 @@ batches index it; a larger one is streamed: a background thread gathers the next
 images from the file into pinned memory and copies them on a side stream while the
 current step runs. Both give the same batches for the same draws.
 """
+import contextlib
 import ctypes
 import hashlib
+import io
 import json
 import os
 import queue
@@ -94,12 +96,28 @@ def load(data, *, image_size=256, download=False, cache=None, val_fraction=0.1, 
     # A channel that never varies (all-black pictures, one stain saved as RGB) has std 0: it is
     # 0 once centred, whatever it is divided by, and a grey level is the least a std may be.
     std = tuple(max(s, 1.0) for s in p.std)
-    # Which files, labelled how, in which split: not their sizes and times, which a copy of the
-    # folder changes (a file edited in place is not seen; one added or moved to val/ is).
-    splits = [[(path, label) for path, _, _, label in p.manifest["splits"][s]["sources"]] for s in folders.SPLITS]
-    fingerprint = digest(json.dumps([p.classes, *splits]).encode())  # (ASCII: odd names are escaped)
     return Dataset(as_tensor(p.train.images), labels(p.train.labels), as_tensor(p.val.images),
-                   labels(p.val.labels), tuple(p.mean), std, tuple(p.classes), fingerprint)
+                   labels(p.val.labels), tuple(p.mean), std, tuple(p.classes),
+                   folder_fingerprint(p.classes, p.manifest["splits"], image_size))
+
+
+def fingerprint(data, *, image_size=256, val_fraction=0.1, download=False):
+    """load(...).fingerprint, without preparing an image folder: from a listing of its files
+    (a table whose runs are all finished need not prepare ImageNet again to check them)."""
+    data = os.path.expanduser(data)
+    if not folders.is_image_folder(data):  # CIFAR-10: loaded, which takes a second
+        return load(data, download=download).fingerprint
+    with contextlib.redirect_stderr(io.StringIO()):  # (its notes are printed when it is prepared)
+        _, classes, sources = folders.find_sources(os.path.abspath(data), val_fraction)
+    return folder_fingerprint(classes, {s: dict(sources=sources[s]) for s in folders.SPLITS}, image_size)
+
+
+def folder_fingerprint(classes, splits, image_size):
+    """Which files, labelled how, in which split, at which size: not their sizes and times, which
+    a copy of the folder changes (a file edited in place is not seen; one added or moved to val/
+    is). splits: the manifest's, each with its [path, size, mtime_ns, label] sources."""
+    which = [[(path, label) for path, _, _, label in splits[s]["sources"]] for s in folders.SPLITS]
+    return digest(json.dumps([list(classes), *which, image_size]).encode())  # (ASCII: odd names escaped)
 
 
 def digest(*parts):

@@ -260,8 +260,9 @@ def _why_no_val(layout, sources, val_fraction):
             f"{'folder' if flat else 'class'}'s {largest} images)")
 
 
-def _find_sources(data, val_fraction=0.1, seed=0):
-    """(layout, classes, {"train": sources, "val": sources}) of an image folder."""
+def find_sources(data, val_fraction=0.1, seed=0):
+    """(layout, classes, {"train": sources, "val": sources}) of an image folder: what prepare
+    will decode, found without decoding anything."""
     if os.path.isfile(data):
         raise UserError(f"{data} is a file, not a folder of images")
     if not os.path.isdir(data):
@@ -270,7 +271,8 @@ def _find_sources(data, val_fraction=0.1, seed=0):
         train_dir, val_dir = (os.path.join(data, _split_folder(data, names)) for names in SPLIT_NAMES)
         if os.path.isdir(train_dir) and os.path.isdir(val_dir):
             return _train_val_sources(data, train_dir, val_dir)
-        if os.path.isdir(os.path.join(data, "train")):  # (Train/ alone may be a class: trains, buses)
+        # (Train/ alone may be a class: trains, buses; named exactly, as a macOS disk would not tell)
+        if any(e.name == "train" and _is_dir(e) for e in os.scandir(data)):
             raise UserError(f"{data} has train/ but no val/: add val/<class>/ folders, "
                             f"or use {train_dir} itself to hold out {val_fraction:.0%} of it for val")
         return _held_out_sources(data, val_fraction, seed)
@@ -370,7 +372,7 @@ def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=
     if os.path.commonpath([os.path.realpath(root), os.path.realpath(data)]) == os.path.realpath(data):
         raise UserError(f"the cache folder {root} is inside the data folder {data}, which is never written to; "
                         "choose a cache folder elsewhere")
-    layout, classes, sources = _find_sources(data, val_fraction, seed)
+    layout, classes, sources = find_sources(data, val_fraction, seed)
     if need_val and not sources["val"]:
         raise UserError(f"{data}: no images were held out for testing; {_why_no_val(layout, sources, val_fraction)}")
     wanted = {"version": VERSION, "complete": False,
@@ -388,7 +390,7 @@ def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=
     with _locked(root) as unwritable:
         old = _read_manifest(root)
         why = _why_not_same(old, wanted) if old else None
-        if why and cache is None and old.get("data") not in (None, data):  # two folders of one name
+        if why and cache is None and _another_folder(old.get("data"), data):  # two folders of one name
             raise UserError(f"{root} holds the preparation of another folder of that name, {old['data']}: "
                             f"give --cache DIR for {data} (or delete {root} to prepare it there)")
         if old and not why:
@@ -406,6 +408,14 @@ def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=
         if not old or why:
             _start(root, wanted)
         return _fill_and_finish(root, wanted, workers, progress)
+
+
+def _another_folder(prepared, data):
+    """Whether the folder a manifest names, `prepared`, is one other than data (not data moved
+    away, or reached by another path: a link)."""
+    if not isinstance(prepared, str) or prepared == data or not os.path.isdir(prepared):
+        return False
+    return os.path.realpath(prepared) != os.path.realpath(data)
 
 
 def _why_not_same(old, new):

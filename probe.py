@@ -52,6 +52,7 @@ SCHEDULES = {"nonlinear": Schedule(100, (0.20, 0.40, 0.45)), "linear": Schedule(
              # on a frozen AlexNet (ImageNet): Table 5's linear probes and Table 4's non-linear ones
              "alexnet-linear": Schedule(35, (5 / 35, 15 / 35, 25 / 35), 0.01, 192, IMAGENET_CROPS),
              "alexnet-nonlinear": Schedule(40, (0.25, 0.50, 0.75), 0.01, 192, IMAGENET_CROPS)}
+RECORDED_LATER = ("checkpoint_hash", "data_fingerprint")  # config.json keys older runs lack
 PRETRAIN_EPOCHS = 200  # the original code's RotNet schedule, used by the tables
 HIDDEN = 200           # the non-linear classifier's width
 LINEAR_POOLS = (12, 7, 5, 6, 6)  # Table 5: conv1..conv5 max-pooled to about 9,000 values each
@@ -267,9 +268,8 @@ def train_classifier(model, s: train.Run, dataset, *, kind, epochs, describe, su
     return results
 
 
-def probe(s: Probing, dataset=None):
-    """The probe s describes (or the supervised NIN), on dataset (default: s's --data);
-    returns its results."""
+def probe(s: Probing):
+    """The probe s describes (or the supervised NIN); returns its results."""
     require(s.supervised or s.init == "random" or s.checkpoint, "a probe needs a checkpoint (or init='random')")
     with s.claim_out():  # out held until the run ends (checked first)
         extractor = load_model(s.checkpoint) if not s.supervised and s.init == "checkpoint" else None
@@ -280,7 +280,7 @@ def probe(s: Probing, dataset=None):
         blocks = (len(extractor.convs) if on_alexnet else len(extractor.blocks)) if extractor else s.blocks
         require(s.supervised or s.block <= blocks, f"--block {s.block}: the network has blocks 1 to {blocks}")
         kind = schedule_kind(s, on_alexnet)
-        dataset = (dataset or s.load_data(train.Context(s.device), SCHEDULES[kind].recipe)).require_labels("a probe")
+        dataset = s.load_data(train.Context(s.device), SCHEDULES[kind].recipe).require_labels("a probe")
         classes, size = len(dataset.classes), dataset.train_x.shape[-1]
         torch.manual_seed(s.seed)
         if s.supervised:
@@ -316,12 +316,14 @@ def check_reusable(out, data_fingerprint=None, fix="give this run another --out"
     path = os.path.join(out, "config.json")
     if os.path.exists(path):
         saved = train.read_json(path)
-        differ = [f"{k} {saved.get(k)} there, {v} here" for k, v in wanted.items() if saved.get(k) != v]
+        # what a run made before it was recorded lacks is not held against it
+        recorded = lambda k, v: saved.get(k, v) if k in RECORDED_LATER else saved.get(k)
+        differ = [f"{k} {saved.get(k)} there, {v} here" for k, v in wanted.items() if recorded(k, v) != v]
         require(not differ, f"{out} was made with other settings ({'; '.join(differ)}): {fix}")
-        made_on = saved.get("data_fingerprint", data_fingerprint)  # (runs from before it was recorded pass)
-        require(data_fingerprint is None or made_on == data_fingerprint,
+        require(data_fingerprint is None or recorded("data_fingerprint", data_fingerprint) == data_fingerprint,
                 f"{out} was made on other images than --data holds now (images added or removed, held out "
-                f"otherwise, or another data set), so its numbers are not this data's: {fix}")
+                f"otherwise, prepared at another size, or another data set), so its numbers are not this data's: "
+                f"{fix}")
     if os.path.exists(os.path.join(out, "results.json")):
         train.read_json(os.path.join(out, "results.json"))
 
@@ -408,8 +410,8 @@ def run_plan(nets, probes, imagenet=False):
     for net in nets:
         check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed)
     finished = lambda p: os.path.exists(os.path.join(p.out, "results.json"))
-    kinds = [schedule_kind(p, imagenet) for p in probes]
-    for p, kind in zip(probes, kinds):
+    for p in probes:
+        kind = schedule_kind(p, imagenet)
         lr, batch_size = p.lr or SCHEDULES[kind].lr, p.batch_size or SCHEDULES[kind].batch_size
         # Tables 4 and 5 probe the file --checkpoint names, which may have been trained anew since
         # (the other tables check the RotNets they train themselves, above).
@@ -417,11 +419,10 @@ def run_plan(nets, probes, imagenet=False):
         check_reusable(p.out, epochs=schedule_epochs(kind, p.epochs, p.epochs_scale), seed=p.seed, lr=lr,
                        batch_size=batch_size, checkpoint=p.checkpoint, **same_weights,
                        **({} if p.checkpoint else dict(width=p.width)))  # it trains a NIN of this width
-    # The data, loaded once for every probe: a run made on other images (the folder changed
-    # since, another sample) is not reused, finished or not.
-    dataset = probes[0].load_data(train.Context(probes[0].device), SCHEDULES[kinds[0]].recipe)
+    # Nor is a run made on other images (the folder changed since, another sample).
+    made_on = probes[0].data_fingerprint(train.Context(probes[0].device))
     for run in [*nets, *probes]:
-        check_reusable(run.out, data_fingerprint=dataset.fingerprint)
+        check_reusable(run.out, data_fingerprint=made_on)
     needed = {p.checkpoint for p in probes if not finished(p)}
     for net in nets:
         model = os.path.join(net.out, "model.pt")
@@ -430,7 +431,7 @@ def run_plan(nets, probes, imagenet=False):
     results = {}
     for p in probes:
         if not finished(p):
-            probe(p, dataset)
+            probe(p)
         results[p.out] = train.read_json(os.path.join(p.out, "results.json"))
     return results
 

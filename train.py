@@ -149,13 +149,13 @@ class Run:
     def load_data(self, ctx, recipe=None):
         """The data set (one rank prepares or downloads it, the others wait, then reuse it);
         recipe: how the run will crop it (a folder too small for it is refused unprepared)."""
-        load = lambda: data.load(self.data, image_size=self.image_size, download=self.download, cache=self.cache,
-                                 val_fraction=self.val_fraction, recipe=recipe)
-        if not ctx.distributed:
-            return load()
-        got = load() if ctx.main else None
-        dist.barrier()
-        return got if got is not None else load()
+        return main_first(ctx, lambda: data.load(self.data, image_size=self.image_size, download=self.download,
+                                                 cache=self.cache, val_fraction=self.val_fraction, recipe=recipe))
+
+    def data_fingerprint(self, ctx):
+        """load_data's Dataset.fingerprint, without preparing an image folder (from a listing)."""
+        return main_first(ctx, lambda: data.fingerprint(self.data, image_size=self.image_size,
+                                                        val_fraction=self.val_fraction, download=self.download))
 
     @classmethod
     def from_args(cls, args):
@@ -170,6 +170,16 @@ class Run:
 
 
 # ----------------------------------------------------------------------------- where a run computes
+def main_first(ctx, get):
+    """get() on rank 0 first (which may download or prepare), then on the others; one
+    process: get()."""
+    if not ctx.distributed:
+        return get()
+    got = get() if ctx.main else None
+    dist.barrier()
+    return got if got is not None else get()
+
+
 def main_rank():
     """True in the process that writes the run files and prints: rank 0, or the only one."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -479,12 +489,13 @@ def restore(ctx, out, config, resume, model, opt, sched):
         print(f"no checkpoint in {out}: starting from the beginning", file=sys.stderr)
     if ckpt:
         changed = changed_settings(out, config)
-        require("data_fingerprint" not in changed,
-                f"{out} was trained on other images: the data in --data changed since (images added or removed, "
-                "or held out otherwise); resumed, it would test on images it trained on. Give this run another --out")
+        other_images = changed.pop("data_fingerprint", None)  # (said last: a setting changed may be why)
         differ = "; ".join(f"{k} {there} there, {here} here" for k, (there, here) in changed.items())
         require(not changed, f"{out} was made with other settings ({differ}): resume it with its own, "
                              "or give this run another --out")
+        require(not other_images,
+                f"{out} was trained on other images: the data in --data changed since (images added or removed, "
+                "or held out otherwise); resumed, it would test on images it trained on. Give this run another --out")
         try:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])

@@ -4,6 +4,7 @@ end to end on a folder of images (CPU, tiny models, images the tests write).
 """
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -244,6 +245,23 @@ def test_data_given_as_a_file_or_from_home(tmp_path, monkeypatch, folder):
     assert (tmp_path / "run" / "model.pt").exists() and (tmp_path / "cache" / "manifest.json").exists()
 
 
+def test_the_fingerprint_is_found_without_preparing_and_tells_sizes_apart(tmp_path):
+    classes = write_folder(tmp_path / "classes", per_class=10, size=(16, 16))
+    flat = write_folder(tmp_path / "flat", classes=("",), per_class=10, size=(16, 16))
+    split = write_folder(tmp_path / "split" / "train", per_class=4, size=(16, 16))
+    write_folder(tmp_path / "split" / "val", per_class=2, size=(16, 16), seed=1)
+    write_cifar(tmp_path / "cifar", 3, 5)
+    for folder in (classes, flat, tmp_path / "split", tmp_path / "cifar"):
+        for size in (8, 16):
+            listed = data.fingerprint(str(folder), image_size=size, val_fraction=0.2)
+            assert not (tmp_path / "cache").exists()  # nothing prepared
+            loaded = data.load(str(folder), image_size=size, val_fraction=0.2, cache=str(tmp_path / "cache"))
+            assert listed == loaded.fingerprint, (folder, size)
+            shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+    prints = {data.fingerprint(str(classes), image_size=s, val_fraction=f) for s in (8, 16) for f in (0.1, 0.2)}
+    assert len(prints) == 4  # at another size, or holding out other images, a folder is other data
+
+
 def test_a_run_resumed_on_other_images_is_refused(tmp_path):
     pictures = write_folder(tmp_path / "pictures", per_class=10, size=(16, 16))
     settings = dict(data=str(pictures), image_size=16, cache=str(tmp_path / "cache"), epochs=1, width=0.125,
@@ -253,6 +271,10 @@ def test_a_run_resumed_on_other_images_is_refused(tmp_path):
     os.rename(pictures, tmp_path / "moved")  # moved (files copied elsewhere): the same images
     rotnet.pretrain(rotnet.Pretraining(**dict(settings, data=str(tmp_path / "moved"), cache=str(tmp_path / "c2")),
                                        resume=True))
+    # Another --val-fraction holds out other images too: the setting is named, not the data blamed.
+    with pytest.raises(data.UserError, match=r"other settings \(val_fraction 0.1 there, 0.3 here\)"):
+        rotnet.pretrain(rotnet.Pretraining(**dict(settings, data=str(tmp_path / "moved"), cache=str(tmp_path / "c2"),
+                                                  val_fraction=0.3), resume=True))
     write_folder(tmp_path / "moved", classes=("cat",), per_class=11, size=(16, 16))  # one image more
     with pytest.raises(data.UserError, match=r"run was trained on other images: the data in --data changed"):
         rotnet.pretrain(rotnet.Pretraining(**dict(settings, data=str(tmp_path / "moved"), cache=str(tmp_path / "c2")),

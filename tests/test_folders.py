@@ -6,6 +6,7 @@ rotation, broken files, hidden entries; then reuse, invalidation, resume after a
 after a kill, the three layouts, the seeded split, the pool, and the user's errors.
 """
 import contextlib
+import glob
 import io
 import json
 import os
@@ -629,6 +630,14 @@ def test_split_folders_in_any_case(tmp_path):
     write_classes(tmp_path / "v", {"Train": 3, "bus": 3}, size=(8, 8))
     vehicles, _ = prepare(tmp_path / "v", tmp_path / "c2", image_size=8)
     assert vehicles.manifest["layout"] == "classes" and vehicles.classes == ["Train", "bus"]
+    # and on a disk blind to case (macOS, Windows), where Train/ is also found as train/
+    real_isdir = os.path.isdir
+    blind = lambda p: real_isdir(p) or any(real_isdir(q) and q.lower() == str(p).lower()
+                                           for q in glob.glob(os.path.join(os.path.dirname(p), "*")))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os.path, "isdir", blind)
+        assert blind(tmp_path / "v" / "train")
+        assert prepare(tmp_path / "v", tmp_path / "c6", image_size=8)[0].classes == ["Train", "bus"]
     # a split folder among class folders is not read as one more class
     write_classes(tmp_path / "w", {"car": 3, "bus": 3, "val/car": 1, "val/bus": 1}, size=(8, 8))
     with pytest.raises(UserError, match=r"w/val is named like a split, not a class: give .* a train/ and a val/"):
@@ -704,6 +713,13 @@ def test_two_folders_of_one_name_do_not_share_the_default_cache(tmp_path, monkey
         folders.prepare("b/pics", **quiet)
     assert folders.prepare("a/pics", **quiet).manifest["complete"]  # kept, not wiped
     folders.prepare("b/pics", cache="elsewhere", **quiet)
+    # The same folder reached through a link, or moved away and then changed, is not another one.
+    os.symlink(tmp_path / "a", tmp_path / "link")
+    write_classes(tmp_path / "a" / "pics", {"z": 2}, size=(8, 8))
+    assert folders.prepare("link/pics", **quiet).classes == ["x", "y", "z"]
+    os.rename(tmp_path / "a", tmp_path / "moved")
+    write_classes(tmp_path / "moved" / "pics", {"w": 2}, size=(8, 8))
+    assert folders.prepare("moved/pics", **quiet).classes == ["w", "x", "y", "z"]
 
 
 def test_a_preparation_shared_read_only_is_used_as_it_is(tmp_path, monkeypatch, count_decodes):

@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -178,6 +179,9 @@ def test_both_imagenet_tables_end_to_end(imagenet, tmp_path):
     assert [len(row["ours"]) for row in json.loads((tmp_path / "tables" / "table4.json").read_text())["rows"]] == [2, 2]
     again = run_cli("--table", 5, *common, script="probe.py")  # reused, not trained again
     assert "epoch 1" not in again.stdout
+    shutil.rmtree(tmp_path / "cache")  # (250 GB for ImageNet) is not prepared again to print the table
+    again = run_cli("--table", 5, *common, script="probe.py")
+    assert "epoch 1" not in again.stdout and "preparing" not in again.stderr and not (tmp_path / "cache").exists()
     # The same path, other weights (the RotNet trained anew): the probes are not reused.
     torch.save(dict(model=alexnet.AlexNet(width=0.125).state_dict(), model_config=net.config), tmp_path / "model.pt")
     proc = run_cli("--table", 5, *common, script="probe.py", check=False)

@@ -11,6 +11,7 @@ import torch
 import probe
 from conftest import (RunsCode, assert_one_line_error, free_port, metrics_of, run_cli, save_nin, to_original_names,
                       write_cifar)
+from errors import UserError
 from nin import NIN
 
 FEATURES = {1: (96, 16, 16), 2: (192, 8, 8), 3: (192, 8, 8), 4: (192, 8, 8)}
@@ -132,6 +133,20 @@ def test_a_checkpoint_that_would_not_be_used_is_refused(cifar_dir, tmp_path, fla
                      "--out", tmp_path / "o", check=False)
     assert_one_line_error(proc, named)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_run_made_before_a_record_existed_is_reused(tmp_path):
+    # config.json of a run made before checkpoints and images were fingerprinted: what it lacks
+    # is not held against it, what it holds is compared.
+    (tmp_path / "config.json").write_text(json.dumps(dict(epochs=3, seed=0)))
+    probe.check_reusable(str(tmp_path), epochs=3, seed=0, checkpoint_hash="ab12", data_fingerprint="cd34")
+    with pytest.raises(UserError, match="other settings \\(epochs 3 there, 4 here\\)"):
+        probe.check_reusable(str(tmp_path), epochs=4, seed=0, checkpoint_hash="ab12")
+    (tmp_path / "config.json").write_text(json.dumps(dict(epochs=3, checkpoint_hash="ef56", data_fingerprint="cd34")))
+    with pytest.raises(UserError, match="checkpoint_hash ef56 there, ab12 here"):
+        probe.check_reusable(str(tmp_path), epochs=3, checkpoint_hash="ab12")
+    with pytest.raises(UserError, match="made on other images"):
+        probe.check_reusable(str(tmp_path), epochs=3, data_fingerprint="0000")
 
 
 @pytest.mark.parametrize("table", [1, 3])
