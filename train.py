@@ -148,9 +148,28 @@ class Run:
 
     def load_data(self, ctx, recipe=None):
         """The data set (one rank prepares or downloads it, the others wait, then reuse it);
-        recipe: how the run will crop it (a folder too small for it is refused unprepared)."""
+        recipe: how the run will crop it (a folder too small for it is refused unprepared).
+        A --resume on other images is refused first: restore would, after hours of preparing."""
+        self.check_resumed_data(ctx)
         return main_first(ctx, lambda: data.load(self.data, image_size=self.image_size, download=self.download,
                                                  cache=self.cache, val_fraction=self.val_fraction, recipe=recipe))
+
+    def check_resumed_data(self, ctx):
+        """Refuses, as restore would, a resume of a checkpoint in out made at another
+        --image-size or --val-fraction, or on images since changed (from a listing)."""
+        checkpoints = [os.path.join(self.out, name) for name in ("checkpoint.pt", "checkpoint.prev.pt")]
+        if not (self.resume and any(map(os.path.exists, checkpoints))):
+            return
+        try:
+            saved = read_json(os.path.join(self.out, "config.json"))
+        except (OSError, UserError):  # none, or damaged: restore says what it finds
+            return
+        if not isinstance(saved, dict):
+            return
+        here = dict(image_size=self.image_size, val_fraction=self.val_fraction)
+        if "data_fingerprint" in saved:
+            here["data_fingerprint"] = self.data_fingerprint(ctx)
+        refuse_changed(self.out, {k: (saved[k], v) for k, v in here.items() if k in saved and saved[k] != v})
 
     def data_fingerprint(self, ctx):
         """load_data's Dataset.fingerprint, without preparing an image folder (from a listing)."""
@@ -488,14 +507,7 @@ def restore(ctx, out, config, resume, model, opt, sched):
     if resume and ckpt is None and ctx.main and os.path.isdir(out) and os.listdir(out):
         print(f"no checkpoint in {out}: starting from the beginning", file=sys.stderr)
     if ckpt:
-        changed = changed_settings(out, config)
-        other_images = changed.pop("data_fingerprint", None)  # (said last: a setting changed may be why)
-        differ = "; ".join(f"{k} {there} there, {here} here" for k, (there, here) in changed.items())
-        require(not changed, f"{out} was made with other settings ({differ}): resume it with its own, "
-                             "or give this run another --out")
-        require(not other_images,
-                f"{out} was trained on other images: the data in --data changed since (images added or removed, "
-                "or held out otherwise); resumed, it would test on images it trained on. Give this run another --out")
+        refuse_changed(out, changed_settings(out, config))
         try:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
@@ -526,6 +538,17 @@ def restore(ctx, out, config, resume, model, opt, sched):
                  if (e := epoch_of(ln)) is not None and e <= done]
         write_text("".join(ln + "\n" for ln in lines), path)
     return (ckpt["epoch"] + 1, ckpt["metrics"]) if ckpt else (1, {})
+
+
+def refuse_changed(out, changed):
+    """The one-line refusal of a resume with the settings in changed ({setting: (there, here)})."""
+    other_images = changed.pop("data_fingerprint", None)  # (said last: a setting changed may be why)
+    differ = "; ".join(f"{k} {there} there, {here} here" for k, (there, here) in changed.items())
+    require(not changed, f"{out} was made with other settings ({differ}): resume it with its own, "
+                         "or give this run another --out")
+    require(not other_images,
+            f"{out} was trained on other images: the data in --data changed since (images added or removed, "
+            "or held out otherwise); resumed, it would test on images it trained on. Give this run another --out")
 
 
 def changed_settings(out, config):

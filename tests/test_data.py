@@ -248,7 +248,7 @@ def test_data_given_as_a_file_or_from_home(tmp_path, monkeypatch, folder):
 def test_the_fingerprint_is_found_without_preparing_and_tells_sizes_apart(tmp_path):
     classes = write_folder(tmp_path / "classes", per_class=10, size=(16, 16))
     flat = write_folder(tmp_path / "flat", classes=("",), per_class=10, size=(16, 16))
-    split = write_folder(tmp_path / "split" / "train", per_class=4, size=(16, 16))
+    write_folder(tmp_path / "split" / "train", per_class=4, size=(16, 16))
     write_folder(tmp_path / "split" / "val", per_class=2, size=(16, 16), seed=1)
     write_cifar(tmp_path / "cifar", 3, 5)
     for folder in (classes, flat, tmp_path / "split", tmp_path / "cifar"):
@@ -262,7 +262,7 @@ def test_the_fingerprint_is_found_without_preparing_and_tells_sizes_apart(tmp_pa
     assert len(prints) == 4  # at another size, or holding out other images, a folder is other data
 
 
-def test_a_run_resumed_on_other_images_is_refused(tmp_path):
+def test_a_run_resumed_on_other_images_is_refused(tmp_path, capfd):
     pictures = write_folder(tmp_path / "pictures", per_class=10, size=(16, 16))
     settings = dict(data=str(pictures), image_size=16, cache=str(tmp_path / "cache"), epochs=1, width=0.125,
                     batch_size=8, device="cpu", out=str(tmp_path / "run"))
@@ -272,6 +272,8 @@ def test_a_run_resumed_on_other_images_is_refused(tmp_path):
     rotnet.pretrain(rotnet.Pretraining(**dict(settings, data=str(tmp_path / "moved"), cache=str(tmp_path / "c2")),
                                        resume=True))
     # Another --val-fraction holds out other images too: the setting is named, not the data blamed.
+    # Each refusal comes before the folder is prepared again (hours, for ImageNet).
+    capfd.readouterr()
     with pytest.raises(data.UserError, match=r"other settings \(val_fraction 0.1 there, 0.3 here\)"):
         rotnet.pretrain(rotnet.Pretraining(**dict(settings, data=str(tmp_path / "moved"), cache=str(tmp_path / "c2"),
                                                   val_fraction=0.3), resume=True))
@@ -279,3 +281,7 @@ def test_a_run_resumed_on_other_images_is_refused(tmp_path):
     with pytest.raises(data.UserError, match=r"run was trained on other images: the data in --data changed"):
         rotnet.pretrain(rotnet.Pretraining(**dict(settings, data=str(tmp_path / "moved"), cache=str(tmp_path / "c2")),
                                            resume=True))
+    with pytest.raises(data.UserError, match=r"other settings \(image_size 16 there, 8 here\)"):
+        rotnet.pretrain(rotnet.Pretraining(**dict(settings, data=str(tmp_path / "moved"), cache=str(tmp_path / "c3"),
+                                                  image_size=8), resume=True))
+    assert "preparing" not in capfd.readouterr().err and not (tmp_path / "c3").exists()
