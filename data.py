@@ -98,10 +98,10 @@ def load(data, *, image_size=256, download=False, cache=None, val_fraction=0.1, 
     std = tuple(max(s, 1.0) for s in p.std)
     return Dataset(as_tensor(p.train.images), labels(p.train.labels), as_tensor(p.val.images),
                    labels(p.val.labels), tuple(p.mean), std, tuple(p.classes),
-                   folder_fingerprint(p.classes, p.manifest["splits"], image_size))
+                   folder_fingerprint(p.classes, p.manifest["splits"]))
 
 
-def fingerprint(data, *, image_size=256, val_fraction=0.1, download=False):
+def fingerprint(data, *, val_fraction=0.1, download=False):
     """load(...).fingerprint, without preparing an image folder: from a listing of its files
     (a table whose runs are all finished need not prepare ImageNet again to check them)."""
     data = os.path.expanduser(data)
@@ -109,15 +109,16 @@ def fingerprint(data, *, image_size=256, val_fraction=0.1, download=False):
         return load(data, download=download).fingerprint
     with contextlib.redirect_stderr(io.StringIO()):  # (its notes are printed when it is prepared)
         _, classes, sources = folders.find_sources(os.path.abspath(data), val_fraction)
-    return folder_fingerprint(classes, {s: dict(sources=sources[s]) for s in folders.SPLITS}, image_size)
+    return folder_fingerprint(classes, {s: dict(sources=sources[s]) for s in folders.SPLITS})
 
 
-def folder_fingerprint(classes, splits, image_size):
-    """Which files, labelled how, in which split, at which size: not their sizes and times, which
-    a copy of the folder changes (a file edited in place is not seen; one added or moved to val/
-    is). splits: the manifest's, each with its [path, size, mtime_ns, label] sources."""
+def folder_fingerprint(classes, splits):
+    """Which files, labelled how, in which split: not their sizes and times, which a copy of
+    the folder changes (a file edited in place is not seen; one added or moved to val/ is);
+    nor the size they are prepared at, a setting of the run (image_size). splits: the
+    manifest's, each with its [path, size, mtime_ns, label] sources."""
     which = [[(path, label) for path, _, _, label in splits[s]["sources"]] for s in folders.SPLITS]
-    return digest(json.dumps([list(classes), *which, image_size]).encode())  # (ASCII: odd names escaped)
+    return digest(json.dumps([list(classes), *which]).encode())  # (ASCII: odd names are escaped)
 
 
 def digest(*parts):

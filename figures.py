@@ -259,11 +259,11 @@ def rotation_vs_object_figure(run_dir, data_dir, out, probe_epochs=None, device=
                             out=os.path.join(run_dir, "figure5a_probes", f"epoch{epoch:03d}")) for epoch, path in found]
     # A probe made otherwise is not reused: with other --probe-epochs, on a snapshot since trained
     # anew in place, or on other images (the snapshot's path may change: the run moved).
-    made_on = probes[0].data_fingerprint(train.Context(device))
+    made_on = probes[0].data_identity(train.Context(device))
     fix = f"delete {os.path.join(run_dir, 'figure5a_probes')} to train its probes anew"
     for p in probes:
         probe.check_reusable(p.out, epochs=probe.schedule_epochs("nonlinear", probe_epochs),
-                             checkpoint_hash=fingerprint(p.checkpoint), data_fingerprint=made_on, fix=fix)
+                             checkpoint_hash=fingerprint(p.checkpoint), data=made_on, fix=fix)
     make_out(out)  # and --out made
     rows = [(epoch, rot, object_accuracy(p)) for (epoch, _), rot, p in zip(found, accuracies, probes)]
     if not train.main_rank():  # under torchrun the ranks trained the probes; rank 0 draws

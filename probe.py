@@ -308,11 +308,13 @@ def probe(s: Probing):
 
 
 # ----------------------------------------------------------------------------- tables
-def check_reusable(out, data_fingerprint=None, fix="give this run another --out", **wanted):
+def check_reusable(out, data=None, fix="give this run another --out", **wanted):
     """A run in out (finished or stopped) is reused only if it was made with these settings
-    (and on these images: the data's fingerprint, where given and recorded), and, if finished,
-    its results.json is whole (a damaged one stops here, before any training). fix: what the
+    (and, given data, Run.data_identity, on these images prepared so), and, if finished, its
+    results.json is whole (a damaged one stops here, before any training). fix: what the
     refusal tells the user to do."""
+    wanted = dict(wanted, **data or {})
+    data_fingerprint = wanted.pop("data_fingerprint", None)
     path = os.path.join(out, "config.json")
     if os.path.exists(path):
         saved = train.read_json(path)
@@ -322,8 +324,7 @@ def check_reusable(out, data_fingerprint=None, fix="give this run another --out"
         require(not differ, f"{out} was made with other settings ({'; '.join(differ)}): {fix}")
         require(data_fingerprint is None or recorded("data_fingerprint", data_fingerprint) == data_fingerprint,
                 f"{out} was made on other images than --data holds now (images added or removed, held out "
-                f"otherwise, prepared at another size, or another data set), so its numbers are not this data's: "
-                f"{fix}")
+                f"otherwise, or another data set), so its numbers are not this data's: {fix}")
     if os.path.exists(os.path.join(out, "results.json")):
         train.read_json(os.path.join(out, "results.json"))
 
@@ -413,16 +414,17 @@ def run_plan(nets, probes, imagenet=False):
     for p in probes:
         kind = schedule_kind(p, imagenet)
         lr, batch_size = p.lr or SCHEDULES[kind].lr, p.batch_size or SCHEDULES[kind].batch_size
-        # Tables 4 and 5 probe the file --checkpoint names, which may have been trained anew since
-        # (the other tables check the RotNets they train themselves, above).
+        # Tables 4 and 5 probe the file --checkpoint names, by its weights, not its path (which may
+        # be written otherwise, or have been trained anew since); the other tables probe the
+        # RotNets they train themselves, checked above, each named in the probe's folder.
         same_weights = dict(checkpoint_hash=fingerprint(p.checkpoint)) if imagenet else {}
         check_reusable(p.out, epochs=schedule_epochs(kind, p.epochs, p.epochs_scale), seed=p.seed, lr=lr,
-                       batch_size=batch_size, checkpoint=p.checkpoint, **same_weights,
+                       batch_size=batch_size, **same_weights,
                        **({} if p.checkpoint else dict(width=p.width)))  # it trains a NIN of this width
     # Nor is a run made on other images (the folder changed since, another sample).
-    made_on = probes[0].data_fingerprint(train.Context(probes[0].device))
+    made_on = probes[0].data_identity(train.Context(probes[0].device))
     for run in [*nets, *probes]:
-        check_reusable(run.out, data_fingerprint=made_on)
+        check_reusable(run.out, data=made_on)
     needed = {p.checkpoint for p in probes if not finished(p)}
     for net in nets:
         model = os.path.join(net.out, "model.pt")

@@ -133,6 +133,7 @@ def sweep(s: Sweep):
     ctx = train.Context(s.device)  # the ranks (each run makes its own Context, with s's precision)
     dataset = s.load_data(ctx).require_labels("the label-scarcity sweep")
     subsets = {k: labelled_subset(dataset.train_y, k, s.subset_seed, dataset.classes) for k in s.per_class}
+    made_on = s.data_identity(ctx, dataset.fingerprint)  # no run made on other images is reused
     net = None if s.checkpoint else probe.rotnet_for(s, 4)
     checkpoint = s.checkpoint or os.path.join(net.out, "model.pt")
     if s.checkpoint:
@@ -140,21 +141,21 @@ def sweep(s: Sweep):
         require(isinstance(load_model(s.checkpoint), NIN),
                 f"{s.checkpoint} is an AlexNet: the sweep trains on a NIN RotNet's ConvB2 (Figure 5b)")
     else:
-        probe.check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed,
-                             data_fingerprint=dataset.fingerprint)
-    # --checkpoint's file may have been trained anew since the arms on it ran (the RotNet the
-    # sweep trains itself is checked above)
-    same_weights = dict(checkpoint_hash=fingerprint(s.checkpoint)) if s.checkpoint else {}
+        probe.check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed, data=made_on)
+    # The RotNet the conv arms train on is known by its weights (not by how its path is written;
+    # a file trained anew in place is another), or by its path until the sweep has trained it
+    weights = (dict(checkpoint_hash=fingerprint(checkpoint)) if os.path.exists(checkpoint)
+               else dict(checkpoint=checkpoint))
     for k in s.per_class:
         for arm in ("rotnet_conv", "supervised"):
             run, kind, epochs = arm_settings(s, arm, k)
             schedule = probe.SCHEDULES[kind]
             # what the arm trains from: the RotNet's checkpoint, or a NIN of this width
-            source = dict(checkpoint=checkpoint, **same_weights) if kind == "conv" else dict(width=s.width)
+            source = weights if kind == "conv" else dict(width=s.width)
             probe.check_reusable(run.out, epochs=epochs, seed=s.seed, epoch_size=s.epoch_size,
                                  subset_seed=s.subset_seed, lr=s.lr or schedule.lr,
                                  batch_size=s.batch_size or schedule.batch_size,
-                                 data_fingerprint=dataset.fingerprint, **source)
+                                 data=made_on, **source)
     if net and not os.path.exists(checkpoint):
         rotnet.pretrain(net)
     rows = []

@@ -56,9 +56,10 @@ WIDTHS = (1 / 64, 16)                # --width: from every layer keeping a chann
 # A file the run could not write: said in one line (run_job), the run's finished files kept.
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 RANK_DELAY = 3.0                     # seconds a rank other than 0 waits to say an error (stop)
-# What a resumed run may set anew: where and how fast it runs, not what it computes.
+# What a resumed run may set anew: where and how fast it runs, not what it computes (a probe's
+# --checkpoint is known by its weights, checkpoint_hash, not by how its path is written).
 MAY_CHANGE_ON_RESUME = {"resume", "device", "compile", "amp", "out", "data", "cache", "download", "eval_every",
-                        "save_every"}
+                        "save_every", "checkpoint"}
 
 
 def require(ok, message):
@@ -156,25 +157,29 @@ class Run:
 
     def check_resumed_data(self, ctx):
         """Refuses, as restore would, a resume of a checkpoint in out made at another
-        --image-size or --val-fraction, or on images since changed (from a listing)."""
+        --image-size or --val-fraction, or on images since changed (from a listing). Where
+        another setting changed too, restore says so, once it has read the checkpoint."""
         checkpoints = [os.path.join(self.out, name) for name in ("checkpoint.pt", "checkpoint.prev.pt")]
         if not (self.resume and any(map(os.path.exists, checkpoints))):
             return
-        try:
-            saved = read_json(os.path.join(self.out, "config.json"))
-        except (OSError, UserError):  # none, or damaged: restore says what it finds
+        # (a setting left None is the script's to resolve, and restore's to compare)
+        changed = changed_settings(self.out, {k: v for k, v in dataclasses.asdict(self).items() if v is not None})
+        if set(changed) - {"image_size", "val_fraction"}:
             return
-        if not isinstance(saved, dict):
-            return
-        here = dict(image_size=self.image_size, val_fraction=self.val_fraction)
-        if "data_fingerprint" in saved:
-            here["data_fingerprint"] = self.data_fingerprint(ctx)
-        refuse_changed(self.out, {k: (saved[k], v) for k, v in here.items() if k in saved and saved[k] != v})
+        if not changed and "data_fingerprint" in saved_config(self.out):
+            changed = changed_settings(self.out, dict(data_fingerprint=self.data_fingerprint(ctx)))
+        refuse_changed(self.out, changed)
 
     def data_fingerprint(self, ctx):
         """load_data's Dataset.fingerprint, without preparing an image folder (from a listing)."""
-        return main_first(ctx, lambda: data.fingerprint(self.data, image_size=self.image_size,
-                                                        val_fraction=self.val_fraction, download=self.download))
+        return main_first(ctx, lambda: data.fingerprint(self.data, val_fraction=self.val_fraction,
+                                                        download=self.download))
+
+    def data_identity(self, ctx, fingerprint=None):
+        """What a run made on this data recorded of it (config.json), for check_reusable;
+        fingerprint: the loaded Dataset's, if at hand."""
+        return dict(image_size=self.image_size, val_fraction=self.val_fraction,
+                    data_fingerprint=fingerprint or self.data_fingerprint(ctx))
 
     @classmethod
     def from_args(cls, args):
@@ -551,14 +556,21 @@ def refuse_changed(out, changed):
             "or held out otherwise); resumed, it would test on images it trained on. Give this run another --out")
 
 
-def changed_settings(out, config):
-    """{setting: (there, here)} for those in config that differ from what out's run was made
-    with (its config.json): resumed with others, a run would train something else than it records."""
+def saved_config(out):
+    """out's config.json; {} when there is none, or it cannot be read."""
     try:
         with open(os.path.join(out, "config.json")) as f:
             saved = json.load(f)
-    except (OSError, ValueError):  # none to compare with: the checkpoint's shapes are still checked
+    except (OSError, ValueError):
         return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def changed_settings(out, config):
+    """{setting: (there, here)} for those in config that differ from what out's run was made
+    with (its config.json): resumed with others, a run would train something else than it records.
+    (None to compare with: the checkpoint's shapes are still checked.)"""
+    saved = saved_config(out)
     as_saved = lambda v: json.loads(json.dumps(v))  # tuples as lists, as config.json holds them
     return {k: (saved[k], v) for k, v in config.items()
             if k in saved and k not in MAY_CHANGE_ON_RESUME and saved[k] != as_saved(v)}

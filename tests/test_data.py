@@ -245,21 +245,22 @@ def test_data_given_as_a_file_or_from_home(tmp_path, monkeypatch, folder):
     assert (tmp_path / "run" / "model.pt").exists() and (tmp_path / "cache" / "manifest.json").exists()
 
 
-def test_the_fingerprint_is_found_without_preparing_and_tells_sizes_apart(tmp_path):
+def test_the_fingerprint_is_found_without_preparing_anything(tmp_path, monkeypatch):
     classes = write_folder(tmp_path / "classes", per_class=10, size=(16, 16))
     flat = write_folder(tmp_path / "flat", classes=("",), per_class=10, size=(16, 16))
     write_folder(tmp_path / "split" / "train", per_class=4, size=(16, 16))
     write_folder(tmp_path / "split" / "val", per_class=2, size=(16, 16), seed=1)
     write_cifar(tmp_path / "cifar", 3, 5)
+    monkeypatch.chdir(tmp_path)  # where a folder would be prepared by default (prepared/)
     for folder in (classes, flat, tmp_path / "split", tmp_path / "cifar"):
-        for size in (8, 16):
-            listed = data.fingerprint(str(folder), image_size=size, val_fraction=0.2)
-            assert not (tmp_path / "cache").exists()  # nothing prepared
+        listed = data.fingerprint(str(folder), val_fraction=0.2)
+        assert not (tmp_path / "prepared").exists()  # nothing prepared
+        for size in (8, 16):  # (the size prepared at is a setting of its own: image_size)
             loaded = data.load(str(folder), image_size=size, val_fraction=0.2, cache=str(tmp_path / "cache"))
             assert listed == loaded.fingerprint, (folder, size)
             shutil.rmtree(tmp_path / "cache", ignore_errors=True)
-    prints = {data.fingerprint(str(classes), image_size=s, val_fraction=f) for s in (8, 16) for f in (0.1, 0.2)}
-    assert len(prints) == 4  # at another size, or holding out other images, a folder is other data
+    held_out = {data.fingerprint(str(classes), val_fraction=f) for f in (0.1, 0.2)}
+    assert len(held_out) == 2  # other images held out: other data
 
 
 def test_a_run_resumed_on_other_images_is_refused(tmp_path, capfd):
@@ -285,3 +286,7 @@ def test_a_run_resumed_on_other_images_is_refused(tmp_path, capfd):
         rotnet.pretrain(rotnet.Pretraining(**dict(settings, data=str(tmp_path / "moved"), cache=str(tmp_path / "c3"),
                                                   image_size=8), resume=True))
     assert "preparing" not in capfd.readouterr().err and not (tmp_path / "c3").exists()
+    # Another setting changed as well is named, not the data blamed (once the checkpoint is read).
+    with pytest.raises(data.UserError, match=r"other settings \(seed 0 there, 1 here\)"):
+        rotnet.pretrain(rotnet.Pretraining(**dict(settings, data=str(tmp_path / "moved"), cache=str(tmp_path / "c2"),
+                                                  seed=1), resume=True))

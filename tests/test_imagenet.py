@@ -182,6 +182,10 @@ def test_both_imagenet_tables_end_to_end(imagenet, tmp_path):
     shutil.rmtree(tmp_path / "cache")  # (250 GB for ImageNet) is not prepared again to print the table
     again = run_cli("--table", 5, *common, script="probe.py")
     assert "epoch 1" not in again.stdout and "preparing" not in again.stderr and not (tmp_path / "cache").exists()
+    moved = [f"{tmp_path}/./model.pt" if f == tmp_path / "model.pt" else f for f in common]  # the same file
+    assert "epoch 1" not in run_cli("--table", 5, *moved, script="probe.py").stdout
+    proc = run_cli("--table", 5, *common, "--image-size", 240, script="probe.py", check=False)  # other pixels
+    assert_one_line_error(proc, "other settings", "image_size 256 there, 240 here")
     # The same path, other weights (the RotNet trained anew): the probes are not reused.
     torch.save(dict(model=alexnet.AlexNet(width=0.125).state_dict(), model_config=net.config), tmp_path / "model.pt")
     proc = run_cli("--table", 5, *common, script="probe.py", check=False)

@@ -1,5 +1,6 @@
 """semi_supervised.py: the labelled subset and one tiny run end to end (CPU, tiny models)."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -53,12 +54,17 @@ def test_one_tiny_run_writes_both_arms_and_the_figure(tmp_path):
               for arm in ("K3_rotnet_conv", "K3_supervised")]
     assert widths == [0.0625, 0.125]  # each records the network it trained
     # Its finished arms are reused only by the same sweep: not with another lr, or another RotNet,
-    # be it another file or other weights in the same file (trained anew).
+    # be it another file, the sweep's own, or other weights in the same file (trained anew).
     save_nin(tmp_path / "other.pt", seed=1)
     for changed, named in ((["--checkpoint", tmp_path / "model.pt", "--lr", "0.5"], "lr"),
-                           (["--checkpoint", tmp_path / "other.pt"], "other.pt")):
+                           (["--checkpoint", tmp_path / "other.pt"], "checkpoint_hash"),
+                           ([], "rotnet_4blocks")):
         again = run_cli(*flags, *changed, check=False, script="semi_supervised.py")
         assert_one_line_error(again, "K3_", named, "other settings")
+    # The same weights by another path (a copy, a path written otherwise) are the same RotNet.
+    shutil.copy(tmp_path / "model.pt", tmp_path / "copy.pt")
+    again = run_cli(*flags, "--checkpoint", tmp_path / "copy.pt", script="semi_supervised.py")
+    assert "epoch 1" not in again.stdout
     save_nin(tmp_path / "model.pt", width=0.0625, seed=1)
     again = run_cli(*flags, "--checkpoint", tmp_path / "model.pt", check=False, script="semi_supervised.py")
     assert_one_line_error(again, "K3_rotnet_conv", "checkpoint_hash", "other settings")
