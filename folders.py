@@ -11,6 +11,7 @@ devices named like images are ignored):
              class folders; val_fraction and seed are not used.
   classes    DIR/<class>/...: val_fraction of each class held out for val at random (seeded).
   flat       DIR/*.jpg: unlabelled; val_fraction of the images held out for val at random.
+  flat-train-val  DIR/train/*.jpg and DIR/val/*.jpg: unlabelled, split by their folders.
 A class folder is searched recursively; sources are taken in the order of their relative paths.
 
 Each image: decoded by Pillow (JPEG, PNG, WebP, BMP or TIFF, whatever its extension says), its EXIF
@@ -73,6 +74,8 @@ EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif",
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")  # what Pillow may decode (JPEG includes MPO); no EPS etc.
 CIFAR_NAMES = ("cifar-10-batches-py", "data_batch_1", "cifar-10-python.tar.gz")
 SPLITS = ("train", "val")
+HELD_OUT = ("classes", "flat")             # the layouts whose val is drawn (val_fraction, seed)
+UNLABELLED = ("flat", "flat-train-val")    # the layouts with no labels
 SPLIT_NAMES = (("train", "training"), ("val", "validation", "valid"))  # what the folders may be called, in any case
 TODO, GOOD, BROKEN = 0, 1, 2     # the states in <split>.done
 COMMIT_SECONDS = 2.0             # how often the decoded images are flushed and recorded as done
@@ -288,13 +291,20 @@ def _split_folder(data, names):
 
 
 def _train_val_sources(data, train_dir, val_dir):
-    """The train-val layout: the classes are train's class folders; val's must be among them."""
+    """The train-val layout: the classes are train's class folders; val's must be among them.
+    Or, when both hold only images, flat-train-val: unlabelled images, split by their folders."""
+    unsorted = [_loose_images(folder) for folder in (train_dir, val_dir)]
+    sorted_in = [[c for c in _subfolders(folder) if next(_walk(os.path.join(folder, c)), None) is not None]
+                 for folder in (train_dir, val_dir)]
+    if all(unsorted) and not any(sorted_in):
+        return "flat-train-val", [], {s: sorted(_sources(data, folder, None))
+                                      for s, folder in zip(SPLITS, (train_dir, val_dir))}
     classes = _subfolders(train_dir)
-    for folder in (train_dir, val_dir):
-        loose = _loose_images(folder)
+    for folder, loose in zip((train_dir, val_dir), unsorted):
         if loose:
             raise UserError(f"{folder} holds {len(loose)} images outside class folders (e.g. {loose[0]}); "
-                            f"sort them into {os.path.basename(folder)}/<class>/ folders")
+                            f"sort them into {os.path.basename(folder)}/<class>/ folders (or, unlabelled, "
+                            "give both train/ and val/ only images)")
     train = []
     for label, name in enumerate(classes):
         found = _sources(data, os.path.join(train_dir, name), label)
@@ -379,7 +389,7 @@ def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=
               "settings": {"image_size": image_size, "val_fraction": val_fraction, "seed": seed},
               "data": data, "layout": layout, "classes": classes, "mean": None, "std": None, "skipped": [],
               "source_fields": ["path", "size", "mtime_ns", "label"],
-              "splits": {s: {"images": s + ".u8", "labels": None if layout == "flat" else s + ".labels.npy",
+              "splits": {s: {"images": s + ".u8", "labels": None if layout in UNLABELLED else s + ".labels.npy",
                              "shape": None, "count": None, "skipped": None, "sources": sources[s]} for s in SPLITS}}
     try:
         os.makedirs(root, exist_ok=True)
@@ -427,7 +437,7 @@ def _why_not_same(old, new):
         return malformed
     if old["layout"] != new["layout"]:
         return f"the layout changed ({old['layout']} -> {new['layout']})"
-    keys = ["image_size"] + (["val_fraction", "seed"] if new["layout"] != "train-val" else [])
+    keys = ["image_size"] + (["val_fraction", "seed"] if new["layout"] in HELD_OUT else [])
     for key in keys:
         if old["settings"][key] != new["settings"][key]:
             return f"{key} changed ({old['settings'][key]} -> {new['settings'][key]})"

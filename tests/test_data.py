@@ -250,9 +250,11 @@ def test_the_fingerprint_is_found_without_preparing_anything(tmp_path, monkeypat
     flat = write_folder(tmp_path / "flat", classes=("",), per_class=10, size=(16, 16))
     write_folder(tmp_path / "split" / "train", per_class=4, size=(16, 16))
     write_folder(tmp_path / "split" / "val", per_class=2, size=(16, 16), seed=1)
+    write_folder(tmp_path / "photos" / "train", classes=("",), per_class=4, size=(16, 16))  # unlabelled
+    write_folder(tmp_path / "photos" / "val", classes=("",), per_class=2, size=(16, 16), seed=1)
     write_cifar(tmp_path / "cifar", 3, 5)
     monkeypatch.chdir(tmp_path)  # where a folder would be prepared by default (prepared/)
-    for folder in (classes, flat, tmp_path / "split", tmp_path / "cifar"):
+    for folder in (classes, flat, tmp_path / "split", tmp_path / "photos", tmp_path / "cifar"):
         listed = data.fingerprint(str(folder), val_fraction=0.2)
         assert not (tmp_path / "prepared").exists()  # nothing prepared
         for size in (8, 16):  # (the size prepared at is a setting of its own: image_size)

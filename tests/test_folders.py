@@ -402,6 +402,26 @@ def test_train_val_layout(tmp_path):
         prepare(data, tmp_path / "c")
 
 
+def test_unlabelled_train_and_val_folders(tmp_path):
+    # train/ and val/ of images alone (photos for pretraining, split by the user): unlabelled,
+    # each image in the split of its folder.
+    data = tmp_path / "photos"
+    for i in range(5):
+        save(f"{data}/Train/{i}.jpg", rgb())
+    save(f"{data}/val/9.png", rgb())
+    prepared, _ = prepare(data, tmp_path / "c", val_fraction=0.5)
+    assert prepared.manifest["layout"] == "flat-train-val" and prepared.classes == []
+    assert prepared.train.labels is None and prepared.val.labels is None
+    assert [s[0] for s in prepared.manifest["splits"]["val"]["sources"]] == ["val/9.png"]
+    assert len(prepared.train.images) == 5 and len(prepared.val.images) == 1
+    assert "rebuilding" not in prepare(data, tmp_path / "c", val_fraction=0.2)[1]  # val is not drawn
+    os.makedirs(f"{data}/val/empty")  # a folder of no image is no class
+    assert prepare(data, tmp_path / "c")[0].manifest["layout"] == "flat-train-val"
+    save(f"{data}/val/cat/0.png", rgb())  # images in classes on one side, loose on the other: unclear
+    with pytest.raises(UserError, match=r"Train holds 5 images outside class folders .*\(or, unlabelled, give both"):
+        prepare(data, tmp_path / "c")
+
+
 def test_train_without_val_says_what_to_do(tmp_path):
     write_classes(tmp_path / "d" / "train", {"x": 2})
     with pytest.raises(UserError, match=r"has train/ but no val/"):
