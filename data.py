@@ -101,15 +101,19 @@ def load(data, *, image_size=256, download=False, cache=None, val_fraction=0.1, 
                    folder_fingerprint(p.classes, p.manifest["splits"]))
 
 
-def fingerprint(data, *, val_fraction=0.1, download=False):
-    """load(...).fingerprint, without preparing an image folder: from a listing of its files
-    (a table whose runs are all finished need not prepare ImageNet again to check them)."""
+def identity(data, *, image_size=256, val_fraction=0.1, download=False):
+    """What tells runs made on load(...)'s data from runs made on other data, as config.json
+    records it: its fingerprint (load(...).fingerprint), and the settings that change its images
+    (image_size, for a folder; val_fraction, for one whose val is drawn). Without preparing an
+    image folder: from a listing of its files (a table whose runs are all finished need not
+    prepare ImageNet again to check them)."""
     data = os.path.expanduser(data)
     if not folders.is_image_folder(data):  # CIFAR-10: loaded, which takes a second
-        return load(data, download=download).fingerprint
+        return dict(data_fingerprint=load(data, download=download).fingerprint)
     with contextlib.redirect_stderr(io.StringIO()):  # (its notes are printed when it is prepared)
-        _, classes, sources = folders.find_sources(os.path.abspath(data), val_fraction)
-    return folder_fingerprint(classes, {s: dict(sources=sources[s]) for s in folders.SPLITS})
+        layout, classes, sources = folders.find_sources(os.path.abspath(data), val_fraction)
+    return dict(data_fingerprint=folder_fingerprint(classes, {s: dict(sources=sources[s]) for s in folders.SPLITS}),
+                image_size=image_size, **(dict(val_fraction=val_fraction) if layout in folders.HELD_OUT else {}))
 
 
 def folder_fingerprint(classes, splits):

@@ -263,7 +263,8 @@ def rotation_vs_object_figure(run_dir, data_dir, out, probe_epochs=None, device=
     fix = f"delete {os.path.join(run_dir, 'figure5a_probes')} to train its probes anew"
     for p in probes:
         probe.check_reusable(p.out, epochs=probe.schedule_epochs("nonlinear", probe_epochs),
-                             checkpoint_hash=fingerprint(p.checkpoint), data=made_on, fix=fix)
+                             checkpoint=p.checkpoint, checkpoint_hash=fingerprint(p.checkpoint), data=made_on,
+                             fix=fix)
     make_out(out)  # and --out made
     rows = [(epoch, rot, object_accuracy(p)) for (epoch, _), rot, p in zip(found, accuracies, probes)]
     if not train.main_rank():  # under torchrun the ranks trained the probes; rank 0 draws

@@ -318,6 +318,8 @@ def check_reusable(out, data=None, fix="give this run another --out", **wanted):
     path = os.path.join(out, "config.json")
     if os.path.exists(path):
         saved = train.read_json(path)
+        if "checkpoint_hash" in saved and "checkpoint_hash" in wanted:
+            wanted.pop("checkpoint", None)  # the weights decide, not how their path is written
         # what a run made before it was recorded lacks is not held against it
         recorded = lambda k, v: saved.get(k, v) if k in RECORDED_LATER else saved.get(k)
         differ = [f"{k} {saved.get(k)} there, {v} here" for k, v in wanted.items() if recorded(k, v) != v]
@@ -414,13 +416,13 @@ def run_plan(nets, probes, imagenet=False):
     for p in probes:
         kind = schedule_kind(p, imagenet)
         lr, batch_size = p.lr or SCHEDULES[kind].lr, p.batch_size or SCHEDULES[kind].batch_size
-        # Tables 4 and 5 probe the file --checkpoint names, by its weights, not its path (which may
-        # be written otherwise, or have been trained anew since); the other tables probe the
-        # RotNets they train themselves, checked above, each named in the probe's folder.
-        same_weights = dict(checkpoint_hash=fingerprint(p.checkpoint)) if imagenet else {}
+        # Tables 4 and 5 probe the file --checkpoint names, known by its weights (its path may be
+        # written otherwise, the file trained anew since); the other tables probe the RotNets they
+        # train themselves, checked above, each named in its probes' folders.
+        which = (dict(checkpoint=p.checkpoint, checkpoint_hash=fingerprint(p.checkpoint)) if imagenet
+                 else {} if p.checkpoint else dict(width=p.width))  # (no RotNet: it trains a NIN of this width)
         check_reusable(p.out, epochs=schedule_epochs(kind, p.epochs, p.epochs_scale), seed=p.seed, lr=lr,
-                       batch_size=batch_size, **same_weights,
-                       **({} if p.checkpoint else dict(width=p.width)))  # it trains a NIN of this width
+                       batch_size=batch_size, **which)
     # Nor is a run made on other images (the folder changed since, another sample).
     made_on = probes[0].data_identity(train.Context(probes[0].device))
     for run in [*nets, *probes]:

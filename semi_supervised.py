@@ -133,7 +133,7 @@ def sweep(s: Sweep):
     ctx = train.Context(s.device)  # the ranks (each run makes its own Context, with s's precision)
     dataset = s.load_data(ctx).require_labels("the label-scarcity sweep")
     subsets = {k: labelled_subset(dataset.train_y, k, s.subset_seed, dataset.classes) for k in s.per_class}
-    made_on = s.data_identity(ctx, dataset.fingerprint)  # no run made on other images is reused
+    made_on = s.data_identity(ctx)  # no run made on other images is reused
     net = None if s.checkpoint else probe.rotnet_for(s, 4)
     checkpoint = s.checkpoint or os.path.join(net.out, "model.pt")
     if s.checkpoint:
@@ -144,8 +144,8 @@ def sweep(s: Sweep):
         probe.check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed, data=made_on)
     # The RotNet the conv arms train on is known by its weights (not by how its path is written;
     # a file trained anew in place is another), or by its path until the sweep has trained it
-    weights = (dict(checkpoint_hash=fingerprint(checkpoint)) if os.path.exists(checkpoint)
-               else dict(checkpoint=checkpoint))
+    weights = dict(checkpoint=checkpoint, **({"checkpoint_hash": fingerprint(checkpoint)}
+                                             if os.path.exists(checkpoint) else {}))
     for k in s.per_class:
         for arm in ("rotnet_conv", "supervised"):
             run, kind, epochs = arm_settings(s, arm, k)

@@ -56,10 +56,10 @@ WIDTHS = (1 / 64, 16)                # --width: from every layer keeping a chann
 # A file the run could not write: said in one line (run_job), the run's finished files kept.
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 RANK_DELAY = 3.0                     # seconds a rank other than 0 waits to say an error (stop)
-# What a resumed run may set anew: where and how fast it runs, not what it computes (a probe's
-# --checkpoint is known by its weights, checkpoint_hash, not by how its path is written).
+# What a resumed run may set anew: where and how fast it runs, not what it computes (and a
+# probe's --checkpoint path, where its weights' checkpoint_hash is recorded: that decides).
 MAY_CHANGE_ON_RESUME = {"resume", "device", "compile", "amp", "out", "data", "cache", "download", "eval_every",
-                        "save_every", "checkpoint"}
+                        "save_every"}
 
 
 def require(ok, message):
@@ -162,24 +162,20 @@ class Run:
         checkpoints = [os.path.join(self.out, name) for name in ("checkpoint.pt", "checkpoint.prev.pt")]
         if not (self.resume and any(map(os.path.exists, checkpoints))):
             return
-        # (a setting left None is the script's to resolve, and restore's to compare)
-        changed = changed_settings(self.out, {k: v for k, v in dataclasses.asdict(self).items() if v is not None})
+        # The settings every run records as given (a script's own may be recorded resolved or
+        # rewritten: a supervised probe's block); one left None is the script's to resolve.
+        changed = changed_settings(self.out, {k: v for k, v in self.shared().items() if v is not None})
         if set(changed) - {"image_size", "val_fraction"}:
             return
         if not changed and "data_fingerprint" in saved_config(self.out):
-            changed = changed_settings(self.out, dict(data_fingerprint=self.data_fingerprint(ctx)))
+            fingerprint = self.data_identity(ctx)["data_fingerprint"]
+            changed = changed_settings(self.out, dict(data_fingerprint=fingerprint))
         refuse_changed(self.out, changed)
 
-    def data_fingerprint(self, ctx):
-        """load_data's Dataset.fingerprint, without preparing an image folder (from a listing)."""
-        return main_first(ctx, lambda: data.fingerprint(self.data, val_fraction=self.val_fraction,
-                                                        download=self.download))
-
-    def data_identity(self, ctx, fingerprint=None):
-        """What a run made on this data recorded of it (config.json), for check_reusable;
-        fingerprint: the loaded Dataset's, if at hand."""
-        return dict(image_size=self.image_size, val_fraction=self.val_fraction,
-                    data_fingerprint=fingerprint or self.data_fingerprint(ctx))
+    def data_identity(self, ctx):
+        """data.identity of the run's data (for check_reusable), found without preparing it."""
+        return main_first(ctx, lambda: data.identity(self.data, image_size=self.image_size,
+                                                     val_fraction=self.val_fraction, download=self.download))
 
     @classmethod
     def from_args(cls, args):
@@ -571,9 +567,10 @@ def changed_settings(out, config):
     with (its config.json): resumed with others, a run would train something else than it records.
     (None to compare with: the checkpoint's shapes are still checked.)"""
     saved = saved_config(out)
+    may_change = MAY_CHANGE_ON_RESUME | ({"checkpoint"} if "checkpoint_hash" in saved else set())
     as_saved = lambda v: json.loads(json.dumps(v))  # tuples as lists, as config.json holds them
     return {k: (saved[k], v) for k, v in config.items()
-            if k in saved and k not in MAY_CHANGE_ON_RESUME and saved[k] != as_saved(v)}
+            if k in saved and k not in may_change and saved[k] != as_saved(v)}
 
 
 def epoch_of(line):

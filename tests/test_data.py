@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import probe
 import rotnet
 import train
 from conftest import assert_one_line_error, free_port, metrics_of, run_cli, write_cifar, write_folder
@@ -245,7 +246,7 @@ def test_data_given_as_a_file_or_from_home(tmp_path, monkeypatch, folder):
     assert (tmp_path / "run" / "model.pt").exists() and (tmp_path / "cache" / "manifest.json").exists()
 
 
-def test_the_fingerprint_is_found_without_preparing_anything(tmp_path, monkeypatch):
+def test_the_data_identity_is_found_without_preparing_anything(tmp_path, monkeypatch):
     classes = write_folder(tmp_path / "classes", per_class=10, size=(16, 16))
     flat = write_folder(tmp_path / "flat", classes=("",), per_class=10, size=(16, 16))
     write_folder(tmp_path / "split" / "train", per_class=4, size=(16, 16))
@@ -255,14 +256,32 @@ def test_the_fingerprint_is_found_without_preparing_anything(tmp_path, monkeypat
     write_cifar(tmp_path / "cifar", 3, 5)
     monkeypatch.chdir(tmp_path)  # where a folder would be prepared by default (prepared/)
     for folder in (classes, flat, tmp_path / "split", tmp_path / "photos", tmp_path / "cifar"):
-        listed = data.fingerprint(str(folder), val_fraction=0.2)
-        assert not (tmp_path / "prepared").exists()  # nothing prepared
-        for size in (8, 16):  # (the size prepared at is a setting of its own: image_size)
+        for size in (8, 16):
+            listed = data.identity(str(folder), image_size=size, val_fraction=0.2)
+            assert not (tmp_path / "prepared").exists()  # nothing prepared
             loaded = data.load(str(folder), image_size=size, val_fraction=0.2, cache=str(tmp_path / "cache"))
-            assert listed == loaded.fingerprint, (folder, size)
+            assert listed["data_fingerprint"] == loaded.fingerprint, (folder, size)
             shutil.rmtree(tmp_path / "cache", ignore_errors=True)
-    held_out = {data.fingerprint(str(classes), val_fraction=f) for f in (0.1, 0.2)}
+        # the settings that change its images: a folder's size, and val_fraction where val is drawn
+        assert sorted(listed) == sorted({"classes": ["data_fingerprint", "image_size", "val_fraction"],
+                                         "flat": ["data_fingerprint", "image_size", "val_fraction"],
+                                         "cifar": ["data_fingerprint"]}.get(folder.name,
+                                                                            ["data_fingerprint", "image_size"]))
+    held_out = {data.identity(str(classes), val_fraction=f)["data_fingerprint"] for f in (0.1, 0.2)}
     assert len(held_out) == 2  # other images held out: other data
+
+
+def test_a_supervised_probe_resumed_at_another_size_is_refused_before_preparing(tmp_path, capfd):
+    # It records its own block, classifier, ... (not the command line's): only the settings every
+    # run records as given are compared before the data is prepared.
+    pictures = write_folder(tmp_path / "pictures", per_class=10, size=(16, 16))
+    settings = dict(data=str(pictures), image_size=16, cache=str(tmp_path / "c1"), epochs=1, width=0.125,
+                    batch_size=8, device="cpu", out=str(tmp_path / "run"), supervised=True)
+    probe.probe(probe.Probing(**settings))
+    capfd.readouterr()
+    with pytest.raises(data.UserError, match=r"other settings \(image_size 16 there, 20 here\)"):
+        probe.probe(probe.Probing(**dict(settings, image_size=20, cache=str(tmp_path / "c2"), resume=True)))
+    assert "preparing" not in capfd.readouterr().err and not (tmp_path / "c2").exists()
 
 
 def test_a_run_resumed_on_other_images_is_refused(tmp_path, capfd):

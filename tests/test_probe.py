@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import probe
+import train
 from conftest import (RunsCode, assert_one_line_error, free_port, metrics_of, run_cli, save_nin, to_original_names,
                       write_cifar)
 from errors import UserError
@@ -147,6 +148,19 @@ def test_a_run_made_before_a_record_existed_is_reused(tmp_path):
         probe.check_reusable(str(tmp_path), epochs=3, checkpoint_hash="ab12")
     with pytest.raises(UserError, match="made on other images"):
         probe.check_reusable(str(tmp_path), epochs=3, data_fingerprint="0000")
+    # The weights decide where recorded, however the checkpoint's path is written; else the path.
+    (tmp_path / "config.json").write_text(json.dumps(dict(checkpoint="a/model.pt", checkpoint_hash="ef56")))
+    probe.check_reusable(str(tmp_path), checkpoint="./a/model.pt", checkpoint_hash="ef56")
+    (tmp_path / "config.json").write_text(json.dumps(dict(checkpoint="a/model.pt")))
+    probe.check_reusable(str(tmp_path), checkpoint="a/model.pt", checkpoint_hash="ef56")
+    with pytest.raises(UserError, match="checkpoint a/model.pt there, b.pt here"):
+        probe.check_reusable(str(tmp_path), checkpoint="b.pt", checkpoint_hash="ef56")
+    # and so on --resume (restore's changed_settings)
+    changed = lambda **here: set(train.changed_settings(str(tmp_path), here))
+    assert changed(checkpoint="b.pt", checkpoint_hash="ef56") == {"checkpoint"}
+    (tmp_path / "config.json").write_text(json.dumps(dict(checkpoint="a/model.pt", checkpoint_hash="ef56")))
+    assert changed(checkpoint="b.pt", checkpoint_hash="ef56") == set()
+    assert changed(checkpoint="a/model.pt", checkpoint_hash="0000") == {"checkpoint_hash"}
 
 
 @pytest.mark.parametrize("table", [1, 3])
