@@ -178,8 +178,9 @@ def test_a_whole_table_at_a_tiny_scale(cifar_dir, tmp_path, table):
     # A second call reuses every finished run: no training, the same table.
     again = run_probe(*flags)
     assert "epoch 1" not in again.stdout and json.loads((tmp_path / f"table{table}.json").read_text()) == saved
-    # nor with --out written otherwise (the RotNets' paths recorded in the probes differ)
-    again = run_probe(*[f"{tmp_path}/." if f == tmp_path else f for f in flags])
+    # nor with --out written otherwise (the RotNets' paths recorded in the probes differ), nor
+    # with an --image-size CIFAR does not use
+    again = run_probe(*[f"{tmp_path}/." if f == tmp_path else f for f in flags], "--image-size", 32)
     assert "epoch 1" not in again.stdout
     # Nor are the RotNets needed once their probes are finished: they may be deleted.
     for model in tmp_path.glob("rotnet_*/model.pt"):
