@@ -98,7 +98,7 @@ def load(data, *, image_size=256, download=False, cache=None, val_fraction=0.1, 
     std = tuple(max(s, 1.0) for s in p.std)
     return Dataset(as_tensor(p.train.images), labels(p.train.labels), as_tensor(p.val.images),
                    labels(p.val.labels), tuple(p.mean), std, tuple(p.classes),
-                   folder_fingerprint(p.classes, p.manifest["splits"]))
+                   folder_fingerprint(p.classes, {s: p.manifest["splits"][s]["sources"] for s in folders.SPLITS}))
 
 
 def identity(data, *, image_size=256, val_fraction=0.1, download=False):
@@ -112,16 +112,16 @@ def identity(data, *, image_size=256, val_fraction=0.1, download=False):
         return dict(data_fingerprint=load(data, download=download).fingerprint)
     with contextlib.redirect_stderr(io.StringIO()):  # (its notes are printed when it is prepared)
         layout, classes, sources = folders.find_sources(os.path.abspath(data), val_fraction)
-    return dict(data_fingerprint=folder_fingerprint(classes, {s: dict(sources=sources[s]) for s in folders.SPLITS}),
-                image_size=image_size, **(dict(val_fraction=val_fraction) if layout in folders.HELD_OUT else {}))
+    held_out = dict(val_fraction=val_fraction) if layout in folders.HELD_OUT else {}
+    return dict(data_fingerprint=folder_fingerprint(classes, sources), image_size=image_size, **held_out)
 
 
-def folder_fingerprint(classes, splits):
+def folder_fingerprint(classes, sources):
     """Which files, labelled how, in which split: not their sizes and times, which a copy of
     the folder changes (a file edited in place is not seen; one added or moved to val/ is);
-    nor the size they are prepared at, a setting of the run (image_size). splits: the
-    manifest's, each with its [path, size, mtime_ns, label] sources."""
-    which = [[(path, label) for path, _, _, label in splits[s]["sources"]] for s in folders.SPLITS]
+    nor the size they are prepared at, a setting of the run (image_size). sources: {split:
+    [path, size, mtime_ns, label] of each file}, as folders.find_sources gives them."""
+    which = [[(path, label) for path, _, _, label in sources[s]] for s in folders.SPLITS]
     return digest(json.dumps([list(classes), *which]).encode())  # (ASCII: odd names are escaped)
 
 

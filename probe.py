@@ -318,8 +318,8 @@ def check_reusable(out, data=None, fix="give this run another --out", **wanted):
     path = os.path.join(out, "config.json")
     if os.path.exists(path):
         saved = train.read_json(path)
-        if "checkpoint_hash" in saved and "checkpoint_hash" in wanted:
-            wanted.pop("checkpoint", None)  # the weights decide, not how their path is written
+        if train.by_weights(saved, wanted):
+            wanted.pop("checkpoint", None)
         # what a run made before it was recorded lacks is not held against it
         recorded = lambda k, v: saved.get(k, v) if k in RECORDED_LATER else saved.get(k)
         differ = [f"{k} {saved.get(k)} there, {v} here" for k, v in wanted.items() if recorded(k, v) != v]
@@ -410,8 +410,9 @@ def run_plan(nets, probes, imagenet=False):
     RotNets they need; every folder's settings and images are checked before anything trains.
     A RotNet whose probes are all finished is not needed: its model.pt may be deleted. Returns
     each probe's results, by folder."""
+    made_on = probes[0].data_identity(train.Context(probes[0].device))  # (nor on other images)
     for net in nets:
-        check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed)
+        check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed, data=made_on)
     finished = lambda p: os.path.exists(os.path.join(p.out, "results.json"))
     for p in probes:
         kind = schedule_kind(p, imagenet)
@@ -422,11 +423,7 @@ def run_plan(nets, probes, imagenet=False):
         which = (dict(checkpoint=p.checkpoint, checkpoint_hash=fingerprint(p.checkpoint)) if imagenet
                  else {} if p.checkpoint else dict(width=p.width))  # (no RotNet: it trains a NIN of this width)
         check_reusable(p.out, epochs=schedule_epochs(kind, p.epochs, p.epochs_scale), seed=p.seed, lr=lr,
-                       batch_size=batch_size, **which)
-    # Nor is a run made on other images (the folder changed since, another sample).
-    made_on = probes[0].data_identity(train.Context(probes[0].device))
-    for run in [*nets, *probes]:
-        check_reusable(run.out, data=made_on)
+                       batch_size=batch_size, data=made_on, **which)
     needed = {p.checkpoint for p in probes if not finished(p)}
     for net in nets:
         model = os.path.join(net.out, "model.pt")

@@ -57,7 +57,7 @@ WIDTHS = (1 / 64, 16)                # --width: from every layer keeping a chann
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 RANK_DELAY = 3.0                     # seconds a rank other than 0 waits to say an error (stop)
 # What a resumed run may set anew: where and how fast it runs, not what it computes (and a
-# probe's --checkpoint path, where its weights' checkpoint_hash is recorded: that decides).
+# probe's --checkpoint path, where its weights decide: by_weights).
 MAY_CHANGE_ON_RESUME = {"resume", "device", "compile", "amp", "out", "data", "cache", "download", "eval_every",
                         "save_every"}
 
@@ -562,12 +562,18 @@ def saved_config(out):
     return saved if isinstance(saved, dict) else {}
 
 
+def by_weights(saved, here):
+    """Whether a probe's checkpoint is told by its weights, where both records hold their hash
+    (checkpoint_hash), rather than by its path, which may be written otherwise or moved."""
+    return "checkpoint_hash" in saved and "checkpoint_hash" in here
+
+
 def changed_settings(out, config):
     """{setting: (there, here)} for those in config that differ from what out's run was made
     with (its config.json): resumed with others, a run would train something else than it records.
     (None to compare with: the checkpoint's shapes are still checked.)"""
     saved = saved_config(out)
-    may_change = MAY_CHANGE_ON_RESUME | ({"checkpoint"} if "checkpoint_hash" in saved else set())
+    may_change = MAY_CHANGE_ON_RESUME | ({"checkpoint"} if by_weights(saved, config) else set())
     as_saved = lambda v: json.loads(json.dumps(v))  # tuples as lists, as config.json holds them
     return {k: (saved[k], v) for k, v in config.items()
             if k in saved and k not in may_change and saved[k] != as_saved(v)}
