@@ -52,15 +52,24 @@ class Dataset:
     fingerprint: str = ""            # which images, in which split, with which labels (config.json)
 
     def require_labels(self, what):
-        if self.train_y is None:
-            raise UserError(f"{what} needs labels, but the data is a folder of unlabelled images: "
-                            "give a folder of class subfolders (or train/ and val/ of them)")
-        present = self.train_y.unique().tolist()
-        if len(present) < 2:  # one class is 100 % whatever is learnt
-            named = f" ({self.classes[present[0]]})" if present and present[0] < len(self.classes) else ""
-            raise UserError(f"{what} needs images of at least 2 classes, but only one class folder{named} "
-                            "holds training images: give a folder with a subfolder per class")
+        """self, refused (what names the run, for the message) without labels or with fewer
+        than 2 classes. load(labels_for=...) refuses such a folder from its listing, before it
+        is prepared; this also catches one that lost a class to images that could not be read."""
+        require_classes(what, None if self.train_y is None else self.train_y.unique().tolist(), self.classes)
         return self
+
+
+def require_classes(what, labels, classes):
+    """Refuses training images that are unlabelled (labels None) or of fewer than 2 classes
+    (the labels present, indices into classes): one class is 100 % whatever is learnt."""
+    if labels is None:
+        raise UserError(f"{what} needs labels, but the data is a folder of unlabelled images: "
+                        "give a folder of class subfolders (or train/ and val/ of them)")
+    present = sorted(set(labels))
+    if len(present) < 2:
+        named = f" ({classes[present[0]]})" if present and present[0] < len(classes) else ""
+        raise UserError(f"{what} needs images of at least 2 classes, but {'only one' if present else 'no'} class "
+                        f"folder{named} holds training images: give a folder with a subfolder per class")
 
 
 def as_tensor(array):
@@ -69,10 +78,11 @@ def as_tensor(array):
         return torch.from_numpy(array)
 
 
-def load(data, *, image_size=256, download=False, cache=None, val_fraction=0.1, recipe=None):
+def load(data, *, image_size=256, download=False, cache=None, val_fraction=0.1, recipe=None, labels_for=None):
     """The data set in --data: CIFAR-10 (image_size is then 32), or an image folder,
-    prepared into `cache` on first use at image_size x image_size. recipe: how the run crops,
-    checked against the images' size (a folder's before it is prepared, which can take hours)."""
+    prepared into `cache` on first use at image_size x image_size. Checked before a folder is
+    prepared, which can take hours: against recipe, how the run crops, the images' size; and,
+    given labels_for (the run that needs them, for the message), that they have labels."""
     data = os.path.expanduser(data)  # (the shell leaves --data=~/pictures as it is)
     if not os.path.exists(data) and not download:  # before any guess at which data set it is
         raise UserError(f"{data}: no such folder (--data is CIFAR-10's folder, the folder holding it "
@@ -83,12 +93,14 @@ def load(data, *, image_size=256, download=False, cache=None, val_fraction=0.1, 
             recipe.check(*train_x.shape[-2:])
         # the labels tell the full set from a sample of it, and cost nothing to hash
         fingerprint = digest(train_y.numpy().tobytes(), b"|", test_y.numpy().tobytes())
-        return Dataset(train_x, train_y, test_x, test_y, cifar.MEAN, cifar.STD, cifar.CLASSES, fingerprint)
+        dataset = Dataset(train_x, train_y, test_x, test_y, cifar.MEAN, cifar.STD, cifar.CLASSES, fingerprint)
+        return dataset.require_labels(labels_for) if labels_for else dataset
     if recipe is not None:
         recipe.check(image_size, image_size)
     # The held-out images are drawn with folders.prepare's fixed seed, not --seed: runs of
     # every seed test on the same images.
-    p = folders.prepare(data, image_size=image_size, cache=cache, val_fraction=val_fraction, need_val=True)
+    p = folders.prepare(data, image_size=image_size, cache=cache, val_fraction=val_fraction, need_val=True,
+                        check=labels_for and (lambda *listed: require_listed_labels(labels_for, *listed)))
     labels = lambda y: None if y is None else torch.from_numpy(np.asarray(y, dtype=np.int64))
     if len(p.val.images) == 0:  # held out (need_val), but none of them could be decoded
         raise UserError(f"{data}: none of the {len(p.manifest['splits']['val']['sources']):,} images held out for "
@@ -96,24 +108,33 @@ def load(data, *, image_size=256, download=False, cache=None, val_fraction=0.1, 
     # A channel that never varies (all-black pictures, one stain saved as RGB) has std 0: it is
     # 0 once centred, whatever it is divided by, and a grey level is the least a std may be.
     std = tuple(max(s, 1.0) for s in p.std)
-    return Dataset(as_tensor(p.train.images), labels(p.train.labels), as_tensor(p.val.images),
-                   labels(p.val.labels), tuple(p.mean), std, tuple(p.classes),
-                   folder_fingerprint(p.classes, {s: p.manifest["splits"][s]["sources"] for s in folders.SPLITS}))
+    dataset = Dataset(as_tensor(p.train.images), labels(p.train.labels), as_tensor(p.val.images),
+                      labels(p.val.labels), tuple(p.mean), std, tuple(p.classes),
+                      folder_fingerprint(p.classes, {s: p.manifest["splits"][s]["sources"] for s in folders.SPLITS}))
+    return dataset.require_labels(labels_for) if labels_for else dataset
 
 
-def identity(data, *, image_size=256, val_fraction=0.1, download=False):
+def identity(data, *, image_size=256, val_fraction=0.1, download=False, labels_for=None):
     """What tells runs made on load(...)'s data from runs made on other data, as config.json
     records it: its fingerprint (load(...).fingerprint), and the settings that change its images
     (image_size, for a folder; val_fraction, for one whose val is drawn). Without preparing an
     image folder: from a listing of its files (a table whose runs are all finished need not
-    prepare ImageNet again to check them)."""
+    prepare ImageNet again to check them), which labels_for checks as load does."""
     data = os.path.expanduser(data)
     if not folders.is_image_folder(data):  # CIFAR-10: loaded, which takes a second
-        return dict(data_fingerprint=load(data, download=download).fingerprint)
+        return dict(data_fingerprint=load(data, download=download, labels_for=labels_for).fingerprint)
     with contextlib.redirect_stderr(io.StringIO()):  # (its notes are printed when it is prepared)
         layout, classes, sources = folders.find_sources(os.path.abspath(data), val_fraction)
+    if labels_for:
+        require_listed_labels(labels_for, layout, classes, sources)
     held_out = dict(val_fraction=val_fraction) if layout in folders.HELD_OUT else {}
     return dict(data_fingerprint=folder_fingerprint(classes, sources), image_size=image_size, **held_out)
+
+
+def require_listed_labels(what, layout, classes, sources):
+    """require_classes on a folder's listing (folders.find_sources), before it is prepared."""
+    require_classes(what, None if layout in folders.UNLABELLED else [label for *_, label in sources["train"]],
+                    classes)
 
 
 def folder_fingerprint(classes, sources):

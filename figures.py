@@ -259,7 +259,7 @@ def rotation_vs_object_figure(run_dir, data_dir, out, probe_epochs=None, device=
                             out=os.path.join(run_dir, "figure5a_probes", f"epoch{epoch:03d}")) for epoch, path in found]
     # A probe made otherwise is not reused: with other --probe-epochs, on a snapshot since trained
     # anew in place, or on other images (the snapshot's path may change: the run moved).
-    made_on = probes[0].data_identity(train.Context(device))
+    made_on = probes[0].data_identity(train.Context(device), labels_for="a probe")
     fix = f"delete {os.path.join(run_dir, 'figure5a_probes')} to train its probes anew"
     for p in probes:
         probe.check_reusable(p.out, epochs=probe.schedule_epochs("nonlinear", probe_epochs),

@@ -360,7 +360,8 @@ def _held_out_sources(data, val_fraction, seed):
 
 
 # ----------------------------------------------------------------------------- the cache
-def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=None, progress=True, need_val=False):
+def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=None, progress=True, need_val=False,
+            check=None):
     """The prepared image folder `data`: reused when its cache is complete and up to date,
     finished when it was interrupted, (re)built otherwise. See the top of the file.
 
@@ -370,7 +371,9 @@ def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=
         not used when data has train/ and val/.
     workers: decoding processes (None: one per core; 0 or 1: in this process).
     progress: a tqdm bar on stderr.
-    need_val: refuse, before decoding anything, a folder that would leave val empty."""
+    need_val: refuse, before decoding anything, a folder that would leave val empty.
+    check: called with find_sources' (layout, classes, sources) before anything is decoded, or
+        a cache is looked at: it raises to refuse the folder."""
     if not (isinstance(image_size, int) and image_size >= 1):
         raise UserError(f"image_size must be a positive whole number of pixels, got {image_size!r}")
     if not 0 <= val_fraction < 1:
@@ -383,6 +386,8 @@ def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=
         raise UserError(f"the cache folder {root} is inside the data folder {data}, which is never written to; "
                         "choose a cache folder elsewhere")
     layout, classes, sources = find_sources(data, val_fraction, seed)
+    if check:
+        check(layout, classes, sources)
     if need_val and not sources["val"]:
         raise UserError(f"{data}: no images were held out for testing; {_why_no_val(layout, sources, val_fraction)}")
     wanted = {"version": VERSION, "complete": False,

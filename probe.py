@@ -280,7 +280,7 @@ def probe(s: Probing):
         blocks = (len(extractor.convs) if on_alexnet else len(extractor.blocks)) if extractor else s.blocks
         require(s.supervised or s.block <= blocks, f"--block {s.block}: the network has blocks 1 to {blocks}")
         kind = schedule_kind(s, on_alexnet)
-        dataset = s.load_data(train.Context(s.device), SCHEDULES[kind].recipe).require_labels("a probe")
+        dataset = s.load_data(train.Context(s.device), SCHEDULES[kind].recipe, labels_for="a probe")
         classes, size = len(dataset.classes), dataset.train_x.shape[-1]
         torch.manual_seed(s.seed)
         if s.supervised:
@@ -410,7 +410,8 @@ def run_plan(nets, probes, imagenet=False):
     RotNets they need; every folder's settings and images are checked before anything trains.
     A RotNet whose probes are all finished is not needed: its model.pt may be deleted. Returns
     each probe's results, by folder."""
-    made_on = probes[0].data_identity(train.Context(probes[0].device))  # (nor on other images)
+    # (no run made on other images is reused; a folder without labels is refused before its RotNets train)
+    made_on = probes[0].data_identity(train.Context(probes[0].device), labels_for="a probe")
     for net in nets:
         check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed, data=made_on)
     finished = lambda p: os.path.exists(os.path.join(p.out, "results.json"))

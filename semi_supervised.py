@@ -131,7 +131,7 @@ def sweep(s: Sweep):
     """Both arms for every K; rank 0 writes the results, the table and the figure. Every K,
     the checkpoint and every folder's settings are checked before anything trains."""
     ctx = train.Context(s.device)  # the ranks (each run makes its own Context, with s's precision)
-    dataset = s.load_data(ctx).require_labels("the label-scarcity sweep")
+    dataset = s.load_data(ctx, labels_for="the label-scarcity sweep")
     subsets = {k: labelled_subset(dataset.train_y, k, s.subset_seed, dataset.classes) for k in s.per_class}
     made_on = s.data_identity(ctx)  # no run made on other images is reused
     net = None if s.checkpoint else probe.rotnet_for(s, 4)

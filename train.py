@@ -147,13 +147,15 @@ class Run:
         finally:
             os.close(folder)
 
-    def load_data(self, ctx, recipe=None):
+    def load_data(self, ctx, recipe=None, labels_for=None):
         """The data set (one rank prepares or downloads it, the others wait, then reuse it);
-        recipe: how the run will crop it (a folder too small for it is refused unprepared).
+        recipe: how the run will crop it (a folder too small for it is refused unprepared);
+        labels_for: the run that needs labels (a folder without is refused unprepared).
         A --resume on other images is refused first: restore would, after hours of preparing."""
         self.check_resumed_data(ctx)
         return main_first(ctx, lambda: data.load(self.data, image_size=self.image_size, download=self.download,
-                                                 cache=self.cache, val_fraction=self.val_fraction, recipe=recipe))
+                                                 cache=self.cache, val_fraction=self.val_fraction, recipe=recipe,
+                                                 labels_for=labels_for))
 
     def check_resumed_data(self, ctx):
         """Refuses, as restore would, a resume of a checkpoint in out made at another
@@ -172,10 +174,10 @@ class Run:
             changed = changed_settings(self.out, dict(data_fingerprint=fingerprint))
         refuse_changed(self.out, changed)
 
-    def data_identity(self, ctx):
+    def data_identity(self, ctx, labels_for=None):
         """data.identity of the run's data (for check_reusable), found without preparing it."""
-        return main_first(ctx, lambda: data.identity(self.data, image_size=self.image_size,
-                                                     val_fraction=self.val_fraction, download=self.download))
+        return main_first(ctx, lambda: data.identity(self.data, image_size=self.image_size, download=self.download,
+                                                     val_fraction=self.val_fraction, labels_for=labels_for))
 
     @classmethod
     def from_args(cls, args):

@@ -176,9 +176,17 @@ def test_a_probe_on_unlabelled_images_says_it_needs_labels(tmp_path):
     common = ["--data", flat, "--image-size", 16, "--cache", tmp_path / "cache", "--width", 0.125, "--device", "cpu",
               "--batch-size", 4, "--epochs", 1]
     run_cli(*common, "--out", tmp_path / "run")  # pretraining needs no labels
+    # Refused from the folder's listing: not after hours of preparing it (another --cache)
+    common[common.index("--cache") + 1] = tmp_path / "unprepared"
     proc = run_cli(*common, "--checkpoint", tmp_path / "run" / "model.pt", "--out", tmp_path / "probe",
                    check=False, script="probe.py")
-    assert_one_line_error(proc, "needs labels")
+    assert_one_line_error(proc, "a probe needs labels")
+    proc = run_cli(*common, "--table", 3, "--epochs-scale", 0.05, "--out", tmp_path / "table", check=False,
+                   script="probe.py")  # nor after pretraining the table's RotNets
+    assert_one_line_error(proc, "a probe needs labels")
+    proc = run_cli(*common, "--per-class", 2, "--out", tmp_path / "semi", check=False, script="semi_supervised.py")
+    assert_one_line_error(proc, "the label-scarcity sweep needs labels")
+    assert not os.path.exists(tmp_path / "unprepared") and not os.path.exists(tmp_path / "table")
 
 
 def test_too_few_images_to_hold_out_says_what_helps(tmp_path):
@@ -214,6 +222,18 @@ def test_one_class_is_refused_by_what_needs_labels(tmp_path):
     assert dataset.classes == ("photos",)  # pretraining needs no labels: fine
     with pytest.raises(data.UserError, match=r"a probe needs images of at least 2 classes, .*\(photos\)"):
         dataset.require_labels("a probe")
+    for check in (lambda: data.load(str(one), image_size=8, cache=str(tmp_path / "c2"), labels_for="a probe"),
+                  lambda: data.identity(str(one), image_size=8, labels_for="a probe")):
+        with pytest.raises(data.UserError, match=r"a probe needs images of at least 2 classes, .*\(photos\)"):
+            check()
+    assert not os.path.exists(tmp_path / "c2")  # from the listing, before anything is decoded
+    # Two class folders, one of them all unreadable: known only once decoded, refused then
+    two = write_folder(tmp_path / "two", classes=("photos", "scans"), per_class=20, size=(8, 8))
+    for name in os.listdir(two / "scans"):
+        (two / "scans" / name).write_bytes(b"not an image")
+    with pytest.raises(data.UserError, match=r"only one class folder \(photos\)"):
+        data.load(str(two), image_size=8, cache=str(tmp_path / "c3"), labels_for="a probe")
+    assert data.load(str(two), image_size=8, cache=str(tmp_path / "c3")).classes == ("photos", "scans")
 
 
 def test_a_channel_that_never_varies_normalises(tmp_path):
