@@ -299,6 +299,10 @@ def _train_val_sources(data, train_dir, val_dir):
     if all(unsorted) and not any(sorted_in):
         return "flat-train-val", [], {s: sorted(_sources(data, folder, None))
                                       for s, folder in zip(SPLITS, (train_dir, val_dir))}
+    if any(unsorted) and not any(sorted_in):  # images beside a folder of none (other files, or nothing)
+        empty, full = (train_dir, val_dir) if unsorted[1] else (val_dir, train_dir)
+        raise UserError(f"{empty} holds no images ({' '.join(EXTENSIONS)}) beside {full}'s: give it images too "
+                        "(unlabelled), or give both class folders of images")
     classes = _subfolders(train_dir)
     for folder, loose in zip((train_dir, val_dir), unsorted):
         if loose:

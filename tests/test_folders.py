@@ -11,6 +11,7 @@ import io
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -417,6 +418,14 @@ def test_unlabelled_train_and_val_folders(tmp_path):
     assert "rebuilding" not in prepare(data, tmp_path / "c", val_fraction=0.2)[1]  # val is not drawn
     os.makedirs(f"{data}/val/empty")  # a folder of no image is no class
     assert prepare(data, tmp_path / "c")[0].manifest["layout"] == "flat-train-val"
+    for split in ("val", "Train"):  # one side holds no image (other files, or folders of none)
+        os.rename(f"{data}/{split}", f"{data}/{split}.away")
+        os.makedirs(f"{data}/{split}/empty")
+        (data / split / "notes.txt").write_text("no image")
+        with pytest.raises(UserError, match=rf"{split} holds no images \(.jpg .*\) beside .*s: give it images too"):
+            prepare(data, tmp_path / "c")
+        shutil.rmtree(f"{data}/{split}")
+        os.rename(f"{data}/{split}.away", f"{data}/{split}")
     save(f"{data}/val/cat/0.png", rgb())  # images in classes on one side, loose on the other: unclear
     with pytest.raises(UserError, match=r"Train holds 5 images outside class folders .*\(or, unlabelled, give both"):
         prepare(data, tmp_path / "c")
