@@ -405,6 +405,37 @@ def test_at_the_shared_memory_edge(gen, device, C, h, w, kind):
     assert planned(device) is None or planned(device).startswith("staged" if staged(C, h, w) else "tiled")
 
 
+# The fast program (16-byte packs of outputs) at the same edge: (C, h, w, rotations, out dtype,
+# channels_last) whose view takes the most shared memory that rows of whole packs allow (the
+# exact edge, 48 KiB - 512 bytes, where a layout admits it); a row more (a square: a side
+# more) is tiled. Their
+# sources are rows of whole 16-byte packs, so shifted crops stage with 16-byte loads too.
+FAST_EDGE_CASES = [(3, 62, 64, "half", torch.float32, False), (5, 73, 32, "half", torch.float16, False),
+                   (4, 32, 94, "half", torch.bfloat16, True), (2, 64, 94, "half", torch.float32, True),
+                   (4, 54, 54, "four", torch.float32, True), (4, 54, 54, "four", torch.bfloat16, True)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C,h,w,rotations,out_dtype,channels_last", FAST_EDGE_CASES,
+                         ids=[f"{c}c-{h}x{w}-{r}-{str(d)[6:]}-{'nhwc' if cl else 'nchw'}"
+                              for c, h, w, r, d, cl in FAST_EDGE_CASES])
+@pytest.mark.parametrize("kind", ["outside", "box"])
+@pytest.mark.parametrize("more", [0, 1], ids=["edge", "row-more"])
+def test_the_fast_program_at_the_shared_memory_edge(gen, device, C, h, w, rotations, out_dtype, channels_last,
+                                                     kind, more):
+    h, w = h + more, w + (more if h == w else 0)  # (a square stays square: its turns are quarter turns)
+    assert staged(C, h, w) == (not more)
+    H, W = h + 4, -(-(w + 3) // 16) * 16
+    images = make_images(gen, 3, C, H, W)
+    index, flips = make_picks(gen, 3, 2)
+    shifts, boxes = make_crops(gen, kind, 2, H, W, h, w)
+    check(device, images, index, shifts, flips, size=(h, w), boxes=boxes, rotations=ROTATION_SETS[rotations],
+          out_dtype=out_dtype, channels_last=channels_last, **normalisation(gen, images))
+    vec = 16 // out_dtype.itemsize
+    want = "tiled" if more else f"staged vec={vec} group=1 {'pixels' if kind == 'box' else 'wide'}"
+    assert planned(device) is None or planned(device).startswith(want), planned(device)
+
+
 # path: (images, picks, source H x W, [(crop kind, output size, rotation set)], out dtype)
 INPUT_LAYOUT_CASES = {
     "staged": (6, 5, (19, 22), [("corner", (19, 22), "half"), ("outside", (15, 15), "eight"),
