@@ -222,7 +222,8 @@ def benchmark(s: Pretraining, steps=100, *, dataloader=False, workers=WORKERS, j
 def sweep(s: Pretraining, steps=100, *, variants=SWEEP, workers=WORKERS, json_path=None):
     """Times each variant in this one process on the same images, each with its own model
     and optimizer made from the same seed. A variant that cannot run here is recorded as
-    skipped and one that fails as failed, with the reason; neither stops the sweep. Each row
+    skipped and one that fails as failed, with the reason; neither stops the sweep (a failed
+    one makes it end in an error, after the table). Each row
     is reported on stderr as it ends (and the JSON rewritten, so a run cut short keeps what
     it measured); the table comes last, on stdout. Returns the rows."""
     ctx = Context(s.device)  # an unavailable device stops here, with one line
@@ -251,6 +252,9 @@ def sweep(s: Pretraining, steps=100, *, variants=SWEEP, workers=WORKERS, json_pa
     print(f"{'variant':36} {'images/s':>10} {'min/100 ep':>11} {'build share':>12} {'x first':>8}")
     for row in rows:
         print(row_text(row))
+    failed = [r["variant"] for r in rows if r["status"] == "failed"]
+    require(not failed, f"{len(failed)} of the sweep's {len(rows)} variants failed ({', '.join(failed)}): "
+                        "their rows above say why")
     return rows
 
 

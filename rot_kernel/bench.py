@@ -12,9 +12,13 @@ The ImageNet-style rows crop 256x256 sources to 224x224 outputs: "crop" at rando
 offsets (size + shifts), "resized" from boxes drawn as torchvision's RandomResizedCrop draws
 them (size + boxes, bilinear); the original pipeline had no such rows (its columns show "–").
 
-The "train" row is the call a training step makes (train.Context.batch): B = 128,
-check_bounds=False (no host sync); on CUDA bf16 and channels_last, on the CPU float32 and
-contiguous, as training there; timed as CALLS calls queued back to back, per call.
+Every call is made as training makes it, check_bounds=False: the index is checked once
+before, not by a host sync per call. On CUDA each timing is CALLS calls queued back to back,
+per call, as training queues them (one call synced alone would time its launch, not the kernel:
+a 4096-image batch takes tens of microseconds); "checked ms" is one call as an untrusted
+caller makes it, synced alone, its index checked on the host (a sync). The "train" row is
+the call a training step makes (train.Context.batch): B = 128; on CUDA bf16 and
+channels_last, on the CPU float32 and contiguous (CALLS calls there too), as training there.
 
 Reading the table: times are medians in ms for one batch of B source images (B*R outputs);
 img/s and GB/s are the fused op's (bytes = uint8 read + outputs and int64 labels written;
@@ -38,14 +42,14 @@ PAD = 4                      # shifts are in [-PAD, PAD], as the original's Rand
 CIFAR_POOL, LARGE_POOL, IMAGENET_POOL = 50_000, 256, 256
 CROP_SOURCE, CROP_SIZE = 256, 224   # "resize 256, crop 224" of the ImageNet experiments
 REPS, ORIG_REPS, WARMUP = 20, 3, 3
-CALLS = 10                   # the train row: calls per timing, as training queues them
+CALLS = 10                   # calls per timing on CUDA (and the train row's), as training queues them
 CROP_REPS = 5                # the crop rows' reference takes seconds per batch on a CPU
 ORIG_MAX_B = 512             # the original is slow: bigger batches are timed on this many images
 
 def train_call(device):
     # how train.Context.batch calls the op on this device (bf16 is autocast's: CUDA only)
     cuda = device.type == "cuda"
-    return dict(out_dtype=torch.bfloat16 if cuda else torch.float32, channels_last=cuda, check_bounds=False)
+    return dict(out_dtype=torch.bfloat16 if cuda else torch.float32, channels_last=cuda)
 
 def cases(quick):
     out = [dict(pool="cifar", B=B, dtype=dt) for B in (128, 512, 4096)
@@ -145,7 +149,8 @@ def check(pools, device):
 
 def run_case(case, pool, device, reps, orig_reps):
     B, crop, train = case["B"], case.get("crop"), case.get("train", False)
-    kw = dict(mean=MEAN, std=STD, rotations=ROTATIONS, **(train_call(device) if train else dict(out_dtype=case["dtype"])))
+    kw = dict(mean=MEAN, std=STD, rotations=ROTATIONS, check_bounds=False,
+              **(train_call(device) if train else dict(out_dtype=case["dtype"])))
     dt = kw["out_dtype"]
     if crop:  # the original pipeline had no crops: fused and reference only
         index, shifts, flips, boxes = make_crop_inputs(pool, B, crop)
@@ -156,15 +161,26 @@ def run_case(case, pool, device, reps, orig_reps):
         nb = min(B, ORIG_MAX_B)
         args = as_numpy(pool, index[:nb], shifts[:nb], flips[:nb])
         orig = lambda: original_batch(*args, device)
-    calls = CALLS if train else 1
-    fused = lambda: [rot_kernel.rotation_batch(pool, index, shifts, flips, **kw) for _ in range(calls)]
-    ref = lambda: [reference.rotation_batch(pool, index, shifts, flips, **kw) for _ in range(calls)]
-    for _ in range(WARMUP): fused(); ref()
+    cuda = device.type == "cuda"
+    calls = CALLS if train or cuda else 1
+
+    def queued(op):  # calls back to back, each output dropped (the allocator reuses its memory)
+        def run():
+            for _ in range(calls):
+                op(pool, index, shifts, flips, **kw)
+        return run
+
+    fused, ref = queued(rot_kernel.rotation_batch), queued(reference.rotation_batch)
+    checked = lambda: rot_kernel.rotation_batch(pool, index, shifts, flips, **dict(kw, check_bounds=True))
+    for _ in range(WARMUP):
+        fused(); ref()
+        if cuda: checked()
     if orig: orig()
-    t = {"fused": [], "reference": [], "original": []}
+    t = {"fused": [], "reference": [], "original": [], "fused_checked": []}
     for i in range(reps):  # interleaved, so drifts in clock or load hit every implementation
         t["fused"].append(timed(fused, device) / calls)
         t["reference"].append(timed(ref, device) / calls)
+        if cuda: t["fused_checked"].append(timed(checked, device))
         if i < orig_reps: t["original"].append(timed(orig, device) * B / nb)
     ms = {k: 1e3 * float(np.median(v)) if v else None for k, v in t.items()}
     _, C, H, W = pool.shape
@@ -173,8 +189,7 @@ def run_case(case, pool, device, reps, orig_reps):
     nbytes = B * C * h * w * pool.element_size() + B * R * (C * h * w * dt.itemsize + 8)
     return dict(pool=case["pool"], crop=crop, train=train, B=B, C=C, H=H, W=W, h=h, w=w, R=R,
                 out_dtype=str(dt).replace("torch.", ""), channels_last=kw.get("channels_last", False),
-                check_bounds=kw.get("check_bounds", True),
-                calls_per_timing=calls,
+                check_bounds=kw["check_bounds"], calls_per_timing=calls,
                 ms=ms, reps={k: len(v) for k, v in t.items()}, original_scaled_from=nb if nb < B else None,
                 images_per_s=B / (ms["fused"] / 1e3), bytes=nbytes, GB_per_s=nbytes / ms["fused"] / 1e6,
                 speedup_vs_reference=ms["reference"] / ms["fused"],
@@ -191,7 +206,8 @@ def shape(c):
 
 COLUMNS = [  # (header, cell) of the printed table; "–" where the original has no such case
     ("B", lambda c: c["B"]), ("HxW", shape), ("out", lambda c: c["out_dtype"]),
-    ("fused ms", lambda c: f"{c['ms']['fused']:.3f}"), ("ref ms", lambda c: f"{c['ms']['reference']:.3f}"),
+    ("fused ms", lambda c: f"{c['ms']['fused']:.3f}"), ("checked ms", lambda c: f"{c['ms']['fused_checked']:.3f}"),
+    ("ref ms", lambda c: f"{c['ms']['reference']:.3f}"),
     ("orig ms", lambda c: "–" if c["ms"]["original"] is None else
      f"{c['ms']['original']:.1f}" + ("*" if c["original_scaled_from"] else "")),
     ("img/s", lambda c: f"{c['images_per_s']:,.0f}"), ("GB/s", lambda c: f"{c['GB_per_s']:.2f}"),
@@ -203,7 +219,7 @@ def print_table(res):
     cuda = res["copy_GB_per_s"] is not None
     print(f"\ndevice {res['device_name'] or res['device']} | torch {res['torch']} | threads {res['threads']}"
           f" | backend {res['backend']}" + (f" | copy {res['copy_GB_per_s']:.0f} GB/s" if cuda else ""))
-    cols = [(h, f) for h, f in COLUMNS if cuda or h != "% copy"]
+    cols = [(h, f) for h, f in COLUMNS if cuda or h not in ("% copy", "checked ms")]
     print("| " + " | ".join(h for h, _ in cols) + " |\n|" + "---|" * len(cols))
     for c in res["cases"]:
         print("| " + " | ".join(str(f(c)) for _, f in cols) + " |")

@@ -120,9 +120,13 @@ def test_a_tool_that_fails_on_this_machine_is_said_unavailable_not_a_finding(tmp
     # `before` still runs the old operator's benchmark, and the summary says why it is not a failure.
     old = tmp_path / ".device" / "before" / "rot_kernel"
     os.makedirs(old)
-    (old / "__init__.py").write_text("")
+    (old / "__init__.py").write_text("backend = lambda: 'cpu (prebuilt)'\n")  # built without its CUDA kernel
     (old / "_C.fake.so").write_text("")
     (old / "bench.py").write_text("import sys\nopen(sys.argv[-1], 'w').write('{}')\n")
+    rc, output = gpu_check(tmp_path, tmp_path / "gc1", "before", env=env)  # no "before" to time: a failure
+    assert "does not load with its CUDA kernel" in output and "== before exit 1" in output, output
+    assert not (tmp_path / "gc1" / "bench_cuda_before.json").exists()
+    (old / "__init__.py").write_text("backend = lambda: 'cpu+cuda (prebuilt)'\n")
     rc, output = gpu_check(tmp_path, tmp_path / "gc2", "before", env=env)
     summary = (tmp_path / "gc2" / "summary.log").read_text()
     assert rc == 0 and "== before exit 75: its tool does not work on this machine" in summary, output

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -307,6 +308,42 @@ def test_the_per_step_index_check_is_off_unless_asked_for(monkeypatch):
     assert [v.name for v in benchmark.SWEEP if v.check_bounds] == ["eager, index checked each step"]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_training_and_testing_wait_for_the_gpu_once_an_epoch_not_every_step(monkeypatch):
+    # No host sync per step: the CPU queues steps ahead of the GPU. torch's sync debug mode
+    # warns at every synchronizing call: an epoch (or a test pass) of twice the steps makes no
+    # more of them. The sums read at the end make some: at least one, or the count shows nothing.
+    monkeypatch.setattr(train, "EVAL_BATCH", 8)
+    ctx = train.Context("cuda")
+    pixels = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    views = dict(recipe=rotnet.ARCHS["nin"].recipe, mean=cifar.MEAN, std=cifar.STD, rotations=rotnet.FOUR)
+    torch.manual_seed(0)
+    net = ctx.prepare(nin.NIN(blocks=3, num_classes=4, width=0.125))
+    opt, _ = train.make_optimizer(net.parameters(), lr=0.1, epochs=1)
+
+    def syncs(run):
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return sum("synchroniz" in str(w.message) for w in said)
+
+    images = data.on_device(pixels, ctx.device, stream=False)
+    epoch = lambda steps: train.train_epoch(ctx, net, opt, images, epoch=1, seed=0, batch_size=8,
+                                            epoch_size=8 * steps, **views)
+    epoch(2)  # first: cuDNN's choice of algorithms
+    few, many = syncs(lambda: epoch(3)), syncs(lambda: epoch(6))
+    assert few >= 1 and many == few, (few, many)
+    tests = [data.on_device(pixels[:n], ctx.device, stream=False) for n in (24, 48)]
+    train.evaluate(ctx, net, tests[0], **views)  # first (its own algorithms: no backward pass)
+    few, many = (syncs(lambda: train.evaluate(ctx, net, split, **views)) for split in tests)
+    assert few >= 1 and many == few, (few, many)
+
+
 def test_cli_sweep_writes_a_row_for_every_variant(tmp_path):
     path = tmp_path / "sweep.json"
     proc = run_cli("--benchmark", "--sweep", "--steps", "2", "--width", "0.125", "--device", "cpu",
@@ -332,16 +369,18 @@ def test_cli_sweep_writes_a_row_for_every_variant(tmp_path):
     assert [ln.startswith(r["variant"]) for ln, r in zip(table[1:], rows)] == [True] * len(rows)
 
 
-def test_sweep_records_a_failing_variant_and_goes_on(tmp_path):
+def test_sweep_records_a_failing_variant_and_goes_on(tmp_path, capsys):
     path = tmp_path / "sweep.json"
     variants = (benchmark.Variant("eager"), benchmark.Variant("broken", compile="no-such-mode"),
                 benchmark.Variant("eager fused SGD", fused_sgd=True))
-    rows = benchmark.sweep(rotnet.Pretraining(device="cpu", width=0.125, batch_size=8), steps=1, variants=variants,
-                        workers=1, json_path=str(path))
+    with pytest.raises(UserError, match=r"^1 of the sweep's 3 variants failed \(broken\): their rows above say why$"):
+        benchmark.sweep(rotnet.Pretraining(device="cpu", width=0.125, batch_size=8), steps=1, variants=variants,
+                        workers=1, json_path=str(path))  # (after the table: an exit status that says so)
+    rows = json.loads(path.read_text())["rows"]
     assert [r["status"] for r in rows] == ["ok", "failed", "ok"]
+    assert [ln.split()[0] for ln in capsys.readouterr().out.splitlines()[-3:]] == ["eager", "broken", "eager"]
     assert rows[1]["error"].startswith("RuntimeError: ") and "no-such-mode" in rows[1]["error"]
     assert "\n" not in rows[1]["error"]
-    assert json.loads(path.read_text())["rows"] == rows
 
 
 @pytest.mark.parametrize("settings, named", [(dict(arch="alexnet"), "AlexNet"),

@@ -6,7 +6,8 @@
 # checkout):   bash tools/gpu_check.sh --prepare [PY]
 #   copies into .device/ (ignored: name it in the device tool's `carry`) the CIFAR-10 sample
 #   (.device/data), the independent checker (../shared/tools/gpu_check.py) and the operator as it
-#   was before the kernel restructure (commit $BEFORE, for the before/after table).
+#   was before the kernel restructure (commit $BEFORE, for the before/after table, timed by
+#   today's rot_kernel/bench.py so that both are timed alike).
 #   With PY, a Python with the device's stack (3.12, torch 2.11.0+cu130 from PyPI), it also
 #   builds both operators for sm_90 (.device/op, .device/before), which saves the device
 #   about 3 minutes of building (2.5 min here). Such a Python, from this machine's pyenv
@@ -42,8 +43,9 @@
 #      the GPU, the operator's table, the training benchmark: the headline, first)
 #   2. at once (within the 30 s the machine stays warm; call 1's bundle can be unpacked
 #      after: call 2 needs nothing from it), T = budget_left_s (status, free) - 60, S = T - 40:
-#      tests sanitize ncu before table3 table1
-#   then give_back. compute-sanitizer and ncu work on the Firecracker machines (the H100s so
+#      sanitize ncu before tests table3 table1
+#   (the sanitizers and the counters first: nothing else gives them, where `quick` in call 1
+#   ran the kernel's tests and `tests` runs the rest under xdist), then give_back. compute-sanitizer and ncu work on the Firecracker machines (the H100s so
 #   far) and not on the gVisor ones (the H200s; `env` prints the kernel: 4.4.0 is gVisor):
 #   there `sanitize` and `ncu` end at once with exit 75, "its tool does not work on this
 #   machine", which is no finding, and `before` gives its benchmark without its counters;
@@ -73,6 +75,7 @@ if [ "${1:-}" = "--prepare" ]; then
   cp "$shared"/tools/gpu_check.py .device/
   rm -rf .device/before .device/op && mkdir -p .device/before
   git archive "$BEFORE" rot_kernel setup.py | tar -x -C .device/before
+  cp rot_kernel/bench.py .device/before/rot_kernel/bench.py  # (its op takes the same arguments)
   if [ -n "${2:-}" ]; then  # both operators built here, for sm_90, with the device's own stack
     export TORCH_CUDA_ARCH_LIST=9.0 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=2
     "$2" -c "import sys, torch; print(sys.version.split()[0], torch.__version__)"
@@ -199,16 +202,17 @@ ensure_op() {  # the operator of these sources: built on this machine, carried i
 
 stage_body() {
   case $1 in
-    env)
+    env)  # fails where torch sees no GPU: every stage after it would say less clearly why
       echo "python: $PY"
       nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
       nvcc --version | tail -1; nproc; uname -r
       df -h /dev/shm | tail -1  # the DataLoader baseline's workers hand batches over through it
-      "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-      "$PY" -m pip list 2>/dev/null | grep -iE "^(torch|numpy|pytest|tqdm|matplotlib|pillow|ninja) " ;;
+      "$PY" -m pip list 2>/dev/null | grep -iE "^(torch|numpy|pytest|pytest-xdist|tqdm|matplotlib|pillow|ninja) "
+      "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" ;;
     build) build ;;
-    quick)  # first: the kernel's tests (CUDA and emulated) and the streamed split on CUDA
-      pytest_cuda $(xdist 4) tests/test_cuda_kernel.py tests/test_data.py -k "cuda" ;;
+    quick)  # first: the kernel's tests (CUDA and emulated), the streamed split on CUDA, and
+      # that training and testing wait for the GPU once an epoch, not every step
+      pytest_cuda $(xdist 4) tests/test_cuda_kernel.py tests/test_data.py tests/test_rotnet.py -k "cuda or gpu" ;;
     tests)  # CUDA tests included; a fallback to the reference is an error here
       pytest_cuda $(xdist 8) ;;
     check)  # the independent checker: every path against the CPU kernel, then kernel times
@@ -235,9 +239,11 @@ stage_body() {
       ncu_works || return $UNAVAILABLE
       ncu_run "$PY" .device/gpu_check.py --ncu > "$out/ncu_after.csv" ;;
     before) # the pre-restructure operator: its benchmark and counters, for the before/after table
-      # (built here unless --prepare built it on the CPU machine)
+      # (built here unless --prepare built it on the CPU machine); one that does not load with
+      # its CUDA kernel is no "before" (its fallback would time the plain-torch reference)
       ( cd .device/before && { ls rot_kernel/_C*.so > /dev/null 2>&1 \
           || MAX_JOBS=$(nproc) "$PY" setup.py -q build_ext --inplace 2>&1 | tail -20; } \
+        && { op_loads "$PY" || { echo "the operator before ($BEFORE) does not load with its CUDA kernel"; false; }; } \
         && "$PY" -m rot_kernel.bench --device cuda --json "$out/bench_cuda_before.json" ) || return 1
       ncu_works || return $UNAVAILABLE
       ( cd .device/before && PYTHONPATH=$PWD ncu_run "$PY" ../gpu_check.py --ncu > "$out/ncu_before.csv" ) ;;
@@ -250,7 +256,7 @@ stage_body() {
     torchrun)  # one process through torchrun on CUDA (NCCL); several GPUs cannot be tried here
       rm -rf runs/gpu/torchrun  # a fresh run each time (a run refuses an --out that holds one)
       "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 rotnet.py --data "$DATA" --epochs 1 \
-        --width 0.25 --out runs/gpu/torchrun ;;
+        --width 0.25 --device cuda --out runs/gpu/torchrun ;;
     # The real runs on the sample, full width, the paper's schedules. By the FLOPs (about
     # 1.5 GFLOP per rotated image, forward and backward), at 150 TFLOP/s: the RotNet 0.5 min,
     # Table 3 2, Table 1 3, Table 2 3, the semi-supervised sweep 6 (its epochs are 50,000
