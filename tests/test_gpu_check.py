@@ -97,7 +97,7 @@ def test_sanitize_runs_each_tool_on_the_operators_kernels_and_a_hazard_fails_it(
     assert [c.split("--tool ")[1].split()[0] for c in calls] == ["memcheck", "racecheck", "synccheck"]
     for call in calls:
         assert "--error-exitcode 1" in call and call.endswith(".device/gpu_check.py --quick")
-        assert "--kernel-name kns=staged_kernel --kernel-name kns=tiled_kernel" in call
+        assert "--kernel-name kns=rot_kernel" in call
     assert calls[0].startswith("caching=1 ") and all(c.startswith("caching= ") for c in calls[1:])
 
 
