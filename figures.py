@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import sys
 
 import matplotlib
 
@@ -251,11 +252,29 @@ def object_accuracy(p):
     return train.read_json(results)["test_acc"]
 
 
-def rotation_vs_object_figure(run_dir, data_dir, out, probe_epochs=None, device="cpu", image_size=256, cache=None):
+def run_images(run_dir, data_dir=None, image_size=None, cache=None):
+    """Where Figure 5a's probes find their images: the run's own (as its config.json records
+    them: a RotNet pretrained on a folder is probed on that folder, not on CIFAR-10), each
+    setting given overriding the run's. Returns Probing's data settings."""
+    made = train.saved_config(run_dir)
+    own = data_dir is None and "data" in made
+    if own and train.main_rank():
+        print(f"Figure 5a: probing on the run's own images, {made['data']} (from {run_dir}/config.json; "
+              "--data for others)", file=sys.stderr)
+    return dict(data=made.get("data", "./data") if data_dir is None else data_dir,
+                image_size=image_size or (made.get("image_size") if own else None) or 256,
+                cache=cache or (made.get("cache") if own else None),
+                val_fraction=made.get("val_fraction", 0.1) if own else 0.1)
+
+
+def rotation_vs_object_figure(run_dir, data_dir=None, out="runs/figures", probe_epochs=None, device="cpu",
+                              image_size=None, cache=None):
+    """data_dir, image_size, cache: None, the run's own (run_images)."""
     found = snapshots(run_dir)
     accuracies = [rotation_accuracy(path) for _, path in found]  # every snapshot read before any probe trains
-    probes = [probe.Probing(checkpoint=path, block=PROBE_BLOCK, classifier="nonlinear", data=data_dir,
-                            image_size=image_size, cache=cache, device=device, resume=True, epochs=probe_epochs,
+    images = run_images(run_dir, data_dir, image_size, cache)
+    probes = [probe.Probing(checkpoint=path, block=PROBE_BLOCK, classifier="nonlinear", **images, device=device,
+                            resume=True, epochs=probe_epochs,
                             out=os.path.join(run_dir, "figure5a_probes", f"epoch{epoch:03d}")) for epoch, path in found]
     # A probe made otherwise is not reused: with other --probe-epochs, on a snapshot since trained
     # anew in place, or on other images (the snapshot's path may change: the run moved).
@@ -302,9 +321,9 @@ def parse_args(argv=None):
         p.add_argument("--supervised", required=True, type=train.user_path,
                        help="a supervised NIN (probe.py --supervised: checkpoint.pt)")
 
-    def images(p, help):  # as the training scripts take them
-        p.add_argument("--data", default="./data", type=train.user_path, help=help)
-        p.add_argument("--image-size", type=train.positive_int, default=256, help="S of an image folder")
+    def images(p, help, default="./data", size_help="S of an image folder"):  # as the training scripts take them
+        p.add_argument("--data", default=default, type=train.user_path, help=help)
+        p.add_argument("--image-size", type=train.positive_int, default=default and 256, help=size_help)
         p.add_argument("--cache", type=train.user_path,
                        help="where the image folder is prepared (default: prepared/NAME-S)")
 
@@ -324,7 +343,8 @@ def parse_args(argv=None):
                 "(rotnet.py --save-every N). Trains one non-linear probe on ConvB2 PER SNAPSHOT, in "
                 "RUN_DIR/figure5a_probes/epochNNN, and reuses those already finished with the same settings.")
     p.add_argument("run", metavar="RUN_DIR")
-    images(p, "CIFAR-10 or an image folder")
+    images(p, "CIFAR-10 or an image folder (default: the run's own, as its config.json records it)", default=None,
+           size_help="S of an image folder (default: the run's, else 256)")
     p.add_argument("--probe-epochs", type=train.positive_int, default=None,
                    help="epochs of each probe (default: probe.py's full schedule, 100)")
     args = ap.parse_args(argv)

@@ -215,6 +215,28 @@ def test_rotation_vs_object(cifar_dir, tmp_path, monkeypatch, capsys):
     refused(args, "epoch002", "checkpoint_hash")
 
 
+def test_rotation_vs_object_probes_on_the_runs_own_images(tmp_path, monkeypatch, capsys):
+    # A RotNet pretrained on a folder: its probes run on that folder (at its size, with its
+    # held-out share), not on ./data; --data still chooses others.
+    photos = write_folder(tmp_path / "photos", classes=("a", "b"), per_class=8, size=(20, 18))
+    run = tmp_path / "run"
+    run.mkdir()
+    save_nin(run / "model_epoch001.pt", 4, 4, rotations=[0, 90, 180, 270], metrics=dict(epoch=1, test_acc=40.0))
+    (run / "config.json").write_text(json.dumps(dict(data=str(photos), image_size=16, cache=str(tmp_path / "c"),
+                                                     val_fraction=0.25)))
+    monkeypatch.chdir(tmp_path)  # (no ./data here)
+    common = ["--probe-epochs", "1", "--device", "cpu", "--out", str(tmp_path / "figs")]
+    figures.main(["rotation-vs-object", str(run), *common])
+    assert "probing on the run's own images, " + str(photos) in capsys.readouterr().err
+    made = json.load(open(run / "figure5a_probes" / "epoch001" / "config.json"))
+    assert (made["data"], made["image_size"], made["cache"], made["val_fraction"]) == (
+        str(photos), 16, str(tmp_path / "c"), 0.25)
+    assert os.path.exists(tmp_path / "c" / "manifest.json")
+    with pytest.raises(SystemExit):  # others, asked for: ./data, which is not here
+        figures.main(["rotation-vs-object", str(run), "--data", "./data", *common])
+    assert "./data: no such folder" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- errors
 def test_missing_checkpoint_is_one_line(tmp_path):
     missing = tmp_path / "missing.pt"
