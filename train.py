@@ -56,6 +56,7 @@ WIDTHS = (1 / 64, 16)                # --width: from every layer keeping a chann
 # A file the run could not write: said in one line (run_job), the run's finished files kept.
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 RANK_DELAY = 3.0                     # seconds a rank other than 0 waits to say an error (stop)
+last_kept = None                     # (out, epoch) of this process's last checkpoint.pt: what Ctrl-C keeps
 # What a resumed run may set anew: where and how fast it runs, not what it computes (and a
 # probe's --checkpoint path, where its weights decide: by_weights).
 MAY_CHANGE_ON_RESUME = {"resume", "device", "compile", "amp", "out", "data", "cache", "download", "eval_every",
@@ -604,6 +605,8 @@ def end_epoch(ctx, out, metrics, model, opt, sched, **extra):
     atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                      epoch=metrics["epoch"], rng=rng, metrics=metrics, **extra),
                 os.path.join(out, "checkpoint.pt"), keep_previous=True)
+    global last_kept
+    last_kept = (out, metrics["epoch"])
 
 
 def epoch_metrics(epoch, lr, loss, acc, test_acc, seen, seconds):
@@ -680,6 +683,8 @@ def run_job(job):
     SIGTERM stops a single process as Ctrl-C does, with the same line; not under torchrun,
     whose agent sends it to the ranks left when one fails, whose lines would bury its. (A
     worker forked from here puts SIGTERM back to its default: its parent ends it so.)"""
+    global last_kept
+    last_kept = None  # (this job's)
     on_term = "TORCHELASTIC_RUN_ID" not in os.environ and threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if on_term else None
     try:
@@ -707,8 +712,10 @@ def run_job(job):
         how, status = ("stopped by SIGTERM", 143) if isinstance(err, Terminated) else ("interrupted", 130)
         if not main_rank():  # Ctrl-C reaches every rank: rank 0 says it
             sys.exit(status)
-        stop(f"\n{how}: what was finished is kept (epochs, finished runs, a folder's preparation); "
-             "the same command goes on from it (a single run with --resume)", status=status)
+        kept = (f"{last_kept[0]} is kept up to epoch {last_kept[1]}, and all finished before it"
+                if last_kept else "no epoch had ended yet in this run; what was finished before is kept")
+        stop(f"\n{how}: {kept} (epochs, finished runs, a folder's preparation); the same command goes on "
+             "from it (a single run with --resume)", status=status)
     finally:
         if on_term:
             signal.signal(signal.SIGTERM, previous)
