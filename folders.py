@@ -161,8 +161,10 @@ def _decode(task):
     try:
         image = load_image(path, image_size)
     except Exception as err:  # any failure of a file is that file's problem, never the run's
-        if isinstance(err, UnidentifiedImageError):
-            return None, "not a JPEG, PNG, WebP, BMP or TIFF image", None
+        if isinstance(err, UnidentifiedImageError):  # (the name's extension said it was one)
+            empty = os.path.exists(path) and os.path.getsize(path) == 0
+            return None, "an empty file" if empty else "not a readable JPEG, PNG, WebP, BMP or TIFF image " \
+                "(damaged, or another format)", None
         return None, f"{type(err).__name__}: {err}"[:200], None
     pixels = image.reshape(3, -1)  # exact int64 sums, without a large temporary (8x faster)
     squares = np.einsum("cp,cp->c", pixels, pixels, dtype=np.int64, casting="unsafe")
@@ -676,8 +678,9 @@ def _finish(root, manifest):
     manifest["skipped"] = skipped
     if skipped:
         files = "file" if len(skipped) == 1 else "files"
-        print(f"skipped {len(skipped):,} unreadable {files} (listed in {os.path.join(root, 'manifest.json')})",
-              file=sys.stderr)
+        said = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
+        print(f"skipped {len(skipped):,} unreadable {files} ({said}{'; ...' if len(skipped) > 3 else ''}; all "
+              f"listed in {os.path.join(root, 'manifest.json')})", file=sys.stderr)
     if pixels == 0:
         _write_manifest(root, manifest)  # still incomplete, but with the reasons
         raise UserError(f"{manifest['data']} holds no readable image for training: all "

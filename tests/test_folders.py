@@ -10,8 +10,9 @@ import glob
 import io
 import json
 import os
-import signal
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -244,12 +245,23 @@ def test_broken_files_are_skipped_and_listed(everything):
     assert set(skipped) == BROKEN
     assert all(skipped.values())
     assert "truncated" in skipped["b/truncated.jpg"]
-    assert "not a JPEG" in skipped["b/text.jpg"]
-    assert f"skipped 3 unreadable files (listed in {prepared.root}{os.sep}manifest.json)" in err
+    assert "not a readable JPEG" in skipped["b/text.jpg"]
+    said = "; ".join(f"{path}: {skipped[path]}" for path in sorted(BROKEN))  # each named, with its reason
+    assert f"skipped 3 unreadable files ({said}; all listed in {prepared.root}{os.sep}manifest.json)" in err
     assert "preparing 20 images at 24x24 into" in err and "note: class folder" in err
     counts = prepared.manifest["splits"]
     assert counts["train"]["count"] + counts["val"]["count"] == 17
     assert counts["train"]["skipped"] + counts["val"]["skipped"] == 3
+
+
+def test_an_empty_file_is_said_so_and_many_skipped_are_named_a_few(tmp_path):
+    data = tmp_path / "d"
+    for i in range(4):
+        save(f"{data}/a/{i}.png", rgb())
+        write_bytes(f"{data}/b/{i}.png", b"")
+    prepared, err = prepare(data, tmp_path / "c", val_fraction=0.3)
+    assert {s["reason"] for s in prepared.manifest["skipped"]} == {"an empty file"}
+    assert re.search(r"skipped 4 unreadable files \((b/\d\.png: an empty file; ){3}\.\.\.; all listed in", err), err
 
 
 def test_mean_std_and_manifest(everything):
@@ -338,7 +350,7 @@ def test_resume_after_interrupt_decodes_only_the_rest(tmp_path, count_decodes):
     whole, _ = prepare(data, tmp_path / "whole")
     assert_same(resumed, whole)
     assert [s["path"] for s in resumed.manifest["skipped"]] == ["x/001.png"]
-    assert "not a JPEG" in resumed.manifest["skipped"][0]["reason"]
+    assert "not a readable JPEG" in resumed.manifest["skipped"][0]["reason"]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
