@@ -85,13 +85,13 @@ class Probing(train.Run):
         super().__post_init__()
         require(self.classifier in ("nonlinear", "linear", "conv"),
                 f"classifier: nonlinear, linear or conv, got {self.classifier!r}")
-        require(self.init in ("checkpoint", "random"), f"init: checkpoint or random, got {self.init!r}")
+        require(self.init in ("checkpoint", "random"), f"--init: checkpoint or random, got {self.init!r}")
         require(not (self.checkpoint and (self.supervised or self.init == "random")),
                 f"checkpoint: {'supervised' if self.supervised else 'init=random'} trains from random weights, "
                 "so the checkpoint would not be used: give one or the other")
-        require(self.blocks in (3, 4, 5), f"blocks: 3, 4 or 5, got {self.blocks}")
-        require(self.block >= 0, f"block: at least 1 (0: every conv of an AlexNet), got {self.block}")
-        require(0 < self.epochs_scale < math.inf, f"epochs_scale: must be positive and finite, got {self.epochs_scale}")
+        require(self.blocks in (3, 4, 5), f"--blocks: 3, 4 or 5, got {self.blocks}")
+        require(self.block >= 0, f"--block: at least 1 (0: every conv of an AlexNet), got {self.block}")
+        require(0 < self.epochs_scale < math.inf, f"--epochs-scale: must be positive and finite, got {self.epochs_scale}")
 
 
 def schedule_epochs(kind, epochs=None, epochs_scale=1.0):

@@ -76,14 +76,14 @@ class Pretraining(Run):
     save_every: int = 0              # also keep model_epochNNN.pt every N epochs (Figure 5a)
 
     def __post_init__(self):
-        require(self.arch in ARCHS, f"arch: one of {', '.join(ARCHS)}, got {self.arch!r}")
+        require(self.arch in ARCHS, f"--arch: one of {', '.join(ARCHS)}, got {self.arch!r}")
         for name in ("epochs", "lr", "batch_size"):  # the arch's own where not given
             if getattr(self, name) is None:
                 object.__setattr__(self, name, getattr(ARCHS[self.arch], name))
         super().__post_init__()
         object.__setattr__(self, "rotations", check_rotations(self.rotations))
-        require(self.blocks in (3, 4, 5), f"blocks: the paper's NIN has 3, 4 or 5 blocks, got {self.blocks}")
-        require(self.save_every >= 0, f"save_every: at least 0, got {self.save_every}")
+        require(self.blocks in (3, 4, 5), f"--blocks: the paper's NIN has 3, 4 or 5 blocks, got {self.blocks}")
+        require(self.save_every >= 0, f"--save-every: at least 0, got {self.save_every}")
 
 
 # ----------------------------------------------------------------------------- pretraining

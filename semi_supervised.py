@@ -44,11 +44,11 @@ class Sweep(train.Run):
     def __post_init__(self):
         super().__post_init__()
         object.__setattr__(self, "per_class", tuple(sorted(set(self.per_class))))
-        require(self.per_class and min(self.per_class) >= 1, f"per_class: at least 1, got {list(self.per_class)}")
-        require(self.epoch_size >= 2, f"epoch_size: at least 2 (BatchNorm needs 2 a step), got {self.epoch_size}")
+        require(self.per_class and min(self.per_class) >= 1, f"--per-class: at least 1, got {list(self.per_class)}")
+        require(self.epoch_size >= 2, f"--epoch-size: at least 2 (BatchNorm needs 2 a step), got {self.epoch_size}")
         require(self.subset_seed is None or -train.SEED_LIMIT < self.subset_seed < train.SEED_LIMIT,
                 f"subset_seed: below 2^40 in size, got {self.subset_seed}")
-        require(0 < self.epochs_scale < math.inf, f"epochs_scale: must be positive and finite, got {self.epochs_scale}")
+        require(0 < self.epochs_scale < math.inf, f"--epochs-scale: must be positive and finite, got {self.epochs_scale}")
 
 
 def labelled_subset(labels, per_class, seed=None, classes=cifar.CLASSES):

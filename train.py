@@ -91,15 +91,15 @@ class Run:
 
     def __post_init__(self):
         # BatchNorm needs two images a step: a batch of one trains nothing (train.batches)
-        require(self.epochs is None or self.epochs >= 1, f"epochs: at least 1, got {self.epochs}")
-        require(self.batch_size is None or self.batch_size >= 2, f"batch_size: at least 2, got {self.batch_size}")
-        require(self.eval_every >= 1, f"eval_every: at least 1, got {self.eval_every}")
-        require(self.lr is None or 0 < self.lr < math.inf, f"lr: must be positive and finite, got {self.lr}")
-        require(WIDTHS[0] <= self.width <= WIDTHS[1], f"width: from 1/64 to 16 (1 is the paper's), got {self.width}")
-        require(-SEED_LIMIT < self.seed < SEED_LIMIT, f"seed: below 2^40 in size, got {self.seed}")
-        require(self.device in ("auto", "cpu", "cuda"), f"device: auto, cpu or cuda, got {self.device!r}")
-        require(self.image_size >= 8, f"image_size: at least 8, got {self.image_size}")
-        require(0 < self.val_fraction < 1, f"val_fraction: between 0 and 1, got {self.val_fraction}")
+        require(self.epochs is None or self.epochs >= 1, f"--epochs: at least 1, got {self.epochs}")
+        require(self.batch_size is None or self.batch_size >= 2, f"--batch-size: at least 2, got {self.batch_size}")
+        require(self.eval_every >= 1, f"--eval-every: at least 1, got {self.eval_every}")
+        require(self.lr is None or 0 < self.lr < math.inf, f"--lr: must be positive and finite, got {self.lr}")
+        require(WIDTHS[0] <= self.width <= WIDTHS[1], f"--width: from 1/64 to 16 (1 is the paper's), got {self.width}")
+        require(-SEED_LIMIT < self.seed < SEED_LIMIT, f"--seed: below 2^40 in size, got {self.seed}")
+        require(self.device in ("auto", "cpu", "cuda"), f"--device: auto, cpu or cuda, got {self.device!r}")
+        require(self.image_size >= 8, f"--image-size: at least 8, got {self.image_size}")
+        require(0 < self.val_fraction < 1, f"--val-fraction: between 0 and 1, got {self.val_fraction}")
 
     def check_out(self):
         """Without resume a run starts afresh: refused if out holds a run already, whose files

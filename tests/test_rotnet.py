@@ -589,7 +589,7 @@ def test_resume_refuses_a_checkpoint_that_carries_code(cifar_dir, tmp_path):
 
 
 @pytest.mark.parametrize("settings, named", [
-    (dict(epochs=0), "epochs"), (dict(rotations=(0, 30)), "rotations"), (dict(batch_size=0), "batch_size"),
+    (dict(epochs=0), "epochs"), (dict(rotations=(0, 30)), "rotations"), (dict(batch_size=0), "--batch-size"),
     (dict(width=-1.0), "width"), (dict(width=0.001), "width"), (dict(blocks=6), "blocks"), (dict(device="tpu"), "device"),
 ])
 def test_direct_calls_are_validated_as_the_command_line_is(settings, named):
@@ -599,8 +599,8 @@ def test_direct_calls_are_validated_as_the_command_line_is(settings, named):
 
 
 @pytest.mark.parametrize("settings, named", [
-    (dict(width=1e-3), "width: from 1/64 to 16"), (dict(width=1e6), "width: from 1/64 to 16"),
-    (dict(width=float("nan")), "width"), (dict(epochs_scale=float("inf")), "epochs_scale"),
+    (dict(width=1e-3), "--width: from 1/64 to 16"), (dict(width=1e6), "--width: from 1/64 to 16"),
+    (dict(width=float("nan")), "width"), (dict(epochs_scale=float("inf")), "--epochs-scale"),
 ])
 def test_every_script_checks_its_settings_the_same_way(settings, named):
     # width is one setting of train.Run; a width of no channels or of a network no memory
@@ -660,7 +660,7 @@ def test_an_epoch_that_makes_no_step_or_diverges_stops_with_one_line():
 
 
 @pytest.mark.parametrize("flags, named", [
-    (["--lr", "inf"], "--lr"), (["--width", "nan"], "--width"), (["--batch-size", "1"], "batch_size"),
+    (["--lr", "inf"], "--lr"), (["--width", "nan"], "--width"), (["--batch-size", "1"], "--batch-size"),
     (["--rotations", "45"], "rotations"), (["--seed", str(2**62)], "seed"),
 ])
 def test_settings_that_train_nothing_are_refused_before_training(cifar_dir, tmp_path, flags, named):
