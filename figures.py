@@ -253,18 +253,21 @@ def object_accuracy(p):
 
 
 def run_images(run_dir, data_dir=None, image_size=None, cache=None):
-    """Where Figure 5a's probes find their images: the run's own (as its config.json records
-    them: a RotNet pretrained on a folder is probed on that folder, not on CIFAR-10), each
-    setting given overriding the run's. Returns Probing's data settings."""
+    """Where Figure 5a's probes find their images: by default the run's own, as its
+    config.json records them (a RotNet pretrained on a folder is probed on that folder, not on
+    CIFAR-10), each setting given overriding the run's. Returns (Probing's data settings, the
+    fingerprint those images must have: the run's, when its own are used)."""
     made = train.saved_config(run_dir)
     own = data_dir is None and "data" in made
     if own and train.main_rank():
         print(f"Figure 5a: probing on the run's own images, {made['data']} (from {run_dir}/config.json; "
               "--data for others)", file=sys.stderr)
-    return dict(data=made.get("data", "./data") if data_dir is None else data_dir,
-                image_size=image_size or (made.get("image_size") if own else None) or 256,
-                cache=cache or (made.get("cache") if own else None),
-                val_fraction=made.get("val_fraction", 0.1) if own else 0.1)
+    size = image_size or made.get("image_size") or 256  # the size the network learnt at, on any images
+    # its cache only at its size: at another, prepare would rebuild it (hours, for ImageNet)
+    reuse = own and size == made.get("image_size")
+    images = dict(data=made.get("data", "./data") if data_dir is None else data_dir, image_size=size,
+                  cache=cache or (made.get("cache") if reuse else None), val_fraction=made.get("val_fraction", 0.1))
+    return images, made.get("data_fingerprint") if own else None
 
 
 def rotation_vs_object_figure(run_dir, data_dir=None, out="runs/figures", probe_epochs=None, device="cpu",
@@ -272,13 +275,18 @@ def rotation_vs_object_figure(run_dir, data_dir=None, out="runs/figures", probe_
     """data_dir, image_size, cache: None, the run's own (run_images)."""
     found = snapshots(run_dir)
     accuracies = [rotation_accuracy(path) for _, path in found]  # every snapshot read before any probe trains
-    images = run_images(run_dir, data_dir, image_size, cache)
+    images, pretrained_on = run_images(run_dir, data_dir, image_size, cache)
     probes = [probe.Probing(checkpoint=path, block=PROBE_BLOCK, classifier="nonlinear", **images, device=device,
                             resume=True, epochs=probe_epochs,
                             out=os.path.join(run_dir, "figure5a_probes", f"epoch{epoch:03d}")) for epoch, path in found]
+    made_on = probes[0].data_identity(train.Context(device), labels_for="a probe")
+    # The run's --data as it recorded it, which may be relative to where it ran, or changed since
+    train.require(pretrained_on in (None, made_on["data_fingerprint"]),
+                  f"{images['data']} (the --data {run_dir}/config.json records) does not hold the images the run "
+                  "was pretrained on, as seen from here (a path relative to where it ran, or a folder changed "
+                  "since): give --data")
     # A probe made otherwise is not reused: with other --probe-epochs, on a snapshot since trained
     # anew in place, or on other images (the snapshot's path may change: the run moved).
-    made_on = probes[0].data_identity(train.Context(device), labels_for="a probe")
     fix = f"delete {os.path.join(run_dir, 'figure5a_probes')} to train its probes anew"
     for p in probes:
         probe.check_reusable(p.out, epochs=probe.schedule_epochs("nonlinear", probe_epochs),

@@ -4,6 +4,7 @@ images written by the tests. Figure 5(a) trains two one-epoch probes, then reuse
 """
 import json
 import os
+import shutil
 import struct
 
 import matplotlib.image
@@ -217,24 +218,42 @@ def test_rotation_vs_object(cifar_dir, tmp_path, monkeypatch, capsys):
 
 def test_rotation_vs_object_probes_on_the_runs_own_images(tmp_path, monkeypatch, capsys):
     # A RotNet pretrained on a folder: its probes run on that folder (at its size, with its
-    # held-out share), not on ./data; --data still chooses others.
-    photos = write_folder(tmp_path / "photos", classes=("a", "b"), per_class=8, size=(20, 18))
+    # held-out share and cache), not on ./data; --data still chooses others.
+    import data
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # (no ./data here)
+    photos = write_folder(tmp_path / "work" / "photos", classes=("a", "b"), per_class=8, size=(20, 18))
     run = tmp_path / "run"
     run.mkdir()
     save_nin(run / "model_epoch001.pt", 4, 4, rotations=[0, 90, 180, 270], metrics=dict(epoch=1, test_acc=40.0))
-    (run / "config.json").write_text(json.dumps(dict(data=str(photos), image_size=16, cache=str(tmp_path / "c"),
-                                                     val_fraction=0.25)))
-    monkeypatch.chdir(tmp_path)  # (no ./data here)
+    (run / "config.json").write_text(json.dumps(dict(  # as rotnet.py records it: --data as typed
+        data="photos", image_size=16, cache="c", val_fraction=0.25,
+        data_fingerprint=data.identity(str(photos), image_size=16, val_fraction=0.25)["data_fingerprint"])))
     common = ["--probe-epochs", "1", "--device", "cpu", "--out", str(tmp_path / "figs")]
+    made = lambda: json.load(open(run / "figure5a_probes" / "epoch001" / "config.json"))
     figures.main(["rotation-vs-object", str(run), *common])
-    assert "probing on the run's own images, " + str(photos) in capsys.readouterr().err
-    made = json.load(open(run / "figure5a_probes" / "epoch001" / "config.json"))
-    assert (made["data"], made["image_size"], made["cache"], made["val_fraction"]) == (
-        str(photos), 16, str(tmp_path / "c"), 0.25)
-    assert os.path.exists(tmp_path / "c" / "manifest.json")
-    with pytest.raises(SystemExit):  # others, asked for: ./data, which is not here
-        figures.main(["rotation-vs-object", str(run), "--data", "./data", *common])
-    assert "./data: no such folder" in capsys.readouterr().err
+    assert "probing on the run's own images, photos" in capsys.readouterr().err
+    assert (made()["data"], made()["image_size"], made()["cache"], made()["val_fraction"]) == ("photos", 16, "c", 0.25)
+    assert os.path.exists("c/manifest.json")
+
+    def refused(argv, *needles):
+        with pytest.raises(SystemExit):
+            figures.main(argv)
+        message = capsys.readouterr().err.strip().splitlines()[-1]
+        assert all(needle in message for needle in needles), message
+
+    # Given: others, at the run's size and share unless given; the run's cache only at its size
+    refused(["rotation-vs-object", str(run), "--data", "./data", *common], "./data: no such folder")
+    shutil.rmtree(run / "figure5a_probes")
+    figures.main(["rotation-vs-object", str(run), "--image-size", "12", *common])
+    assert (made()["image_size"], made()["cache"], made()["val_fraction"]) == (12, None, 0.25)
+    assert json.load(open("c/manifest.json"))["settings"]["image_size"] == 16  # not rebuilt at 12
+    # The run's own --data, relative to where it ran, holds other images from here: refused
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    write_folder(tmp_path / "elsewhere" / "photos", classes=("x", "y"), per_class=8, size=(20, 18), seed=3)
+    refused(["rotation-vs-object", str(run), *common], "photos (the --data", "does not hold the images the run was "
+            "pretrained on", "give --data")
 
 
 # ----------------------------------------------------------------------------- errors
