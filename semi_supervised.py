@@ -47,7 +47,7 @@ class Sweep(train.Run):
         require(self.per_class and min(self.per_class) >= 1, f"--per-class: at least 1, got {list(self.per_class)}")
         require(self.epoch_size >= 2, f"--epoch-size: at least 2 (BatchNorm needs 2 a step), got {self.epoch_size}")
         require(self.subset_seed is None or -train.SEED_LIMIT < self.subset_seed < train.SEED_LIMIT,
-                f"subset_seed: below 2^40 in size, got {self.subset_seed}")
+                f"--subset-seed: below 2^40 in size, got {self.subset_seed}")
         require(0 < self.epochs_scale < math.inf, f"--epochs-scale: must be positive and finite, got {self.epochs_scale}")
 
 
