@@ -525,7 +525,9 @@ def restore(ctx, out, config, resume, model, opt, sched):
         if ctx.cuda and isinstance(ckpt["rng"].get("cuda"), torch.Tensor):  # made on a GPU
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], ctx.device)
         if ctx.main:
-            print(f"resuming {out} after epoch {ckpt['epoch']}", file=sys.stderr)
+            done = isinstance(config.get("epochs"), int) and ckpt["epoch"] >= config["epochs"]
+            print(f"resuming {out} after epoch {ckpt['epoch']}" + (": it was finished; nothing is trained, its "
+                  "last epoch's files are written again" if done else ""), file=sys.stderr)
     if ctx.main:
         os.makedirs(out, exist_ok=True)
         # amp as it ran (bf16 autocast is for CUDA only, whatever --no-amp says), and the layout

@@ -127,6 +127,10 @@ def test_cli_resume_after_kill_equals_an_uninterrupted_run(cifar_dir, tmp_path):
     untimed = lambda ms: [{k: v for k, v in m.items() if k not in ("seconds", "images_per_s")} for m in ms]
     assert [m["epoch"] for m in metrics_of(out_b)] == [1, 2, 3, 4]
     assert untimed(metrics_of(out_b)) == untimed(metrics_of(out_a))
+    again = run_cli(*flags(out_b), "--resume")  # finished: said so, nothing trained
+    assert f"resuming {out_b} after epoch 4: it was finished; nothing is trained" in again.stderr
+    assert not [ln for ln in again.stdout.splitlines() if ln.startswith("epoch ")]
+    assert torch.equal(torch.load(out_b / "model.pt", weights_only=True)["model"][key], state_b[key])
 
 
 def test_a_run_stopped_while_saving_a_snapshot_redoes_that_epoch_and_its_snapshot(cifar_dir, tmp_path, monkeypatch):
