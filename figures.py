@@ -258,14 +258,23 @@ def run_images(run_dir, data_dir=None, image_size=None, cache=None):
     CIFAR-10), each setting given overriding the run's. Returns (Probing's data settings, the
     fingerprint those images must have: the run's, when its own are used)."""
     made = train.saved_config(run_dir)
-    own = data_dir is None and "data" in made
-    if own and train.main_rank():
-        print(f"Figure 5a: probing on the run's own images, {made['data']} (from {run_dir}/config.json; "
-              "--data for others)", file=sys.stderr)
+    own = data_dir is None
+    if own:  # a run without a record of its images (not this project's, or damaged) is not guessed at
+        recorded = os.path.join(run_dir, "config.json")
+        train.require(isinstance(made.get("data"), str),
+                      f"{recorded} does not say which images the run was pretrained on: give --data")
+        train.require(os.path.exists(made["data"]),
+                      f"{made['data']} (the --data {recorded} records, typed where the run ran) is not "
+                      "here: give --data")
+        if train.main_rank():
+            unchecked = "" if made.get("data_fingerprint") else " (recorded before runs recorded their " \
+                "images: not checked to be the same)"
+            print(f"Figure 5a: probing on the run's own images, {made['data']}{unchecked}; --data for others",
+                  file=sys.stderr)
     size = image_size or made.get("image_size") or 256  # the size the network learnt at, on any images
     # its cache only at its size: at another, prepare would rebuild it (hours, for ImageNet)
     reuse = own and size == made.get("image_size")
-    images = dict(data=made.get("data", "./data") if data_dir is None else data_dir, image_size=size,
+    images = dict(data=made["data"] if own else data_dir, image_size=size,
                   cache=cache or (made.get("cache") if reuse else None), val_fraction=made.get("val_fraction", 0.1))
     return images, made.get("data_fingerprint") if own else None
 

@@ -56,7 +56,7 @@ WIDTHS = (1 / 64, 16)                # --width: from every layer keeping a chann
 # A file the run could not write: said in one line (run_job), the run's finished files kept.
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 RANK_DELAY = 3.0                     # seconds a rank other than 0 waits to say an error (stop)
-last_kept = None                     # (out, epoch) of this process's last checkpoint.pt: what Ctrl-C keeps
+last_kept = None                     # (out, epochs kept) of the run this job is in: what Ctrl-C keeps
 # What a resumed run may set anew: where and how fast it runs, not what it computes (and a
 # probe's --checkpoint path, where its weights decide: by_weights).
 MAY_CHANGE_ON_RESUME = {"resume", "device", "compile", "amp", "out", "data", "cache", "download", "eval_every",
@@ -508,6 +508,8 @@ def restore(ctx, out, config, resume, model, opt, sched):
     resume, loads the newest good checkpoint into model, opt, sched and the RNGs.
     Returns (the first epoch to run, the metrics of the last epoch done)."""
     ckpt = load_resume_checkpoint(ctx, out) if resume else None
+    global last_kept
+    last_kept = (out, ckpt["epoch"] if ckpt else 0)  # (a job of several runs is in this one now)
     if resume and ckpt is None and ctx.main and os.path.isdir(out) and os.listdir(out):
         print(f"no checkpoint in {out}: starting from the beginning", file=sys.stderr)
     if ckpt:
@@ -714,8 +716,10 @@ def run_job(job):
         how, status = ("stopped by SIGTERM", 143) if isinstance(err, Terminated) else ("interrupted", 130)
         if not main_rank():  # Ctrl-C reaches every rank: rank 0 says it
             sys.exit(status)
-        kept = (f"{last_kept[0]} is kept up to epoch {last_kept[1]}, and all finished before it"
-                if last_kept else "no epoch had ended yet in this run; what was finished before is kept")
+        out, epochs = last_kept or (None, 0)
+        kept = (f"{out} is kept up to epoch {epochs}, and all finished before it" if epochs else
+                f"{out} had not ended an epoch yet; what was finished before it is kept" if out else
+                "no run had started yet; what was finished before is kept")
         stop(f"\n{how}: {kept} (epochs, finished runs, a folder's preparation); the same command goes on "
              "from it (a single run with --resume)", status=status)
     finally:

@@ -248,12 +248,19 @@ def test_rotation_vs_object_probes_on_the_runs_own_images(tmp_path, monkeypatch,
     figures.main(["rotation-vs-object", str(run), "--image-size", "12", *common])
     assert (made()["image_size"], made()["cache"], made()["val_fraction"]) == (12, None, 0.25)
     assert json.load(open("c/manifest.json"))["settings"]["image_size"] == 16  # not rebuilt at 12
-    # The run's own --data, relative to where it ran, holds other images from here: refused
+    # The run's own --data, relative to where it ran, is not here, or holds other images: refused
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
+    refused(["rotation-vs-object", str(run), *common], "photos (the --data", "is not here: give --data")
     write_folder(tmp_path / "elsewhere" / "photos", classes=("x", "y"), per_class=8, size=(20, 18), seed=3)
     refused(["rotation-vs-object", str(run), *common], "photos (the --data", "does not hold the images the run was "
             "pretrained on", "give --data")
+    # No record of its images (a run of other code, or its config.json lost): not guessed at
+    for record in (None, "[1, 2]", json.dumps(dict(data=None))):
+        (run / "config.json").unlink(missing_ok=True)
+        if record:
+            (run / "config.json").write_text(record)
+        refused(["rotation-vs-object", str(run), *common], "config.json does not say which images", "give --data")
 
 
 # ----------------------------------------------------------------------------- errors

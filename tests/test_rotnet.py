@@ -714,8 +714,8 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(capsys):
     with pytest.raises(SystemExit) as stop:
         train.run_job(lambda: [os.kill(os.getpid(), signal.SIGTERM), time.sleep(5)])
     assert stop.value.code == 143
-    assert capsys.readouterr().err.strip().startswith("stopped by SIGTERM: no epoch had ended yet in this run; "
-                                                      "what was finished before is kept")
+    assert capsys.readouterr().err.strip().startswith("stopped by SIGTERM: no run had started yet; what was "
+                                                      "finished before is kept")
     assert signal.getsignal(signal.SIGTERM) is before  # put back once the job ends
 
 
@@ -735,12 +735,26 @@ def test_cli_sigterm_says_how_to_go_on_in_one_line(cifar_dir, tmp_path):
         f"stopped by SIGTERM: {out} is kept up to epoch {kept}, and all finished before it"), err
 
 
-def test_ctrl_c_says_how_to_go_on():
-    def interrupted():
+def test_ctrl_c_says_how_to_go_on_and_names_the_run_it_stopped(tmp_path, capsys):
+    # A job of several runs (a table): the message names the run under way, not the last one
+    # that ended an epoch.
+    ctx, model = train.Context("cpu"), torch.nn.Linear(2, 2)
+    opt, sched = train.make_optimizer(model.parameters(), lr=0.1, epochs=2)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+
+    def interrupted(then=None):
+        train.restore(ctx, a, {}, False, model, opt, sched)
+        train.end_epoch(ctx, a, dict(epoch=1), model, opt, sched)
+        if then:
+            train.restore(ctx, then, {}, False, model, opt, sched)
         raise KeyboardInterrupt
-    with pytest.raises(SystemExit) as stop:
-        train.run_job(interrupted)
-    assert stop.value.code == 130
+
+    for then, said in ((None, f"interrupted: {a} is kept up to epoch 1, and all finished before it"),
+                       (b, f"interrupted: {b} had not ended an epoch yet; what was finished before it is kept")):
+        with pytest.raises(SystemExit) as stop:
+            train.run_job(lambda: interrupted(then))
+        assert stop.value.code == 130
+        assert capsys.readouterr().err.strip().startswith(said)
 
 
 def test_the_benchmark_refuses_torchrun(monkeypatch, capsys):
