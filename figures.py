@@ -338,11 +338,11 @@ def parse_args(argv=None):
         p.add_argument("--supervised", required=True, type=train.user_path,
                        help="a supervised NIN (probe.py --supervised: checkpoint.pt)")
 
-    def images(p, help, default="./data", size_help="S of an image folder"):  # as the training scripts take them
+    def images(p, help, default="./data", size="256", cache="prepared/NAME-S"):  # as the training scripts take them
         p.add_argument("--data", default=default, type=train.user_path, help=help)
-        p.add_argument("--image-size", type=train.positive_int, default=default and 256, help=size_help)
-        p.add_argument("--cache", type=train.user_path,
-                       help="where the image folder is prepared (default: prepared/NAME-S)")
+        p.add_argument("--image-size", type=train.positive_int, default=default and 256,
+                       help=f"S of an image folder (default: {size})")
+        p.add_argument("--cache", type=train.user_path, help=f"where the image folder is prepared (default: {cache})")
 
     p = command("attention", "Figure 3: attention maps of every block of both networks on a few test images")
     networks(p)
@@ -361,7 +361,7 @@ def parse_args(argv=None):
                 "RUN_DIR/figure5a_probes/epochNNN, and reuses those already finished with the same settings.")
     p.add_argument("run", metavar="RUN_DIR")
     images(p, "CIFAR-10 or an image folder (default: the run's own, as its config.json records it)", default=None,
-           size_help="S of an image folder (default: the run's, else 256)")
+           size="the run's, else 256", cache="the run's, for its own images at its size; else prepared/NAME-S")
     p.add_argument("--probe-epochs", type=train.positive_int, default=None,
                    help="epochs of each probe (default: probe.py's full schedule, 100)")
     args = ap.parse_args(argv)
