@@ -91,7 +91,8 @@ class Probing(train.Run):
                 "so the checkpoint would not be used: give one or the other")
         require(self.blocks in (3, 4, 5), f"--blocks: 3, 4 or 5, got {self.blocks}")
         require(self.block >= 0, f"--block: at least 1 (0: every conv of an AlexNet), got {self.block}")
-        require(0 < self.epochs_scale < math.inf, f"--epochs-scale: must be positive and finite, got {self.epochs_scale}")
+        require(0 < self.epochs_scale < math.inf,
+                f"--epochs-scale: must be positive and finite, got {self.epochs_scale}")
 
 
 def schedule_epochs(kind, epochs=None, epochs_scale=1.0):

@@ -48,7 +48,8 @@ class Sweep(train.Run):
         require(self.epoch_size >= 2, f"--epoch-size: at least 2 (BatchNorm needs 2 a step), got {self.epoch_size}")
         require(self.subset_seed is None or -train.SEED_LIMIT < self.subset_seed < train.SEED_LIMIT,
                 f"--subset-seed: below 2^40 in size, got {self.subset_seed}")
-        require(0 < self.epochs_scale < math.inf, f"--epochs-scale: must be positive and finite, got {self.epochs_scale}")
+        require(0 < self.epochs_scale < math.inf,
+                f"--epochs-scale: must be positive and finite, got {self.epochs_scale}")
 
 
 def labelled_subset(labels, per_class, seed=None, classes=cifar.CLASSES):

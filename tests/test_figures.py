@@ -26,6 +26,16 @@ def save_nin(path, blocks, num_classes, seed=0, **extra):
     return str(path)
 
 
+def refused(capsys, argv, *needles, notes=0):
+    """figures.main(argv) stops with exit status 1 and one error line holding needles, after
+    `notes` lines of notes."""
+    with pytest.raises(SystemExit) as stop:
+        figures.main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 1 and len(lines) == notes + 1 and lines[-1].startswith("error: "), lines
+    assert all(needle in lines[-1] for needle in needles), lines[-1]
+
+
 def write_metrics(run, rows):
     os.makedirs(run, exist_ok=True)
     with open(os.path.join(run, "metrics.jsonl"), "w") as f:
@@ -199,21 +209,16 @@ def test_rotation_vs_object(cifar_dir, tmp_path, monkeypatch, capsys):
     figures.main(args)  # every probe has its results.json: nothing is trained
     assert_png(os.path.join(out, "rotation_vs_object.png"), figures.FIGURE5A_SIZE)
 
-    def refused(argv, *needles):
-        with pytest.raises(SystemExit) as stop:
-            figures.main(argv)
-        message = capsys.readouterr().err.strip()
-        assert stop.value.code == 1 and message.startswith("error: ") and "\n" not in message
-        assert all(needle in message for needle in needles), message
-
     # A finished probe made otherwise is not taken for this figure's: with other epochs, on other
     # images, or on a snapshot trained anew in place.
     capsys.readouterr()
-    refused(["2" if a == "1" else a for a in args], "epoch001", "epochs 1 there, 2 here", "figure5a_probes to train")
+    refused(capsys, ["2" if a == "1" else a for a in args], "epoch001", "epochs 1 there, 2 here",
+            "figure5a_probes to train")
     write_cifar(tmp_path / "other_data", 20, 30, seed=1)
-    refused([str(tmp_path / "other_data") if a == cifar_dir else a for a in args], "epoch001", "other images")
+    refused(capsys, [str(tmp_path / "other_data") if a == cifar_dir else a for a in args], "epoch001",
+            "other images")
     save_nin(run / "model_epoch002.pt", 4, 4, seed=7, rotations=[0, 90, 180, 270], metrics=dict(epoch=2, test_acc=47.5))
-    refused(args, "epoch002", "checkpoint_hash")
+    refused(capsys, args, "epoch002", "checkpoint_hash")
 
 
 def test_rotation_vs_object_probes_on_the_runs_own_images(tmp_path, monkeypatch, capsys):
@@ -236,31 +241,27 @@ def test_rotation_vs_object_probes_on_the_runs_own_images(tmp_path, monkeypatch,
     assert (made()["data"], made()["image_size"], made()["cache"], made()["val_fraction"]) == ("photos", 16, "c", 0.25)
     assert os.path.exists("c/manifest.json")
 
-    def refused(argv, *needles):
-        with pytest.raises(SystemExit):
-            figures.main(argv)
-        message = capsys.readouterr().err.strip().splitlines()[-1]
-        assert all(needle in message for needle in needles), message
-
     # Given: others, at the run's size and share unless given; the run's cache only at its size
-    refused(["rotation-vs-object", str(run), "--data", "./data", *common], "./data: no such folder")
+    refused(capsys, ["rotation-vs-object", str(run), "--data", "./data", *common], "./data: no such folder")
     shutil.rmtree(run / "figure5a_probes")
     figures.main(["rotation-vs-object", str(run), "--image-size", "12", *common])
     assert (made()["image_size"], made()["cache"], made()["val_fraction"]) == (12, None, 0.25)
     assert json.load(open("c/manifest.json"))["settings"]["image_size"] == 16  # not rebuilt at 12
+    capsys.readouterr()
     # The run's own --data, relative to where it ran, is not here, or holds other images: refused
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    refused(["rotation-vs-object", str(run), *common], "photos (the --data", "is not here: give --data")
+    refused(capsys, ["rotation-vs-object", str(run), *common], "photos (the --data", "is not here: give --data")
     write_folder(tmp_path / "elsewhere" / "photos", classes=("x", "y"), per_class=8, size=(20, 18), seed=3)
-    refused(["rotation-vs-object", str(run), *common], "photos (the --data", "does not hold the images the run was "
-            "pretrained on", "give --data")
+    refused(capsys, ["rotation-vs-object", str(run), *common], "photos (the --data", "does not hold the images the "
+            "run was pretrained on", "give --data", notes=1)  # (after the note of which images)
     # No record of its images (a run of other code, or its config.json lost): not guessed at
     for record in (None, "[1, 2]", json.dumps(dict(data=None))):
         (run / "config.json").unlink(missing_ok=True)
         if record:
             (run / "config.json").write_text(record)
-        refused(["rotation-vs-object", str(run), *common], "config.json does not say which images", "give --data")
+        refused(capsys, ["rotation-vs-object", str(run), *common], "config.json does not say which images",
+                "give --data")
 
 
 # ----------------------------------------------------------------------------- errors

@@ -45,8 +45,9 @@
 #      after: call 2 needs nothing from it), T = budget_left_s (status, free) - 60, S = T - 40:
 #      sanitize ncu before tests table3 table1
 #   (the sanitizers and the counters first: nothing else gives them, where `quick` in call 1
-#   ran the kernel's tests and `tests` runs the rest under xdist), then give_back. compute-sanitizer and ncu work on the Firecracker machines (the H100s so
-#   far) and not on the gVisor ones (the H200s; `env` prints the kernel: 4.4.0 is gVisor):
+#   ran the kernel's tests and `tests` runs the rest under xdist), then give_back.
+#   compute-sanitizer and ncu work on the Firecracker machines (the H100s so far) and not on
+#   the gVisor ones (the H200s; `env` prints the kernel: 4.4.0 is gVisor):
 #   there `sanitize` and `ncu` end at once with exit 75, "its tool does not work on this
 #   machine", which is no finding, and `before` gives its benchmark without its counters;
 #   the time saved goes to `table1`, which is skipped where too little is left.
