@@ -115,11 +115,21 @@ def pick_images(labels, n, classes=10):
     return (firsts + [i for i in range(len(labels)) if i not in chosen])[:n]
 
 
-def attention_figure(rotnet_path, supervised_path, data_dir, out, images=6, power=2.0, device="cpu", image_size=256,
-                     cache=None):
+def attention_figure(rotnet_path, supervised_path, data_dir=None, out="runs/figures", images=6, power=2.0,
+                     device="cpu", image_size=None, cache=None):
+    """data_dir, image_size, cache: None, those the RotNet was pretrained on (run_images), where
+    the config.json beside rotnet_path records them; else ./data, at 256."""
     nets = [("RotNet", load(rotnet_path, device, rotnet=True)),
             ("Supervised", load(supervised_path, device, rotnet=False))]
-    dataset = data.load(data_dir, image_size=image_size, cache=cache)
+    run = os.path.dirname(rotnet_path) or "."
+    if data_dir is None and not isinstance(train.saved_config(run).get("data"), str):
+        data_dir = "./data"  # not beside the run that made it (an original checkpoint, or moved)
+    shown, pretrained_on = run_images(run, data_dir, image_size, cache, doing="Figure 3: showing")
+    if pretrained_on:  # from a listing, before a folder is prepared (hours, for ImageNet)
+        found = data.identity(shown["data"], image_size=shown["image_size"], val_fraction=shown["val_fraction"])
+        require_run_images(run, shown["data"], pretrained_on, found["data_fingerprint"])
+    dataset = data.load(shown["data"], image_size=shown["image_size"], cache=shown["cache"],
+                        val_fraction=shown["val_fraction"])
     test_y = dataset.test_y if dataset.test_y is not None else torch.zeros(len(dataset.test_x), dtype=torch.int64)
     index = pick_images(test_y, images, len(dataset.classes))
     pictures = dataset.test_x[index]
@@ -252,11 +262,12 @@ def object_accuracy(p):
     return train.read_json(results)["test_acc"]
 
 
-def run_images(run_dir, data_dir=None, image_size=None, cache=None):
-    """Where Figure 5a's probes find their images: by default the run's own, as its
-    config.json records them (a RotNet pretrained on a folder is probed on that folder, not on
-    CIFAR-10), each setting given overriding the run's. Returns (Probing's data settings, the
-    fingerprint those images must have: the run's, when its own are used)."""
+def run_images(run_dir, data_dir=None, image_size=None, cache=None, doing="Figure 5a: probing on"):
+    """Which images a figure of a run looks at (Figure 5a's probes, Figure 3's maps): by
+    default the run's own, as its config.json records them (a RotNet pretrained on a folder is
+    probed on that folder, not on CIFAR-10), each setting given overriding the run's. Returns
+    (Probing's data settings, the fingerprint those images must have: the run's, when its own
+    are used; require_run_images checks it)."""
     made = train.saved_config(run_dir)
     own = data_dir is None
     if own:  # a run without a record of its images (not this project's, or damaged) is not guessed at
@@ -269,7 +280,7 @@ def run_images(run_dir, data_dir=None, image_size=None, cache=None):
         if train.main_rank():
             unchecked = "" if made.get("data_fingerprint") else " (recorded before runs recorded their " \
                 "images: not checked to be the same)"
-            print(f"Figure 5a: probing on the run's own images, {made['data']}{unchecked}; --data for others",
+            print(f"{doing} the run's own images, {made['data']}{unchecked}; --data for others",
                   file=sys.stderr)
     size = image_size or made.get("image_size") or 256  # the size the network learnt at, on any images
     # its cache only at its size: at another, prepare would rebuild it (hours, for ImageNet)
@@ -277,6 +288,17 @@ def run_images(run_dir, data_dir=None, image_size=None, cache=None):
     images = dict(data=made["data"] if own else data_dir, image_size=size,
                   cache=cache or (made.get("cache") if reuse else None), val_fraction=made.get("val_fraction", 0.1))
     return images, made.get("data_fingerprint") if own else None
+
+
+def require_run_images(run_dir, data_dir, pretrained_on, found):
+    """Refuses the run's --data, as its config.json records it (run_images), where it holds
+    other images from here (found: their fingerprint): it may be relative to where the run ran,
+    or changed since. pretrained_on None: other images were asked for, or the run is too old
+    to say."""
+    train.require(pretrained_on in (None, found),
+                  f"{data_dir} (the --data {os.path.join(run_dir, 'config.json')} records) does not hold the "
+                  "images the run was pretrained on, as seen from here (a path relative to where it ran, or a "
+                  "folder changed since): give --data")
 
 
 def rotation_vs_object_figure(run_dir, data_dir=None, out="runs/figures", probe_epochs=None, device="cpu",
@@ -289,11 +311,7 @@ def rotation_vs_object_figure(run_dir, data_dir=None, out="runs/figures", probe_
                             resume=True, epochs=probe_epochs,
                             out=os.path.join(run_dir, "figure5a_probes", f"epoch{epoch:03d}")) for epoch, path in found]
     made_on = probes[0].data_identity(train.Context(device), labels_for="a probe")
-    # The run's --data as it recorded it, which may be relative to where it ran, or changed since
-    train.require(pretrained_on in (None, made_on["data_fingerprint"]),
-                  f"{images['data']} (the --data {run_dir}/config.json records) does not hold the images the run "
-                  "was pretrained on, as seen from here (a path relative to where it ran, or a folder changed "
-                  "since): give --data")
+    require_run_images(run_dir, images["data"], pretrained_on, made_on["data_fingerprint"])
     # A probe made otherwise is not reused: with other --probe-epochs, on a snapshot since trained
     # anew in place, or on other images (the snapshot's path may change: the run moved).
     fix = f"delete {os.path.join(run_dir, 'figure5a_probes')} to train its probes anew"
@@ -338,15 +356,16 @@ def parse_args(argv=None):
         p.add_argument("--supervised", required=True, type=train.user_path,
                        help="a supervised NIN (probe.py --supervised: checkpoint.pt)")
 
-    def images(p, help, default="./data", size="256", cache="prepared/NAME-S"):  # as the training scripts take them
-        p.add_argument("--data", default=default, type=train.user_path, help=help)
-        p.add_argument("--image-size", type=train.positive_int, default=default and 256,
-                       help=f"S of an image folder (default: {size})")
-        p.add_argument("--cache", type=train.user_path, help=f"where the image folder is prepared (default: {cache})")
+    def images(p, help, whose):  # as the training scripts take them; by default, the run's own (run_images)
+        p.add_argument("--data", type=train.user_path, help=help)
+        p.add_argument("--image-size", type=train.positive_int, help=f"S of an image folder (default: {whose}, else 256)")
+        p.add_argument("--cache", type=train.user_path, help=f"where the image folder is prepared (default: {whose}, "
+                       "for its own images at its size; else prepared/NAME-S)")
 
     p = command("attention", "Figure 3: attention maps of every block of both networks on a few test images")
     networks(p)
-    images(p, "CIFAR-10 or an image folder (the test images come from it)")
+    images(p, "CIFAR-10 or an image folder, whose test images are shown (default: the RotNet's own, as the "
+           "config.json beside --rotnet records them; else ./data)", whose="the RotNet's")
     p.add_argument("--images", type=train.positive_int, default=6,
                    help=f"how many test images (rows; at most {ATTENTION_MAX_IMAGES})")
     p.add_argument("--power", type=train.positive_float, default=2.0,
@@ -360,8 +379,8 @@ def parse_args(argv=None):
                 "(rotnet.py --save-every N). Trains one non-linear probe on ConvB2 PER SNAPSHOT, in "
                 "RUN_DIR/figure5a_probes/epochNNN, and reuses those already finished with the same settings.")
     p.add_argument("run", metavar="RUN_DIR")
-    images(p, "CIFAR-10 or an image folder (default: the run's own, as its config.json records it)", default=None,
-           size="the run's, else 256", cache="the run's, for its own images at its size; else prepared/NAME-S")
+    images(p, "CIFAR-10 or an image folder (default: the run's own, as its config.json records it)",
+           whose="the run's")
     p.add_argument("--probe-epochs", type=train.positive_int, default=None,
                    help="epochs of each probe (default: probe.py's full schedule, 100)")
     args = ap.parse_args(argv)
@@ -377,7 +396,7 @@ def figure(args):
                   f"figures.py {args.command} runs in one process: run it without torchrun")
     device = train.resolve_device(args.device)
     if args.command == "attention":
-        return attention_figure(args.rotnet, args.supervised, args.data, args.out, images=args.images,
+        return attention_figure(args.rotnet, args.supervised, data_dir=args.data, out=args.out, images=args.images,
                                 power=args.power, device=device, image_size=args.image_size, cache=args.cache)
     if args.command == "filters":
         return filters_figure(args.rotnet, args.supervised, args.out)

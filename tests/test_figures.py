@@ -155,6 +155,39 @@ def test_attention_figure_on_an_image_folder_prepared_elsewhere(nets, tmp_path):
     assert (tmp_path / "cache" / "manifest.json").exists()
 
 
+def test_attention_figure_shows_the_rotnets_own_images(nets, tmp_path, monkeypatch, capsys):
+    # A RotNet pretrained on a folder is shown that folder (at its size, from its cache), not
+    # ./data; one not beside its run's config.json (an original checkpoint) is shown ./data.
+    import data
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    photos = write_folder(tmp_path / "work" / "photos", classes=("a", "b"), per_class=8, size=(20, 18))
+    run = tmp_path / "run"
+    run.mkdir()
+    rotnet = save_nin(run / "model.pt", 4, 4, rotations=[0, 90, 180, 270])
+    (run / "config.json").write_text(json.dumps(dict(  # as rotnet.py records it: --data as typed
+        data="photos", image_size=16, cache="c", val_fraction=0.25,
+        data_fingerprint=data.identity(str(photos), image_size=16, val_fraction=0.25)["data_fingerprint"])))
+    common = ["--supervised", nets[1], "--images", "2", "--device", "cpu", "--out", str(tmp_path / "figs")]
+    figures.main(["attention", "--rotnet", rotnet, *common])
+    assert "Figure 3: showing the run's own images, photos" in capsys.readouterr().err
+    assert json.load(open("c/manifest.json"))["settings"]["image_size"] == 16
+    assert sorted(os.listdir(".")) == ["c", "photos"]  # nothing prepared anywhere else
+    # Its --data, relative to where it ran, holds other images from here: refused
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    write_folder(tmp_path / "elsewhere" / "photos", classes=("x", "y"), per_class=8, size=(20, 18), seed=3)
+    refused(capsys, ["attention", "--rotnet", rotnet, *common], "photos (the --data", "does not hold the images the "
+            "run was pretrained on", "give --data", notes=1)
+    # Without a record of its images: ./data, as the other scripts take it
+    write_cifar(tmp_path / "elsewhere" / "data", 20, 30)
+    (run / "config.json").unlink()
+    figures.main(["attention", "--rotnet", rotnet, *common])
+    assert capsys.readouterr().err == ""
+    cell = figures.ATTENTION_CELL
+    assert_png(str(tmp_path / "figs" / "attention.png"), (8 * cell, 2 * cell + figures.ATTENTION_HEADER))
+
+
 def test_filter_grid_scales_each_filter_on_its_own():
     weight = torch.randn(24, 3, 5, 5) * torch.logspace(-3, 3, 24).view(24, 1, 1, 1)
     grid = figures.filter_grid(weight)
