@@ -87,18 +87,27 @@ def load(data, *, image_size=256, download=False, cache=None, val_fraction=0.1, 
     if not os.path.exists(data) and not download:  # before any guess at which data set it is
         raise UserError(f"{data}: no such folder (--data is CIFAR-10's folder, the folder holding it "
                         "or its archive, or a folder of images; --download fetches CIFAR-10)")
-    if not folders.is_image_folder(data):
-        train_x, train_y, test_x, test_y = cifar.load_cifar(data, download)
-        if recipe is not None:
-            recipe.check(*train_x.shape[-2:])
-        # the labels tell the full set from a sample of it, and cost nothing to hash
-        fingerprint = digest(train_y.numpy().tobytes(), b"|", test_y.numpy().tobytes())
-        dataset = Dataset(train_x, train_y, test_x, test_y, cifar.MEAN, cifar.STD, cifar.CLASSES, fingerprint)
-        return dataset.require_labels(labels_for) if labels_for else dataset
+    if folders.is_image_folder(data):
+        dataset = _load_folder(data, image_size, cache, val_fraction, recipe, labels_for)
+    else:
+        dataset = _load_cifar(data, download, recipe)
+    return dataset.require_labels(labels_for) if labels_for else dataset
+
+
+def _load_cifar(data, download, recipe):
+    train_x, train_y, test_x, test_y = cifar.load_cifar(data, download)
+    if recipe is not None:
+        recipe.check(*train_x.shape[-2:])
+    # the labels tell the full set from a sample of it, and cost nothing to hash
+    fingerprint = digest(train_y.numpy().tobytes(), b"|", test_y.numpy().tobytes())
+    return Dataset(train_x, train_y, test_x, test_y, cifar.MEAN, cifar.STD, cifar.CLASSES, fingerprint)
+
+
+def _load_folder(data, image_size, cache, val_fraction, recipe, labels_for):
     if recipe is not None:
         recipe.check(image_size, image_size)
     # The held-out images are drawn with folders.prepare's fixed seed, not --seed: runs of
-    # every seed test on the same images.
+    # every seed test on the same images. Labels are checked from the listing, before preparing.
     p = folders.prepare(data, image_size=image_size, cache=cache, val_fraction=val_fraction, need_val=True,
                         check=labels_for and (lambda *listed: require_listed_labels(labels_for, *listed)))
     labels = lambda y: None if y is None else torch.from_numpy(np.asarray(y, dtype=np.int64))
@@ -108,10 +117,9 @@ def load(data, *, image_size=256, download=False, cache=None, val_fraction=0.1, 
     # A channel that never varies (all-black pictures, one stain saved as RGB) has std 0: it is
     # 0 once centred, whatever it is divided by, and a grey level is the least a std may be.
     std = tuple(max(s, 1.0) for s in p.std)
-    dataset = Dataset(as_tensor(p.train.images), labels(p.train.labels), as_tensor(p.val.images),
-                      labels(p.val.labels), tuple(p.mean), std, tuple(p.classes),
-                      folder_fingerprint(p.classes, {s: p.manifest["splits"][s]["sources"] for s in folders.SPLITS}))
-    return dataset.require_labels(labels_for) if labels_for else dataset
+    return Dataset(as_tensor(p.train.images), labels(p.train.labels), as_tensor(p.val.images), labels(p.val.labels),
+                   tuple(p.mean), std, tuple(p.classes),
+                   folder_fingerprint(p.classes, {s: p.manifest["splits"][s]["sources"] for s in folders.SPLITS}))
 
 
 def identity(data, *, image_size=256, val_fraction=0.1, download=False, labels_for=None):
