@@ -151,9 +151,10 @@ def rotation_batch(images, index=None, shifts=None, flips=None, *, mean=None, st
               the box is read (float32 weights; CPU and CUDA builds round alike, without
               fused multiply-adds). Not together with shifts.
     check_bounds: True: index and boxes are range-checked against the images (IndexError,
-              ValueError); on CUDA that costs a device-to-host sync. False: the caller
-              guarantees them and the op never syncs (on CUDA a bad value gives an unspecified
-              batch, not a read out of bounds); the CPU checks anyway, as it costs nothing.
+              ValueError); on CUDA that costs a device-to-host sync, which a CUDA graph being
+              captured refuses (ValueError). False: the caller guarantees them and the op never
+              syncs (on CUDA a bad value is clamped into range: a wrong batch, never a read out
+              of bounds); the CPU checks anyway, as it costs nothing.
 
     For each chosen image, in this order: crop (shift window or resized box), flip, turn,
     normalise, write once in out_dtype and the memory format.

@@ -698,6 +698,33 @@ def test_unchecked_bad_values_do_not_fault():
     assert done.stdout.split()[-2:] == ["after", "16.0"], done.stdout
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS.keys())
+def test_unchecked_bad_values_are_clamped_into_range(gen, device, path):
+    # check_bounds=False: the block programs clamp an index into [0, N) and a box into the
+    # image (view_source), so a bad value reads a wrong image, never out of bounds. On the CPU
+    # the emulation runs those clamps, where the CPU op would refuse the values.
+    C, H, W = PATHS[path]
+    N = 4
+    images = make_images(gen, N, C, H, W)
+    index = torch.tensor([0, 3, 4, -1, 2**40, -2**40, 2])
+    flips = torch.rand(len(index), generator=gen) < 0.5
+    boxes = torch.tensor([[0, 0, H, W], [-5, -5, 10, 10], [H - 3, W - 7, 40, 40], [0, 0, 0, 0], [2**40, 0, 1, 1],
+                          [0, 2, -3, 2**40], [5, 5, 2**40, 2**40]])
+    height, width = boxes[:, 2].clamp(1, H), boxes[:, 3].clamp(1, W)
+    top = torch.minimum(boxes[:, 0].clamp(min=0), H - height)
+    left = torch.minimum(boxes[:, 1].clamp(min=0), W - width)
+    inside = torch.stack([top, left, height, width], 1)
+    kw = dict(rotations=(0, 90, 180, 270), **normalisation(gen, images))
+    for crop, clamped in (({}, {}), (dict(boxes=boxes), dict(boxes=inside)),
+                          (dict(boxes=boxes, size=(16, 16)), dict(boxes=inside, size=(16, 16)))):
+        got, labels = run(device, images, index, None, flips, check_bounds=False, **crop, **kw)
+        want, want_labels = rot_kernel.rotation_batch(images, index.clamp(0, N - 1), None, flips, **clamped, **kw)
+        assert torch.equal(bits(got.cpu()), bits(want)) and torch.equal(labels.cpu(), want_labels)
+        with pytest.raises((IndexError, ValueError), match="index|boxes"):  # checked: refused
+            run(device, images, index, None, flips, **crop, **kw)
+
+
 @needs_cuda
 def test_opcheck_on_cuda(gen):
     images = make_images(gen, 6, 3, 10, 10).cuda()
@@ -747,6 +774,60 @@ def test_torch_compile_fullgraph_with_inductor_on_cuda(gen):
     got, want = compiled(*args), step(*args)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got[2], want[2])
+
+
+@needs_emulation
+def test_a_graph_capture_refuses_the_range_check_by_name(gen):
+    # The range check waits for the GPU, which a stream being captured into a CUDA graph cannot
+    # do: CUDA would say only "operation not permitted when stream is capturing".
+    N = 6
+    images = make_images(gen, N, 3, 20, 20)
+    index, _ = make_picks(gen, N, N)
+    _, boxes = make_crops(gen, "box", N, 20, 20, 16, 16)
+    kw = normalisation(gen, images)
+    checked = [dict(index=index), dict(boxes=boxes, size=(16, 16)), dict(index=index, boxes=boxes, size=(16, 16))]
+    torch.ops.rot_kernel.emulated_capturing(True)
+    try:
+        for given in checked:
+            args = {"index": None, "shifts": None, "flips": None, **given}
+            with pytest.raises(ValueError, match="^check_bounds: .* CUDA graph being captured .*check_bounds=False"):
+                emulate(images, **args, **kw)
+            got, _ = emulate(images, **args, check_bounds=False, **kw)
+            assert torch.equal(bits(got), bits(rot_kernel.rotation_batch(images, **args, **kw)[0]))
+        got, _ = emulate(images, None, None, None, **kw)  # nothing to check: nothing refused
+        assert torch.equal(bits(got), bits(rot_kernel.rotation_batch(images, **kw)[0]))
+    finally:
+        torch.ops.rot_kernel.emulated_capturing(False)
+    emulate(images, index, None, None, **kw)  # and outside a capture, checked as ever
+
+
+@needs_cuda
+def test_captured_in_a_cuda_graph_and_replayed_with_new_draws(gen):
+    # check_bounds=False never waits for the GPU, so a step that builds its batch can be
+    # captured once and replayed with each step's draws copied into the captured tensors.
+    N, B, S = 64, 16, 32
+    images = make_images(gen, N, 3, S, S).cuda()
+    kw = dict(out_dtype=torch.bfloat16, channels_last=True, **normalisation(gen, images))
+    index = torch.zeros(B, dtype=torch.long, device="cuda")
+    shifts = torch.zeros(B, 2, dtype=torch.long, device="cuda")
+    flips = torch.zeros(B, dtype=torch.bool, device="cuda")
+    rot_kernel.rotation_batch(images, index, shifts, flips, check_bounds=False, **kw)  # once before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        with pytest.raises(ValueError, match="^check_bounds: .* CUDA graph being captured"):
+            rot_kernel.rotation_batch(images, index, shifts, flips, **kw)
+        batch, labels = rot_kernel.rotation_batch(images, index, shifts, flips, check_bounds=False, **kw)
+    for _ in range(3):
+        new_index, new_flips = make_picks(gen, N, B)
+        new_shifts, _ = make_crops(gen, "outside", B, S, S, S, S)
+        index.copy_(new_index)
+        shifts.copy_(new_shifts)
+        flips.copy_(new_flips)
+        batch.fill_(float("nan"))  # poisoned: the replay must write every element
+        graph.replay()
+        want, want_labels = rot_kernel.rotation_batch(images.cpu(), new_index, new_shifts, new_flips, **kw)
+        assert torch.equal(bits(batch.cpu()), bits(want)) and torch.equal(labels.cpu(), want_labels)
 
 
 @needs_cuda

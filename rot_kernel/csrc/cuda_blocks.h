@@ -473,7 +473,8 @@ Launch<in_t, out_t> make_launch(const at::Tensor& images, const Batch& batch, bo
   for (int d = 1; d < 4; ++d) extent += (images.size(d) - 1) * images.stride(d);
   TORCH_CHECK_VALUE(extent < (int64_t{1} << 31), "images: one image spans ", extent,
                     " elements; the CUDA kernel takes at most 2^31");
-  TORCH_CHECK_VALUE(batch.B <= 0x7fffffff / batch.p.R, "index: at most 2^31 / R images per batch");
+  TORCH_CHECK_VALUE(batch.B <= 0x7fffffff / batch.p.R, batch.index.defined() ? "index" : "images",
+                    ": at most 2^31 / R images per batch (R rotations each), got ", batch.B);
   Launch<in_t, out_t> a{};
   a.img = {images.data_ptr<in_t>(), images.stride(0), static_cast<int>(images.stride(1)),
            static_cast<int>(images.stride(2)), static_cast<int>(images.stride(3))};
@@ -524,11 +525,15 @@ Plan plan_launch(Launch<in_t, out_t>& a, int sms) {
   st.plane = p.h * st.pitch;
   st.line = a.channels_last ? p.w * p.C : p.w;
   st.lines = a.channels_last ? p.h : p.C * p.h;
-  // The fast program needs quarter turns only and rows of whole packs, at most one a thread.
+  // The fast program needs quarter turns only and rows of whole packs, at most one a thread,
+  // from an aligned start (the allocator's always is; a pluggable one's might not be).
   const int vec = 16 / static_cast<int>(sizeof(out_t));
   bool quarter_turns = true;
   for (int r = 0; r < p.R; ++r) quarter_turns &= p.quarter[r] >= 0;
-  plan.vec = quarter_turns && st.line % vec == 0 && st.line / vec <= kThreads ? vec : 1;
+  plan.vec = quarter_turns && st.line % vec == 0 && st.line / vec <= kThreads &&
+                     reinterpret_cast<uintptr_t>(a.out) % 16 == 0
+                 ? vec
+                 : 1;
   st.group = a.B >= 4 * static_cast<int64_t>(sms) ? p.R : 1;
   // Staging loads 16-byte packs where every source row is whole, aligned packs (uint8 rows
   // of 16, 32, ... pixels, in memory order; the CIFAR batches).
@@ -564,8 +569,9 @@ Plan plan_launch(Launch<in_t, out_t>& a, int sms) {
 
 // The op on anything that runs block programs, written once for both: the GPU
 // (rotation_batch_cuda.cu) and the emulation (emulated.cpp). Device(images) makes the
-// device current; device.sms is its multiprocessors; device.staged<in_t, out_t, VEC, CL>
-// and device.tiled<in_t, out_t, CL> run a plan's blocks.
+// device current; device.sms is its multiprocessors; device.capturing whether its stream is
+// being captured into a CUDA graph; device.staged<in_t, out_t, VEC, CL> and
+// device.tiled<in_t, out_t, CL> run a plan's blocks.
 template <typename Device>
 std::tuple<at::Tensor, at::Tensor> rotation_batch_blocks(
     const at::Tensor& images, const std::optional<at::Tensor>& index,
@@ -574,6 +580,13 @@ std::tuple<at::Tensor, at::Tensor> rotation_batch_blocks(
     at::ScalarType out_dtype, bool channels_last, at::OptionalIntArrayRef size,
     const std::optional<at::Tensor>& boxes, bool check_bounds) {
   const Device device(images);
+  // The range check copies to the host, which a graph being captured cannot do (CUDA would
+  // say only "operation not permitted when stream is capturing"): name the way out.
+  const auto given = [](const std::optional<at::Tensor>& t) { return t && t->defined() && t->numel() > 0; };
+  TORCH_CHECK_VALUE(!(device.capturing && check_bounds && (given(index) || given(boxes))),
+                    "check_bounds: the range check of index and boxes waits for the GPU, which a "
+                    "CUDA graph being captured cannot do: give check_bounds=False, with values "
+                    "known to be in range (others are clamped into it)");
   Batch batch = prepare_batch(images, index, shifts, flips, mean, std, rotations, out_dtype,
                               channels_last, size, boxes, check_bounds);
   if (batch.out.numel() == 0) return {batch.out, batch.labels};

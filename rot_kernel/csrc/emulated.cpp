@@ -12,7 +12,8 @@
 // outside the block's allocation, shows as NaN in the output; a write outside it changes a
 // fence, which is checked after every block. Labels start at -1, so a label no block wrote
 // shows too. emulated_plan() says how the last call was cut into blocks, so that tests can
-// pin their cases to a path.
+// pin their cases to a path; emulated_capturing(True) makes the next calls behave as on a
+// stream being captured into a CUDA graph.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -63,6 +64,8 @@ struct SharedMemory {
 };
 
 thread_local std::string last_plan;
+// Whether the emulated device says its stream is being captured into a CUDA graph.
+thread_local bool graph_capture = false;
 // The order in which a phase's threads run. A GPU runs them in no order: a program whose
 // result depends on it has a race, so the tests run every case both ways and compare.
 thread_local bool reverse_threads = false;
@@ -74,6 +77,7 @@ void each_thread(F&& phase) {
 
 struct Emulator {
   int sms = kEmulatedSMs;
+  bool capturing = graph_capture;
 
   explicit Emulator(const at::Tensor&) { last_plan = "empty"; }
 
@@ -120,6 +124,7 @@ TORCH_LIBRARY_FRAGMENT(rot_kernel, m) {
       "SymInt[]? size=None, Tensor? boxes=None, bool check_bounds=True) -> (Tensor, Tensor)");
   m.def("emulated_plan() -> str", [] { return last_plan; });
   m.def("emulated_reverse_threads(bool reverse) -> ()", [](bool reverse) { reverse_threads = reverse; });
+  m.def("emulated_capturing(bool capturing) -> ()", [](bool on) { graph_capture = on; });
 }
 
 TORCH_LIBRARY_IMPL(rot_kernel, CPU, m) {

@@ -151,8 +151,7 @@ Batch prepare_batch(const at::Tensor& images, const std::optional<at::Tensor>& i
   TORCH_CHECK_VALUE(!(batch.boxes.defined() && batch.shifts.defined()),
                     "boxes and shifts: give one or the other (a box is resampled to the "
                     "output size, a shift moves a window of that size)");
-  if ((check_bounds || images.is_cpu()) && batch.B > 0 &&
-      (batch.index.defined() || batch.boxes.defined()))
+  if (check_bounds && batch.B > 0 && (batch.index.defined() || batch.boxes.defined()))
     check_ranges(batch, N, H, W);
 
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
@@ -390,9 +389,9 @@ std::tuple<at::Tensor, at::Tensor> rotation_batch_cpu(
     const std::optional<at::Tensor>& shifts, const std::optional<at::Tensor>& flips,
     at::ArrayRef<double> mean, at::ArrayRef<double> std, at::IntArrayRef rotations,
     at::ScalarType out_dtype, bool channels_last, at::OptionalIntArrayRef size,
-    const std::optional<at::Tensor>& boxes, bool check_bounds) {
+    const std::optional<at::Tensor>& boxes, bool /*check_bounds: free here, so always*/) {
   Batch batch = prepare_batch(images, index, shifts, flips, mean, std, rotations, out_dtype,
-                              channels_last, size, boxes, check_bounds);
+                              channels_last, size, boxes, /*check_bounds=*/true);
   if (batch.out.numel() == 0) return {batch.out, batch.labels};
   dispatch_dtypes(images.scalar_type(), out_dtype, [&](auto in_tag, auto out_tag) {
     rotation_batch_cpu_kernel<decltype(in_tag), decltype(out_tag)>(images, batch, channels_last);

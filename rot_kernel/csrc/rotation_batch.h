@@ -61,7 +61,8 @@ struct ViewSource {
 
 ROT_HD int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
-// The host checks index and boxes (always on the CPU; on CUDA unless check_bounds=False).
+// The host checks index and boxes (always in the CPU op; on CUDA, and in its emulation, unless
+// check_bounds=False).
 // Unchecked values are clamped into range here, so that a wrong one gives a wrong batch,
 // never a read out of bounds; checked values pass unchanged.
 ROT_HD ViewSource view_source(const Params& p, const PerImage& per, int64_t b) {
@@ -231,8 +232,10 @@ struct Batch {
   }
 };
 
-// check_bounds=false skips the range checks of index and boxes where they cost a
-// device-to-host sync (CUDA); on the CPU they are free and always done.
+// check_bounds=false skips the range checks of index and boxes, which on CUDA cost a
+// device-to-host sync (view_source clamps what is not checked). The CPU op checks anyway (it
+// is free there, and a clear error beats a clamped batch); the emulation of the CUDA op does
+// as the GPU does, so that its clamps are tested on the CPU too.
 Batch prepare_batch(const at::Tensor& images, const std::optional<at::Tensor>& index,
                     const std::optional<at::Tensor>& shifts,
                     const std::optional<at::Tensor>& flips, at::ArrayRef<double> mean,

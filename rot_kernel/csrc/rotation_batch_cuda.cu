@@ -2,6 +2,7 @@
 // (which says what each does; emulated.cpp runs the same programs on the CPU).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -51,11 +52,13 @@ struct Gpu {
   c10::cuda::CUDAGuard guard;
   int sms;
   cudaStream_t stream;
+  bool capturing;  // the stream is being captured into a CUDA graph
 
   explicit Gpu(const at::Tensor& images)
       : guard(cuda_device_of(images)),
         sms(multiprocessors(images.get_device())),
-        stream(c10::cuda::getCurrentCUDAStream()) {}
+        stream(c10::cuda::getCurrentCUDAStream()),
+        capturing(c10::cuda::captureStatusMayInitCtx(stream) != c10::cuda::CaptureStatus::None) {}
 
   template <typename in_t, typename out_t, int VEC, bool CL>
   void staged(const Launch<in_t, out_t>& a, const Plan& plan) const {
