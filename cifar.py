@@ -126,7 +126,8 @@ def download(dest, url=None, md5=None):
 def find_cifar(data, download_missing=False):
     """Where CIFAR-10 is for --data: its cifar-10-batches-py folder (--data itself, or in
     --data), else its archive (--data itself, or in --data; downloaded there if missing
-    and asked for)."""
+    and asked for), else another cifar-10*python.tar.gz in --data (a sample), unless the
+    whole data set was asked for."""
     if os.path.isfile(data) and data.endswith((".tar.gz", ".tgz")):
         return data
     if os.path.isfile(data):
@@ -140,8 +141,11 @@ def find_cifar(data, download_missing=False):
     if os.path.isdir(folder):
         return folder
     archives = sorted(glob.glob(os.path.join(glob.escape(data), "cifar-10*python.tar.gz")))
-    if not archives and download_missing:
-        archives = [download(data)]
+    full = os.path.join(data, os.path.basename(URL))
+    if full in archives:
+        return full
+    if download_missing:  # asked for CIFAR-10: another archive there (a sample) is not it
+        return download(data)
     if archives:
         return archives[0]
     raise UserError(f"{data} holds neither images nor CIFAR-10 (looked for {folder} and "

@@ -145,6 +145,22 @@ def test_an_archive_already_there_is_not_downloaded_again(tmp_path, local_only_d
         str(tmp_path / "data" / "cifar-10-python.tar.gz")
 
 
+def test_download_fetches_the_data_set_beside_a_sample_of_it(tmp_path, served_archive, local_only_downloads,
+                                                             monkeypatch):
+    # --download asks for CIFAR-10: a sample archive in the folder (docs/cpu-sample.md puts one
+    # in data/) is used without it, never instead of the whole data set.
+    url, md5, (train_x, *_) = served_archive
+    monkeypatch.setattr(cifar, "URL", url)
+    monkeypatch.setattr(cifar, "MD5", md5)
+    write_cifar(tmp_path / "src", 1, 1, seed=5)
+    (tmp_path / "data").mkdir()
+    sample = make_archive(tmp_path / "src", tmp_path / "data" / "cifar-10-sample-python.tar.gz")
+    assert cifar.find_cifar(str(tmp_path / "data")) == str(sample)
+    full = str(tmp_path / "data" / "cifar-10-python.tar.gz")
+    assert cifar.find_cifar(str(tmp_path / "data"), download_missing=True) == full
+    assert np.array_equal(cifar.load_cifar(str(tmp_path / "data"))[0].numpy(), train_x)  # the whole one, now
+
+
 # ----------------------------------------------------------------------------- data errors, as the CLI shows them
 def test_cli_missing_data_says_where_it_looked(tmp_path):
     proc = run_cli(*tiny_run_flags(tmp_path / "nothing", tmp_path / "out", "--epochs", "1"), check=False)
