@@ -71,3 +71,8 @@ def to_device(ctx, views, labels):
     if ctx.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, labels.flatten().to(ctx.device, non_blocking=True)
+
+
+if __name__ == "__main__":  # a module of the benchmark, which takes rotnet.py's settings
+    raise SystemExit("baseline.py is timed through rotnet.py: python rotnet.py --benchmark --baseline "
+                     "(python rotnet.py --help lists the settings)")

@@ -238,7 +238,8 @@ def curves_figure(run_dirs, out):
 # ----------------------------------------------------------------------------- Figure 5(a)
 def snapshots(run_dir):
     """(epoch, path) of every model_epochNNN.pt in the run, by epoch."""
-    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(run_dir, "model_epoch*.pt"))
+    need(run_dir, "folder")
+    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(glob.escape(run_dir), "model_epoch*.pt"))
              if (m := SNAPSHOT.search(os.path.basename(p)))]
     if not found:
         raise UserError(f"{run_dir}: no model_epochNNN.pt; pretrain with `rotnet.py --save-every N`")
@@ -344,10 +345,12 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
 
-    def command(name, help):
+    def command(name, help, runs_models=False):
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--out", default="runs/figures", type=train.user_path, help="folder for the PNG")
-        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the models run")
+        p.add_argument("--out", default="runs/figures", type=train.user_path,
+                       help="folder for the PNG (default: runs/figures)")
+        if runs_models:
+            p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the models run")
         return p
 
     def networks(p):
@@ -362,7 +365,8 @@ def parse_args(argv=None):
         p.add_argument("--cache", type=train.user_path, help=f"where the image folder is prepared (default: {whose}, "
                        "for its own images at its size; else prepared/NAME-S)")
 
-    p = command("attention", "Figure 3: attention maps of every block of both networks on a few test images")
+    p = command("attention", "Figure 3: attention maps of every block of both networks on a few test images",
+                runs_models=True)
     networks(p)
     images(p, "CIFAR-10 or an image folder, whose test images are shown (default: the RotNet's own, as the "
            "config.json beside --rotnet records them; else ./data)", whose="the RotNet's")
@@ -377,7 +381,8 @@ def parse_args(argv=None):
     p = command("rotation-vs-object",
                 "Figure 5(a): rotation and object accuracy of every model_epochNNN.pt of a run "
                 "(rotnet.py --save-every N). Trains one non-linear probe on ConvB2 PER SNAPSHOT, in "
-                "RUN_DIR/figure5a_probes/epochNNN, and reuses those already finished with the same settings.")
+                "RUN_DIR/figure5a_probes/epochNNN, and reuses those already finished with the same settings.",
+                runs_models=True)
     p.add_argument("run", metavar="RUN_DIR")
     images(p, "CIFAR-10 or an image folder (default: the run's own, as its config.json records it)",
            whose="the run's")
@@ -394,14 +399,14 @@ def figure(args):
     # the other figures are one process's work, which more ranks would only repeat.
     train.require(args.command == "rotation-vs-object" or train.world_size() == 1,
                   f"figures.py {args.command} runs in one process: run it without torchrun")
-    device = train.resolve_device(args.device)
-    if args.command == "attention":
-        return attention_figure(args.rotnet, args.supervised, data_dir=args.data, out=args.out, images=args.images,
-                                power=args.power, device=device, image_size=args.image_size, cache=args.cache)
     if args.command == "filters":
         return filters_figure(args.rotnet, args.supervised, args.out)
     if args.command == "curves":
         return curves_figure(args.runs, args.out)
+    device = train.resolve_device(args.device)
+    if args.command == "attention":
+        return attention_figure(args.rotnet, args.supervised, data_dir=args.data, out=args.out, images=args.images,
+                                power=args.power, device=device, image_size=args.image_size, cache=args.cache)
     return rotation_vs_object_figure(args.run, args.data, args.out, probe_epochs=args.probe_epochs, device=device,
                                      image_size=args.image_size, cache=args.cache)
 

@@ -381,9 +381,9 @@ def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=
     check: called with find_sources' (layout, classes, sources) before anything is decoded, or
         a cache is looked at: it raises to refuse the folder."""
     if not (isinstance(image_size, int) and image_size >= 1):
-        raise UserError(f"image_size must be a positive whole number of pixels, got {image_size!r}")
+        raise UserError(f"--image-size must be a positive whole number of pixels, got {image_size!r}")
     if not 0 <= val_fraction < 1:
-        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction!r}")
     if not (isinstance(seed, int) and seed >= 0):
         raise UserError(f"seed must be a whole number >= 0, got {seed!r}")
     data = os.path.abspath(os.path.expanduser(data))

@@ -476,7 +476,7 @@ def run_table(number, s: Probing):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     train.add_common_flags(ap, epochs="the classifier's own schedule (a table's RotNets keep their 200 x "
-                           "--epochs-scale)", out=None, scaled=True)
+                           "--epochs-scale)", out=None, scaled=True, out_help="runs/tables with --table, else runs/probe")
     ap.add_argument("--checkpoint", type=train.user_path,
                     help="model.pt, checkpoint.pt or an original-format checkpoint")
     ap.add_argument("--block", type=int, default=2,

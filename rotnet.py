@@ -153,7 +153,7 @@ def parse_args(argv=None):
     ap.add_argument("--save-every", type=int, default=0, metavar="N",
                     help="also keep the model of every N-th epoch (model_epochNNN.pt)")
     ap.add_argument("--benchmark", action="store_true", help="time training steps on random data and exit")
-    ap.add_argument("--steps", type=positive_int, default=100, help="with --benchmark: steps to time")
+    ap.add_argument("--steps", type=positive_int, default=100, help="with --benchmark: steps to time (default: 100)")
     ap.add_argument("--baseline", action="store_true",
                     help="with --benchmark: also time the step fed by a conventional DataLoader (baseline.py)")
     ap.add_argument("--sweep", action="store_true", help="with --benchmark: time each variant (fp32, contiguous, "

@@ -51,5 +51,5 @@ setup(
                            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
                            extra_link_args=["-fopenmp"])],
     cmdclass={"build_ext": Build},
-    python_requires=">=3.9",
+    python_requires=">=3.10",  # torch 2.13 (requirements.txt) has no wheels for 3.9
 )

@@ -640,17 +640,20 @@ def user_path(text):
     return os.path.expanduser(text)
 
 
-def add_common_flags(ap, epochs, out, scaled=False):
-    """The flags every script shares, declared once, with the same meaning everywhere."""
+def add_common_flags(ap, epochs, out, scaled=False, out_help=None):
+    """The flags every script shares, declared once, with the same meaning everywhere; out_help:
+    what --out's help says of its default, where out (None) leaves it to the script."""
     ap.add_argument("--data", default="./data", type=user_path,
                     help="CIFAR-10 (its folder, the folder holding it or its archive) or a folder of images: "
-                    "train/<class>/ + val/<class>/, <class>/ folders, or unlabelled images")
+                    "train/<class>/ + val/<class>/, <class>/ folders, or unlabelled images (default: ./data)")
     ap.add_argument("--download", action="store_true", help="fetch CIFAR-10 into --data if it is missing")
     ap.add_argument("--image-size", type=positive_int, default=256, metavar="S",
-                    help="a folder's images are prepared once at S x S (shorter side to S, centre crop)")
+                    help="a folder's images are prepared once at S x S (shorter side to S, centre crop; "
+                    "default: 256)")
     ap.add_argument("--cache", type=user_path, help="where a folder is prepared (default: prepared/NAME-S)")
     ap.add_argument("--val-fraction", type=positive_float, default=0.1,
-                    help="share of a folder held out for testing when it has no val/ (a fixed, seeded split)")
+                    help="share of a folder held out for testing when it has no val/ (a fixed, seeded split; "
+                    "default: 0.1)")
     ap.add_argument("--epochs", type=positive_int, help=f"default: {epochs}")
     ap.add_argument("--batch-size", type=positive_int,
                     help="source images per step, before rotations (default: the original's: 128; AlexNet 192)")
@@ -661,7 +664,7 @@ def add_common_flags(ap, epochs, out, scaled=False):
                     "1/64 to 16 (1.0 is the paper's NIN)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--out", default=out, type=user_path,
-                    help="folder for config.json, metrics.jsonl, checkpoint.pt and results")
+                    help=f"folder for config.json, metrics.jsonl, checkpoint.pt and results (default: {out_help or out})")
     ap.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")

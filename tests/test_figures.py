@@ -36,6 +36,11 @@ def refused(capsys, argv, *needles, notes=0):
     assert all(needle in lines[-1] for needle in needles), lines[-1]
 
 
+def on_the_cpu(argv):
+    """--device cpu, for the figures that run models."""
+    return ["--device", "cpu"] if argv[0] in ("attention", "rotation-vs-object") else []
+
+
 def write_metrics(run, rows):
     os.makedirs(run, exist_ok=True)
     with open(os.path.join(run, "metrics.jsonl"), "w") as f:
@@ -315,9 +320,11 @@ def test_hostile_checkpoint_is_refused_in_one_line(nets, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("case", ["no metrics", "no snapshots", "damaged snapshot", "no data"])
+@pytest.mark.parametrize("case", ["no metrics", "no run", "no snapshots", "damaged snapshot", "no data"])
 def test_other_missing_inputs_stop_with_one_message(case, nets, tmp_path, capsys):
-    if case == "no metrics":
+    if case == "no run":  # a run's path mistyped: said so, not "pretrain with --save-every"
+        argv, needle = ["rotation-vs-object", str(tmp_path / "rnus")], "rnus: no such folder"
+    elif case == "no metrics":
         argv, needle = ["curves", str(tmp_path)], "metrics.jsonl"
     elif case == "no snapshots":
         argv, needle = ["rotation-vs-object", write_metrics(tmp_path / "run", [(1, 50.0)])], "--save-every"
@@ -329,7 +336,7 @@ def test_other_missing_inputs_stop_with_one_message(case, nets, tmp_path, capsys
     else:
         argv, needle = ["attention", "--rotnet", nets[0], "--supervised", nets[1], "--data", str(tmp_path)], "CIFAR-10"
     with pytest.raises(SystemExit) as stop:
-        figures.main(argv + ["--out", str(tmp_path / "figs"), "--device", "cpu"])
+        figures.main(argv + ["--out", str(tmp_path / "figs"), *on_the_cpu(argv)])
     assert stop.value.code == 1
     message = capsys.readouterr().err.strip()
     assert message.startswith("error: ") and needle in message and "\n" not in message
@@ -359,7 +366,7 @@ def test_wrong_inputs_stop_with_one_message(case, nets, tmp_path, capsys):
         flag = ["--images", "100000"] if case == "too many images" else ["--power", "nan"]
         argv, needle = ["attention", "--rotnet", nets[0], "--supervised", nets[1], *flag], flag[0]
     with pytest.raises(SystemExit) as stop:
-        figures.main(argv + ["--out", str(out), "--device", "cpu"])
+        figures.main(argv + ["--out", str(out), *on_the_cpu(argv)])
     if stop.value.code == 2:  # a usage error, which argparse prints
         message = capsys.readouterr().err.strip().splitlines()[-1]
         assert "error:" in message and needle in message

@@ -541,7 +541,7 @@ def test_missing_and_empty_folders(tmp_path):
 
 def test_bad_settings_and_cache_inside_data(tmp_path):
     write_classes(tmp_path / "d", {"x": 2})
-    for kw, message in (({"image_size": 0}, "image_size"), ({"val_fraction": 1.0}, "val_fraction"),
+    for kw, message in (({"image_size": 0}, "--image-size"), ({"val_fraction": 1.0}, "--val-fraction"),
                         ({"seed": -1}, "seed")):
         with pytest.raises(UserError, match=message):
             prepare(tmp_path / "d", tmp_path / "c", **kw)
