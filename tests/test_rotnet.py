@@ -724,13 +724,18 @@ def test_cli_sigterm_says_how_to_go_on_in_one_line(cifar_dir, tmp_path):
     run = subprocess.Popen(cli_command(*tiny_run_flags(cifar_dir, out, "--epochs", "30")), cwd=REPO, env=cli_env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 150
-    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 1):
-        assert run.poll() is None and time.monotonic() < deadline, "no epoch was logged"
+    # An epoch ended: its checkpoint written (after its metrics line: a signal between the two
+    # would leave no checkpoint yet, and say so)
+    while not (out / "checkpoint.pt").exists():
+        assert run.poll() is None and time.monotonic() < deadline, "no epoch ended"
         time.sleep(0.05)
     run.send_signal(signal.SIGTERM)
     err = run.communicate(timeout=60)[1]
     assert run.returncode == 143, err
-    kept = torch.load(out / "checkpoint.pt", weights_only=False)["epoch"]  # (a signal amid the epoch's files: its last)
+    # A signal amid a later epoch's files leaves the one before: checkpoint.pt, or, between
+    # atomic_save's two renames, checkpoint.prev.pt (which --resume falls back to)
+    saved = [out / name for name in ("checkpoint.pt", "checkpoint.prev.pt") if (out / name).exists()][0]
+    kept = torch.load(saved, weights_only=False)["epoch"]
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
         f"stopped by SIGTERM: {out} is kept up to epoch {kept}, and all finished before it"), err
 
