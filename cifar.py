@@ -100,6 +100,14 @@ def read_archive(archive):
     return batches
 
 
+def md5_of(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def download(dest, url=None, md5=None):
     """Fetches the archive into dest with a progress bar; keeps it only if its md5 matches."""
     url, md5 = url or URL, md5 or MD5  # read at call time: a mirror can be set
@@ -114,8 +122,7 @@ def download(dest, url=None, md5=None):
             urllib.request.urlretrieve(url, path + ".part", reporthook=report)
         except OSError as err:
             raise UserError(f"could not download {url}: {err}") from None
-    with open(path + ".part", "rb") as f:
-        got = hashlib.md5(f.read()).hexdigest()
+    got = md5_of(path + ".part")
     if got != md5:
         os.remove(path + ".part")
         raise UserError(f"{url}: md5 {got} is not the expected {md5}; nothing was kept")
@@ -144,8 +151,8 @@ def find_cifar(data, download_missing=False):
     full = os.path.join(data, os.path.basename(URL))
     if full in archives:
         return full
-    if download_missing:  # asked for CIFAR-10: another archive there (a sample) is not it
-        return download(data)
+    if download_missing:  # asked for CIFAR-10: another archive there (a sample) is not it, unless it is
+        return next((a for a in archives if md5_of(a) == MD5), None) or download(data)  # (renamed)
     if archives:
         return archives[0]
     raise UserError(f"{data} holds neither images nor CIFAR-10 (looked for {folder} and "

@@ -28,6 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import cifar  # noqa: E402
 import data  # noqa: E402
+import folders  # noqa: E402
 import probe  # noqa: E402
 import rot_kernel  # noqa: E402
 import train  # noqa: E402
@@ -125,11 +126,12 @@ def attention_figure(rotnet_path, supervised_path, data_dir=None, out="runs/figu
     if data_dir is None and not isinstance(train.saved_config(run).get("data"), str):
         data_dir = "./data"  # not beside the run that made it (an original checkpoint, or moved)
     shown, pretrained_on = run_images(run, data_dir, image_size, cache, doing="Figure 3: showing")
-    if pretrained_on:  # from a listing, before a folder is prepared (hours, for ImageNet)
+    if pretrained_on and folders.is_image_folder(shown["data"]):  # from a listing, before it is prepared
         found = data.identity(shown["data"], image_size=shown["image_size"], val_fraction=shown["val_fraction"])
         require_run_images(run, shown["data"], pretrained_on, found["data_fingerprint"])
     dataset = data.load(shown["data"], image_size=shown["image_size"], cache=shown["cache"],
                         val_fraction=shown["val_fraction"])
+    require_run_images(run, shown["data"], pretrained_on, dataset.fingerprint)  # (CIFAR-10: once loaded)
     test_y = dataset.test_y if dataset.test_y is not None else torch.zeros(len(dataset.test_x), dtype=torch.int64)
     index = pick_images(test_y, images, len(dataset.classes))
     pictures = dataset.test_x[index]
@@ -270,7 +272,10 @@ def run_images(run_dir, data_dir=None, image_size=None, cache=None, doing="Figur
     (Probing's data settings, the fingerprint those images must have: the run's, when its own
     are used; require_run_images checks it)."""
     made = train.saved_config(run_dir)
-    own = data_dir is None
+    theirs = made.get("data") if isinstance(made.get("data"), str) else None
+    # the run's own also where --data names them (its cache is then reused, its images checked)
+    own = data_dir is None or (theirs is not None and os.path.exists(theirs) and os.path.exists(data_dir)
+                               and os.path.samefile(theirs, data_dir))
     if own:  # a run without a record of its images (not this project's, or damaged) is not guessed at
         recorded = os.path.join(run_dir, "config.json")
         train.require(isinstance(made.get("data"), str),

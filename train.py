@@ -556,7 +556,8 @@ def refuse_changed(out, changed):
                          "or give this run another --out")
     require(not other_images,
             f"{out} was trained on other images: the data in --data changed since (images added or removed, "
-            "or held out otherwise); resumed, it would test on images it trained on. Give this run another --out")
+            "held out otherwise, or another CIFAR-10 archive found there: --data may name the archive itself); "
+            "resumed, it would test on images it trained on. Give this run another --out")
 
 
 def saved_config(out):

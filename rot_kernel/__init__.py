@@ -151,10 +151,12 @@ def rotation_batch(images, index=None, shifts=None, flips=None, *, mean=None, st
               the box is read (float32 weights; CPU and CUDA builds round alike, without
               fused multiply-adds). Not together with shifts.
     check_bounds: True: index and boxes are range-checked against the images (IndexError,
-              ValueError); on CUDA that costs a device-to-host sync, which a CUDA graph being
-              captured refuses (ValueError). False: the caller guarantees them and the op never
-              syncs (on CUDA a bad value is clamped into range: a wrong batch, never a read out
-              of bounds); the CPU checks anyway, as it costs nothing.
+              ValueError); on CUDA that costs a device-to-host sync, which the CUDA kernel
+              refuses (ValueError) on a stream being captured into a CUDA graph. False: the
+              caller guarantees them and the CUDA kernel never syncs (a bad value is clamped
+              into range: a wrong batch, never a read out of bounds); the CPU checks anyway,
+              as it costs nothing. (The plain-torch reference, the fallback without a
+              compiled kernel, syncs and indexes unclamped.)
 
     For each chosen image, in this order: crop (shift window or resized box), flip, turn,
     normalise, write once in out_dtype and the memory format.

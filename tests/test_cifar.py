@@ -159,6 +159,11 @@ def test_download_fetches_the_data_set_beside_a_sample_of_it(tmp_path, served_ar
     full = str(tmp_path / "data" / "cifar-10-python.tar.gz")
     assert cifar.find_cifar(str(tmp_path / "data"), download_missing=True) == full
     assert np.array_equal(cifar.load_cifar(str(tmp_path / "data"))[0].numpy(), train_x)  # the whole one, now
+    # The whole archive under another name is known by its md5: not fetched again
+    os.replace(full, tmp_path / "data" / "cifar-10-full-python.tar.gz")
+    assert cifar.find_cifar(str(tmp_path / "data"), download_missing=True) == \
+        str(tmp_path / "data" / "cifar-10-full-python.tar.gz")
+    assert sorted(os.listdir(tmp_path / "data")) == ["cifar-10-full-python.tar.gz", "cifar-10-sample-python.tar.gz"]
 
 
 # ----------------------------------------------------------------------------- data errors, as the CLI shows them

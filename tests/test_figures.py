@@ -178,6 +178,9 @@ def test_attention_figure_shows_the_rotnets_own_images(nets, tmp_path, monkeypat
     assert "Figure 3: showing the run's own images, photos" in capsys.readouterr().err
     assert json.load(open("c/manifest.json"))["settings"]["image_size"] == 16
     assert sorted(os.listdir(".")) == ["c", "photos"]  # nothing prepared anywhere else
+    figures.main(["attention", "--rotnet", rotnet, "--data", "./photos/", *common])  # named: the same images
+    assert "Figure 3: showing the run's own images, photos" in capsys.readouterr().err
+    assert sorted(os.listdir(".")) == ["c", "photos"]  # its cache reused
     # Its --data, relative to where it ran, holds other images from here: refused
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
