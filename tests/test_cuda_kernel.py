@@ -688,8 +688,8 @@ print("after", float(torch.ones(8, device="cuda").mul(2).sum()))
 @needs_cuda
 def test_unchecked_bad_values_do_not_fault():
     # check_bounds=False: a bad index or box gives a wrong batch (clamped into range: see the
-    # next test), never a read out of bounds. A fault would poison the CUDA context, so this runs in its own process, which
-    # must end cleanly with the device still usable afterwards.
+    # next test), never a read out of bounds. A fault would poison the CUDA context, so this
+    # runs in its own process, which must end cleanly with the device still usable afterwards.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     # (a hung kernel fails here in 2 minutes, not the whole GPU stage at its limit)
     done = subprocess.run([sys.executable, "-c", UNCHECKED_SCRIPT], cwd=REPO, env=env,

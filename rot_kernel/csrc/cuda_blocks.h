@@ -569,7 +569,7 @@ Plan plan_launch(Launch<in_t, out_t>& a, int sms) {
 
 // The op on anything that runs block programs, written once for both: the GPU
 // (rotation_batch_cuda.cu) and the emulation (emulated.cpp). Device(images) makes the
-// device current; device.sms is its multiprocessors; device.capturing whether its stream is
+// device current; device.sms is its multiprocessors; device.capturing() whether its stream is
 // being captured into a CUDA graph; device.staged<in_t, out_t, VEC, CL> and
 // device.tiled<in_t, out_t, CL> run a plan's blocks.
 template <typename Device>
@@ -581,9 +581,10 @@ std::tuple<at::Tensor, at::Tensor> rotation_batch_blocks(
     const std::optional<at::Tensor>& boxes, bool check_bounds) {
   const Device device(images);
   // The range check copies to the host, which a graph being captured cannot do (CUDA would
-  // say only "operation not permitted when stream is capturing"): name the way out.
+  // say only "operation not permitted when stream is capturing"): name the way out. (Asked
+  // only of a checked call: training's unchecked ones skip the driver call.)
   const auto given = [](const std::optional<at::Tensor>& t) { return t && t->defined() && t->numel() > 0; };
-  TORCH_CHECK_VALUE(!(device.capturing && check_bounds && (given(index) || given(boxes))),
+  TORCH_CHECK_VALUE(!(check_bounds && (given(index) || given(boxes)) && device.capturing()),
                     "check_bounds: the range check of index and boxes waits for the GPU, which a "
                     "CUDA graph being captured cannot do: give check_bounds=False, with values "
                     "known to be in range (others are clamped into it)");

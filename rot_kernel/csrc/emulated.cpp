@@ -77,7 +77,7 @@ void each_thread(F&& phase) {
 
 struct Emulator {
   int sms = kEmulatedSMs;
-  bool capturing = graph_capture;
+  bool capturing() const { return graph_capture; }
 
   explicit Emulator(const at::Tensor&) { last_plan = "empty"; }
 

@@ -52,13 +52,16 @@ struct Gpu {
   c10::cuda::CUDAGuard guard;
   int sms;
   cudaStream_t stream;
-  bool capturing;  // the stream is being captured into a CUDA graph
 
   explicit Gpu(const at::Tensor& images)
       : guard(cuda_device_of(images)),
         sms(multiprocessors(images.get_device())),
-        stream(c10::cuda::getCurrentCUDAStream()),
-        capturing(c10::cuda::captureStatusMayInitCtx(stream) != c10::cuda::CaptureStatus::None) {}
+        stream(c10::cuda::getCurrentCUDAStream()) {}
+
+  // Whether the stream is being captured into a CUDA graph (asked only where it matters).
+  bool capturing() const {
+    return c10::cuda::captureStatusMayInitCtx(stream) != c10::cuda::CaptureStatus::None;
+  }
 
   template <typename in_t, typename out_t, int VEC, bool CL>
   void staged(const Launch<in_t, out_t>& a, const Plan& plan) const {
