@@ -503,6 +503,8 @@ def main(argv=None):
     if args.table:
         train.run_job(lambda: run_table(args.table, Probing.from_args(args)))
     else:
+        if args.resume:
+            train.say_if_nothing_to_resume(args.out)
         train.run_job(lambda: probe(Probing.from_args(args)))
 
 

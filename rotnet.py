@@ -29,8 +29,8 @@ import data
 from errors import UserError
 from models import build
 from train import (LR_DECAY, MILESTONES, Context, Run, add_common_flags, atomic_save, end_epoch, epoch_metrics,
-                   epoch_steps, evaluate, make_optimizer, positive_int, require, restore, run_job, train_epoch,
-                   user_path, world_size)
+                   epoch_steps, evaluate, make_optimizer, positive_int, require, restore, run_job,
+                   say_if_nothing_to_resume, train_epoch, user_path, world_size)
 
 # ----------------------------------------------------------------------------- settings
 FOUR = (0, 90, 180, 270)             # the paper's rotations
@@ -184,6 +184,8 @@ def main(argv=None):
                     else benchmark.benchmark(s, dataloader=args.baseline, **timing))
         run_job(timed)
     else:
+        if args.resume:
+            say_if_nothing_to_resume(args.out)
         run_job(lambda: pretrain(Pretraining.from_args(args)))
 
 

@@ -503,6 +503,14 @@ def load_resume_checkpoint(ctx, out):
     return None
 
 
+def say_if_nothing_to_resume(out):
+    """The --resume a user gave: an --out that does not hold a run yet (mistyped, say) starts
+    the run from the beginning, which is said rather than done silently. (restore says so of a
+    folder that holds other files; the tables resume every run, so that one stays quiet.)"""
+    if main_rank() and not (os.path.isdir(out) and os.listdir(out)):
+        print(f"--resume: {out} holds no run yet: starting from the beginning", file=sys.stderr)
+
+
 def restore(ctx, out, config, resume, model, opt, sched):
     """Prepares --out (config.json; metrics.jsonl trimmed to the checkpoint) and, with
     resume, loads the newest good checkpoint into model, opt, sched and the RNGs.

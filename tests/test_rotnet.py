@@ -581,6 +581,15 @@ def test_resume_with_no_good_checkpoint_says_what_to_delete(cifar_dir, tmp_path)
     assert proc.returncode == 1
 
 
+def test_resume_into_a_folder_without_a_run_says_it_starts_from_the_beginning(cifar_dir, tmp_path):
+    out = tmp_path / "mistyped"
+    proc = run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1", "--resume"))
+    assert f"--resume: {out} holds no run yet: starting from the beginning" in proc.stderr
+    assert [m["epoch"] for m in metrics_of(out)] == [1]
+    proc = run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1", "--resume"))  # now it does
+    assert "holds no run" not in proc.stderr
+
+
 def test_resume_refuses_a_checkpoint_that_carries_code(cifar_dir, tmp_path):
     from conftest import RunsCode
     out = tmp_path / "out"
