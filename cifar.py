@@ -155,8 +155,9 @@ def find_cifar(data, download_missing=False):
         return next((a for a in archives if md5_of(a) == MD5), None) or download(data)  # (renamed)
     if archives:
         return archives[0]
-    raise UserError(f"{data} holds neither images nor CIFAR-10 (looked for {folder} and "
-                    f"{data}/cifar-10-python.tar.gz): point --data at one, or add --download to fetch CIFAR-10")
+    raise UserError(f"{data} holds neither images (JPEG, PNG, WebP, BMP or TIFF files) nor CIFAR-10 (looked for "
+                    f"{folder} and {data}/cifar-10-python.tar.gz): point --data at one, or add --download to fetch "
+                    "CIFAR-10")
 
 
 def load_cifar(data, download_missing=False):

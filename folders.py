@@ -4,15 +4,18 @@
     prepared.train.images    # np.memmap uint8 [N, 3, S, S], read-only
     prepared.train.labels    # np.int64 [N], or None for a flat folder of unlabelled images
 
-Layouts of the data folder (hidden files and folders, files of other extensions, and pipes or
-devices named like images are ignored):
+Layouts of the data folder (hidden files and folders, macOS's __MACOSX, files of other extensions,
+and pipes or devices named like images are ignored):
   train-val  DIR/train/<class>/... and DIR/val/<class>/... (ImageNet's, val sorted into classes;
              the names in any case, also training/, validation/, valid/). The classes are train's
              class folders; val_fraction and seed are not used.
-  classes    DIR/<class>/...: val_fraction of each class held out for val at random (seeded).
+  classes    DIR/<class>/...: val_fraction of each class held out for val at random (seeded). A
+             class may be called train/ where other class folders stand beside it.
   flat       DIR/*.jpg: unlabelled; val_fraction of the images held out for val at random.
   flat-train-val  DIR/train/*.jpg and DIR/val/*.jpg: unlabelled, split by their folders.
 A class folder is searched recursively; sources are taken in the order of their relative paths.
+A file reached twice (through links, or hard links) is read once; one reached in two classes or
+two splits is refused: it would be tested on, or taught as two classes.
 
 Each image: decoded by Pillow (JPEG, PNG, WebP, BMP or TIFF, whatever its extension says), its EXIF
 orientation applied, turned into RGB, its shorter side resized to S and the centre S x S kept.
@@ -53,6 +56,7 @@ import signal
 import stat
 import sys
 import time
+import unicodedata
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -183,6 +187,11 @@ def is_image_folder(path):
         return False
 
 
+def _hidden(name):
+    """Not data: a hidden file or folder, or the __MACOSX folder of a zip made on a Mac."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def _walk(folder, seen=None):
     """The image files (os.DirEntry) under folder, in name order, recursively; hidden entries
     skipped; a folder reached twice (through links) is read once."""
@@ -192,7 +201,7 @@ def _walk(folder, seen=None):
         return
     seen.add(real)
     with os.scandir(folder) as it:
-        entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        entries = sorted((e for e in it if not _hidden(e.name)), key=lambda e: e.name)
     for e in entries:
         if _is_dir(e):
             yield from _walk(e.path, seen)
@@ -217,24 +226,48 @@ def _special(entry):
 
 
 def _sources(data, folder, label):
-    """[relative path, size, mtime_ns, label] of each image under folder."""
+    """[relative path, size, mtime_ns, label, file] of each image under folder, where file
+    (device and inode) is _one_place_each's, which takes it off."""
     out, prefix = [], len(os.path.join(data, ""))  # os.path.relpath would take seconds for ImageNet
     for e in _walk(folder):
         try:
             st = e.stat()
-            size, mtime = st.st_size, st.st_mtime_ns
+            size, mtime, file = st.st_size, st.st_mtime_ns, st.st_dev << 64 | st.st_ino
         except OSError:  # a dangling link: listed, then skipped as unreadable
-            size, mtime = -1, 0
-        out.append([e.path[prefix:].replace(os.sep, "/"), size, mtime, label])
+            size, mtime, file = -1, 0, None
+        out.append([e.path[prefix:].replace(os.sep, "/"), size, mtime, label, file])
     return out
 
 
+def _one_place_each(groups):
+    """groups, _sources' lists (one per class folder of a split, or per split), with every file
+    in one place: a file reached twice in one group (a link beside what it links to) is kept
+    once, and one reached in two is refused (tested on what it trained on, or taught as two
+    classes). The rows lose their file."""
+    group_of = {}
+    for g, rows in enumerate(groups):
+        for row in rows:
+            first = group_of.setdefault(row[-1], g) if row[-1] is not None else g
+            if first != g:
+                other = next(r[0] for r in groups[first] if r[-1] == row[-1])
+                raise UserError(f"{other} and {row[0]} are one file (reached through a link): an image may stand "
+                                "in one class folder and one split only; remove one of them")
+    kept = []
+    for rows in groups:
+        kept.append([])
+        for row in rows:
+            file = row.pop()
+            if file is None or group_of.pop(file, None) is not None:  # (popped: its first row only)
+                kept[-1].append(row)
+    return kept
+
+
 def _subfolders(folder):
-    return sorted(e.name for e in os.scandir(folder) if _is_dir(e) and not e.name.startswith("."))
+    return sorted(e.name for e in os.scandir(folder) if _is_dir(e) and not _hidden(e.name))
 
 
 def _loose_images(folder):
-    return sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".")
+    return sorted(e.name for e in os.scandir(folder) if not _hidden(e.name)
                   and e.name.lower().endswith(EXTENSIONS) and os.path.isfile(e.path))
 
 
@@ -276,13 +309,25 @@ def find_sources(data, val_fraction=0.1, seed=0):
         train_dir, val_dir = (os.path.join(data, _split_folder(data, names)) for names in SPLIT_NAMES)
         if os.path.isdir(train_dir) and os.path.isdir(val_dir):
             return _train_val_sources(data, train_dir, val_dir)
-        # (Train/ alone may be a class: trains, buses; named exactly, as a macOS disk would not tell)
-        if any(e.name == "train" and _is_dir(e) for e in os.scandir(data)):
+        names = _subfolders(data)
+        trained, tested = ([n for n in names if n.lower() in split] for split in (SPLIT_NAMES[0], ("test", "testing")))
+        if trained and tested:
+            raise UserError(f"{data} has {trained[0]}/ and {tested[0]}/ but no val/: rename {tested[0]}/ to val/ "
+                            "(the images to test on, in the class folders that the training images have)")
+        if "train" in names and not _a_class(data, "train", names):
             raise UserError(f"{data} has train/ but no val/: add val/<class>/ folders, "
                             f"or use {train_dir} itself to hold out {val_fraction:.0%} of it for val")
         return _held_out_sources(data, val_fraction, seed)
     except OSError as err:
         raise UserError(f"cannot read {err.filename or data}: {err.strerror or err}") from None
+
+
+def _a_class(data, name, names):
+    """Whether data/name, a train/ with no val/ beside it, is a class (CIFAR-100 has trains): it
+    holds images itself, and other class folders of images stand beside it. A train/ of class
+    folders, or one alone, is a split that lacks its val/."""
+    return (bool(_loose_images(os.path.join(data, name)))
+            and any(next(_walk(os.path.join(data, n)), None) is not None for n in names if n != name))
 
 
 def _split_folder(data, names):
@@ -299,8 +344,8 @@ def _train_val_sources(data, train_dir, val_dir):
     sorted_in = [[c for c in _subfolders(folder) if next(_walk(os.path.join(folder, c)), None) is not None]
                  for folder in (train_dir, val_dir)]
     if all(unsorted) and not any(sorted_in):
-        return "flat-train-val", [], {s: sorted(_sources(data, folder, None))
-                                      for s, folder in zip(SPLITS, (train_dir, val_dir))}
+        train, val = _one_place_each([_sources(data, folder, None) for folder in (train_dir, val_dir)])
+        return "flat-train-val", [], {"train": sorted(train), "val": sorted(val)}
     if any(unsorted) and not any(sorted_in):  # images beside a folder of none (other files, or nothing)
         empty, full = (train_dir, val_dir) if unsorted[1] else (val_dir, train_dir)
         raise UserError(f"{empty} holds no images ({' '.join(EXTENSIONS)}) beside {full}'s: give it images too "
@@ -313,20 +358,23 @@ def _train_val_sources(data, train_dir, val_dir):
                             "give both train/ and val/ only images)")
     train = []
     for label, name in enumerate(classes):
-        found = _sources(data, os.path.join(train_dir, name), label)
-        if not found:
+        train.append(_sources(data, os.path.join(train_dir, name), label))
+        if not train[-1]:
             print(f"note: class folder {os.path.join(train_dir, name)} holds no images", file=sys.stderr)
-        train += found
+    # (a name copied from a Mac may spell é as e and an accent: the same class)
+    label_of = {unicodedata.normalize("NFC", name): label for label, name in enumerate(classes)}
     val = []
     for name in _subfolders(val_dir):
         folder = os.path.join(val_dir, name)
-        if name not in classes:
+        label = label_of.get(unicodedata.normalize("NFC", name))
+        if label is None:
             raise UserError(f"{folder}: class {name!r} is not one of the {len(classes)} "
                             f"class folders of {train_dir}")
-        found = _sources(data, folder, classes.index(name))
-        if not found:
+        val.append(_sources(data, folder, label))
+        if not val[-1]:
             raise UserError(f"{folder} holds no images")
-        val += found
+    kept = _one_place_each(train + val)
+    train, val = ([row for rows in part for row in rows] for part in (kept[:len(train)], kept[len(train):]))
     for folder, found in ((train_dir, train), (val_dir, val)):
         if not found:
             raise UserError(f"{folder} holds no images in class folders")
@@ -341,17 +389,17 @@ def _held_out_sources(data, val_fraction, seed):
         if mixed:
             raise UserError(f"{data} holds both images ({len(loose)}) and folders of images ({mixed[0]}/...); "
                             "use one class folder per class, or only images")
-        train, val = _hold_out([("", _sources(data, data, None))], val_fraction, seed)
+        train, val = _hold_out([("", *_one_place_each([_sources(data, data, None)]))], val_fraction, seed)
         return "flat", [], {"train": train, "val": val}
     train_names, val_names = SPLIT_NAMES
     split = [c for c in classes if c.lower() in train_names[1:] + val_names + ("test", "testing")]
     if split:  # (not train/ itself: trains and buses are classes)
         raise UserError(f"{os.path.join(data, split[0])} is named like a split, not a class: give {data} a train/ "
                         "and a val/ folder, each of class folders (or rename it, if it is a class)")
-    groups = []
-    for label, name in enumerate(classes):
-        groups.append((name, _sources(data, os.path.join(data, name), label)))
-        if not groups[-1][1]:
+    groups = list(zip(classes, _one_place_each([_sources(data, os.path.join(data, name), label)
+                                                for label, name in enumerate(classes)])))
+    for name, items in groups:
+        if not items:
             print(f"note: class folder {os.path.join(data, name)} holds no images", file=sys.stderr)
     if not any(items for _, items in groups):
         raise UserError(f"{data} holds no images ({' '.join(EXTENSIONS)})")

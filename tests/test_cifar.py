@@ -175,7 +175,7 @@ def test_cli_missing_data_says_where_it_looked(tmp_path):
     os.makedirs(tmp_path / "empty")
     proc = run_cli(*tiny_run_flags(tmp_path / "empty", tmp_path / "out", "--epochs", "1", "--arch", "alexnet"),
                    check=False)
-    assert_one_line_error(proc, tmp_path / "empty", "neither images nor CIFAR-10", "--download")
+    assert_one_line_error(proc, tmp_path / "empty", "neither images (JPEG, PNG", "nor CIFAR-10", "--download")
 
 
 def test_cli_truncated_batch_names_the_file(tmp_path):

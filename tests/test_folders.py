@@ -712,6 +712,59 @@ def test_links_that_loop_and_pipes_named_like_images(tmp_path):
     assert all("pipe" not in s[0] for s in prepared.manifest["splits"]["train"]["sources"])
 
 
+def test_a_file_reached_in_two_places_is_refused_and_twice_in_one_place_is_read_once(tmp_path):
+    # a class folder linked into another class, val/ linked to train/, a hard link across classes
+    write_classes(tmp_path / "a", {"cats": 2, "dogs": 2}, size=(8, 8))
+    os.symlink("../cats", tmp_path / "a" / "dogs" / "more")
+    write_classes(tmp_path / "b" / "train", {"x": 2, "y": 2}, size=(8, 8))
+    os.makedirs(tmp_path / "b" / "val")
+    os.symlink("../train/y", tmp_path / "b" / "val" / "y")
+    write_classes(tmp_path / "c", {"cats": 2, "dogs": 2}, size=(8, 8))
+    os.link(tmp_path / "c" / "cats" / "001.png", tmp_path / "c" / "dogs" / "cat.png")
+    for data, first, second in (("a", "cats/000.png", "dogs/more/000.png"), ("b", "train/y/000.png", "val/y/000.png"),
+                                ("c", "cats/001.png", "dogs/cat.png")):
+        with pytest.raises(UserError, match=rf"^{first} and {second} are one file \(reached through a link\): "
+                                            "an image may stand in one class folder and one split only"):
+            folders.find_sources(str(tmp_path / data))
+    # in one place (a class, a flat folder held out from): once, so never in both train and val
+    write_classes(tmp_path / "d", {"cats": 3, "dogs": 3}, size=(8, 8))
+    os.symlink("000.png", tmp_path / "d" / "cats" / "again.png")
+    os.symlink(".", tmp_path / "d" / "dogs" / "self")
+    _, _, sources = folders.find_sources(str(tmp_path / "d"), val_fraction=0.5)
+    assert sorted(s[0] for s in sources["train"] + sources["val"]) == [f"{c}/{i:03d}.png" for c in ("cats", "dogs")
+                                                                       for i in range(3)]
+    assert all(len(s) == 4 for s in sources["train"] + sources["val"])  # [path, size, mtime_ns, label]
+    save(tmp_path / "e" / "0.png", rgb(8, 8))
+    os.symlink("0.png", tmp_path / "e" / "1.png")
+    _, _, sources = folders.find_sources(str(tmp_path / "e"), val_fraction=0.5)
+    assert [s[0] for s in sources["train"] + sources["val"]] == ["0.png"]
+
+
+def test_a_class_called_train_beside_other_classes_and_a_test_folder_for_val(tmp_path):
+    write_classes(tmp_path / "v", {"train": 3, "bus": 3}, size=(8, 8))  # CIFAR-100 has trains
+    layout, classes, _ = folders.find_sources(str(tmp_path / "v"))
+    assert layout == "classes" and classes == ["bus", "train"]
+    # a train/ of class folders is a split, whatever stands beside it
+    write_classes(tmp_path / "w", {"train/x": 2, "train/y": 2, "extra": 2}, size=(8, 8))
+    with pytest.raises(UserError, match=r"has train/ but no val/"):
+        folders.find_sources(str(tmp_path / "w"))
+    write_classes(tmp_path / "t", {"Train/x": 2, "test/x": 1}, size=(8, 8))
+    with pytest.raises(UserError, match=r"t has Train/ and test/ but no val/: rename test/ to val/"):
+        folders.find_sources(str(tmp_path / "t"))
+
+
+def test_a_zip_made_on_a_mac_and_class_names_spelt_two_ways(tmp_path):
+    write_classes(tmp_path / "z", {"cats": 2, "dogs": 2, "__MACOSX/cats": 2}, size=(8, 8))
+    assert folders.find_sources(str(tmp_path / "z"))[1] == ["cats", "dogs"]
+    save(tmp_path / "m" / "__MACOSX" / "0.png", rgb(8, 8))
+    assert not folders.is_image_folder(str(tmp_path / "m"))
+    # café written as one character under train/ and as e + an accent under val/ (a copy from a Mac)
+    write_classes(tmp_path / "u" / "train", {"caf\u00e9": 2, "tea": 2}, size=(8, 8))
+    write_classes(tmp_path / "u" / "val", {"cafe\u0301": 1, "tea": 1}, size=(8, 8))
+    layout, classes, sources = folders.find_sources(str(tmp_path / "u"))
+    assert classes == ["caf\u00e9", "tea"] and [s[3] for s in sources["val"]] == [0, 1]
+
+
 def test_more_than_8_bit_grayscale_and_rare_extensions(tmp_path):
     data = tmp_path / "d"
     ramp = np.linspace(0, 1, 8 * 8, dtype=np.float32).reshape(8, 8)
