@@ -8,13 +8,13 @@ batch norm after every conv and hidden linear layer, no LRN and no dropout.
 Expects 224x224 RGB images normalised per channel by the training images' own mean and std
 (data.load: for ImageNet close to, not equal to, the usual constants).
 """
-import math
 import numbers
 
 import torch
 import torch.nn as nn
 
 from errors import UserError
+from nin import init_as_pytorch_0_2_
 
 CHANNELS = (64, 192, 384, 256, 256)  # conv1..conv5 at width 1
 HIDDEN = 4096                        # the two hidden linear layers at width 1
@@ -61,19 +61,7 @@ class AlexNet(nn.Module):
         self.fc = nn.Sequential(LinearBNReLU(c5 * POOLED * POOLED, hidden), LinearBNReLU(hidden, hidden))
         self.head = nn.Linear(hidden, num_classes)
         self.config = dict(arch="alexnet", num_classes=num_classes, width=width)
-        # The original sets no initialisation of its own, so it got PyTorch 0.2's defaults,
-        # written out here so that they do not depend on this PyTorch's: conv and linear
-        # weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (today's bound too), BN
-        # scales U(0, 1) (PyTorch >= 1.2 uses ones) and BN shifts 0.
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                bound = 1 / math.sqrt(m.weight[0].numel())
-                nn.init.uniform_(m.weight, -bound, bound)
-                if m.bias is not None:
-                    nn.init.uniform_(m.bias, -bound, bound)
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                nn.init.uniform_(m.weight, 0.0, 1.0)
-                nn.init.zeros_(m.bias)
+        init_as_pytorch_0_2_(self)  # the original sets no initialisation of its own
 
     def features(self, x, k):
         """conv k's output (k = 1..5) after its BN and ReLU, before any pooling."""

@@ -14,17 +14,41 @@ from errors import UserError
 
 
 def init_conv_(conv):
-    """The original initialisation of a conv: N(0, sqrt(2 / (k * k * out_channels)))."""
+    """The original classifiers' initialisation of a conv: N(0, sqrt(2 / (k * k * out_channels)))."""
     k_h, k_w = conv.kernel_size
     nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / (k_h * k_w * conv.out_channels)))
     return conv
+
+
+def channels(width):
+    """The NIN's three channel counts (192, 160, 96 in the paper's) at width."""
+    return tuple(max(1, round(c * width)) for c in (192, 160, 96))
+
+
+def init_as_pytorch_0_2_(model):
+    """The weights the original code's networks started from. It sets none of its own for them
+    (NetworkInNetwork.weight_initialization, with the N(0, sqrt(2 / (k * k * out))) convs and
+    BN scales 1 that papers quote, is never called; the AlexNet has none), so they got PyTorch
+    0.2's defaults, written out here so that they do not depend on this PyTorch's: conv and
+    linear weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (today's bound too), BN
+    scales U(0, 1) (PyTorch >= 1.2 uses ones) and BN shifts 0. In module order, after
+    construction: one seed, one set of weights."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            bound = 1 / math.sqrt(m.weight[0].numel())
+            nn.init.uniform_(m.weight, -bound, bound)
+            if m.bias is not None:
+                nn.init.uniform_(m.bias, -bound, bound)
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.uniform_(m.weight, 0.0, 1.0)
+            nn.init.zeros_(m.bias)
 
 
 class ConvBNReLU(nn.Sequential):
     def __init__(self, cin, cout, k):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, k, padding=(k - 1) // 2, bias=False)
-        self.bn = nn.BatchNorm2d(cout)  # weight 1, bias 0: torch's defaults are the original's
+        self.bn = nn.BatchNorm2d(cout)  # weight 1, bias 0: as the original's classifiers set it
         self.relu = nn.ReLU(inplace=True)
 
 
@@ -35,7 +59,7 @@ class NIN(nn.Module):
         super().__init__()
         if not 3 <= blocks <= 5:
             raise ValueError(f"blocks: the paper's NIN has 3, 4 or 5 blocks, got {blocks}")
-        c192, c160, c96 = (max(1, round(c * width)) for c in (192, 160, 96))
+        c192, c160, c96 = channels(width)
         stages = [[ConvBNReLU(3, c192, 5), ConvBNReLU(c192, c160, 1), ConvBNReLU(c160, c96, 1),
                    nn.MaxPool2d(3, stride=2, padding=1)],
                   [ConvBNReLU(c96, c192, 5), ConvBNReLU(c192, c192, 1), ConvBNReLU(c192, c192, 1),
@@ -44,10 +68,7 @@ class NIN(nn.Module):
                    for _ in range(blocks - 2)]
         self.blocks = nn.ModuleList(nn.Sequential(*s) for s in stages)
         self.head = nn.Linear(c192, num_classes)
-        for m in self.modules():  # after construction, in module order: a seed gives the same weights as ever
-            if isinstance(m, nn.Conv2d):
-                init_conv_(m)
-        nn.init.zeros_(self.head.bias)
+        init_as_pytorch_0_2_(self)
         self.config = dict(blocks=blocks, num_classes=num_classes, width=width)
 
     def features(self, x, block):

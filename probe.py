@@ -30,6 +30,7 @@ import data
 import rotnet
 import train
 from models import fingerprint, is_alexnet, load_model, read_checkpoint
+import nin
 from nin import NIN, ConvBNReLU, init_conv_
 from rotnet import FOUR
 from train import require
@@ -114,8 +115,9 @@ def init_linear(m):
     return m
 
 
-def make_classifier(kind, feature_shape, num_classes=10):
-    """A classifier for features of shape (C, H, W)."""
+def make_classifier(kind, feature_shape, num_classes=10, width=1.0):
+    """A classifier for features of shape (C, H, W); width: that of the NIN they come from,
+    whose block 3 the conv classifier copies (the supervised NIN's block 3, as the paper has it)."""
     C, H, W = feature_shape
     if kind == "linear":
         return nn.Sequential(nn.Flatten(), init_linear(nn.Linear(C * H * W, num_classes)))
@@ -126,13 +128,12 @@ def make_classifier(kind, feature_shape, num_classes=10):
             init_linear(nn.Linear(HIDDEN, HIDDEN, bias=False)), nn.BatchNorm1d(HIDDEN), nn.ReLU(inplace=True),
             init_linear(nn.Linear(HIDDEN, num_classes)))
     if kind == "conv":  # a fresh copy of NIN block 3, global average pooling, a linear layer
-        width = 192
-        block = nn.Sequential(ConvBNReLU(C, width, 3), ConvBNReLU(width, width, 1), ConvBNReLU(width, width, 1),
-                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
-        for m in block.modules():
+        c = nin.channels(width)[0]
+        block = nn.Sequential(ConvBNReLU(C, c, 3), ConvBNReLU(c, c, 1), ConvBNReLU(c, c, 1),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), init_linear(nn.Linear(c, num_classes)))
+        for m in block.modules():  # (the original's, as for the others: its classifiers set their own)
             if isinstance(m, nn.Conv2d):
                 init_conv_(m)
-        nn.init.zeros_(block[-1].bias)
         return block
     raise ValueError(f"classifier: expected linear, nonlinear or conv, got {kind!r}")
 
@@ -303,7 +304,8 @@ def probe(s: Probing):
             return train_classifier(Probe(extractor, s.block, head), s, dataset, **schedule)
         require(s.block >= 1, "--block 0 (every conv at once) is for an AlexNet")
         extractor = extractor or NIN(s.blocks, num_classes=4, width=s.width)
-        classifier = make_classifier(s.classifier, feature_shape(extractor, s.block, size), classes)
+        classifier = make_classifier(s.classifier, feature_shape(extractor, s.block, size), classes,
+                                     width=extractor.config["width"])
         model = Probe(extractor, s.block, classifier, s.finetune)
         return train_classifier(model, s, dataset, **schedule)
 

@@ -85,7 +85,8 @@ def run_arm(s, dataset, arm, per_class, subset, checkpoint):
             extractor = load_model(checkpoint)
             run = dataclasses.replace(run, width=extractor.config["width"])  # config.json: the network probed
             shape = probe.feature_shape(extractor, BLOCK, dataset.train_x.shape[-1])
-            model = probe.Probe(extractor, BLOCK, probe.make_classifier("conv", shape, len(dataset.classes)))
+            head = probe.make_classifier("conv", shape, len(dataset.classes), width=run.width)
+            model = probe.Probe(extractor, BLOCK, head)
         else:
             model = NIN(blocks=3, num_classes=len(dataset.classes), width=s.width)
         describe = dict(arm=arm, per_class=per_class, classifier=kind, block=BLOCK if kind == "conv" else None,

@@ -56,6 +56,17 @@ def test_linear_layers_use_the_original_initialisation():
     assert abs(first.weight.std().item() - (2 / 200) ** 0.5) < 0.01
     assert abs(last.weight.std().item() - (2 / 10) ** 0.5) < 0.05
     assert torch.equal(last.bias, torch.zeros(10))
+    conv = probe.make_classifier("conv", (192, 8, 8), num_classes=10)
+    assert abs(conv[-1].weight.std().item() - (2 / 10) ** 0.5) < 0.05 and torch.equal(conv[-1].bias, torch.zeros(10))
+
+
+@pytest.mark.parametrize("width", [0.25, 1.0])
+def test_the_conv_classifier_is_the_supervised_nins_block_3_at_any_width(width):
+    # "Supervised NIN and RotNet + conv have exactly the same architecture" (the paper's Table 3)
+    extractor, supervised = NIN(4, 4, width), NIN(3, 10, width)
+    head = probe.make_classifier("conv", probe.feature_shape(extractor, 2), 10, width=width)
+    shapes = lambda modules: [tuple(p.shape) for m in modules for p in m.parameters()]
+    assert shapes([head]) == shapes([supervised.blocks[2], supervised.head])
 
 
 def test_a_frozen_extractor_stays_in_eval_mode_and_gets_no_gradients():
