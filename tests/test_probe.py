@@ -174,6 +174,19 @@ def test_a_run_made_before_a_record_existed_is_reused(tmp_path):
     assert changed(checkpoint="a/model.pt", checkpoint_hash="0000") == {"checkpoint_hash"}
 
 
+def test_the_best_epoch_is_given_beside_the_last_as_the_papers_figures_are(tmp_path):
+    lines = [dict(epoch=1, test_acc=30.0), dict(epoch=2, test_acc=45.5), dict(epoch=3, test_acc=None),
+             dict(epoch=4, test_acc=45.5), dict(epoch=5, test_acc=40.0)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    assert probe.best_epoch(str(tmp_path)) == (45.5, 2)  # the first of equals; untested epochs skipped
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(dict(epoch=1, test_acc=[1.0, 2.0])) + "\n")
+    assert probe.best_epoch(str(tmp_path)) is None  # several heads: no one best
+    text = probe.format_table(3, ["accuracy"], [("RotNet + conv", [40.0], [91.16], [45.5])], "data")
+    assert "| RotNet + conv | 40.00 / 45.50 (91.16) |" in text and "last epoch / the best epoch" in text
+    text = probe.format_table(5, ["conv1"], [("RotNet", [18.0], [18.8], None)], "data")
+    assert "| RotNet | 18.00 (18.80) |" in text and "best" not in text
+
+
 @pytest.mark.parametrize("table", [1, 3])
 def test_a_whole_table_at_a_tiny_scale(cifar_dir, tmp_path, table):
     # One pretraining epoch per RotNet and one epoch per probe: the plumbing, not the numbers.
@@ -185,6 +198,7 @@ def test_a_whole_table_at_a_tiny_scale(cifar_dir, tmp_path, table):
     saved = json.loads((tmp_path / f"table{table}.json").read_text())
     assert len(saved["rows"]) == {1: 3, 3: 6}[table]
     assert all(0 <= acc <= 100 for row in saved["rows"] for acc in row["ours"])
+    assert all(row["best"] == row["ours"] for row in saved["rows"])  # (probes of one epoch)
     assert (tmp_path / f"table{table}.md").read_text().strip() in first.stdout
     # A second call reuses every finished run: no training, the same table.
     again = run_probe(*flags)
