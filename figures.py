@@ -105,7 +105,8 @@ def attention_maps(model, images, power=2.0, mean=cifar.MEAN, std=cifar.STD):
         a = F.interpolate(a, size=images.shape[-2:], mode="bilinear", align_corners=False)
         lo = a.amin(dim=(2, 3), keepdim=True)
         hi = a.amax(dim=(2, 3), keepdim=True)
-        maps.append((a - lo) / (hi - lo).clamp_min(1e-12))  # a flat map stays 0, not NaN
+        span = hi - lo  # (relative: an untrained block's activations may be 1e-8 in size)
+        maps.append((a - lo) / span.masked_fill(span == 0, 1.0))  # a flat map stays 0, not NaN
     return torch.cat(maps, 1).cpu()
 
 
