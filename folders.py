@@ -82,6 +82,7 @@ HELD_OUT = ("classes", "flat")             # the layouts whose val is drawn (val
 UNLABELLED = ("flat", "flat-train-val")    # the layouts with no labels
 SPLIT_NAMES = (("train", "training"), ("val", "validation", "valid"))  # what the folders may be called, in any case
 TODO, GOOD, BROKEN = 0, 1, 2     # the states in <split>.done
+WORK_FILES = [s + ext for s in SPLITS for ext in (".done", ".sums", ".skipped.jsonl")]  # while preparing
 COMMIT_SECONDS = 2.0             # how often the decoded images are flushed and recorded as done
 # Pillow refuses images above 89 M pixels as possible decompression bombs, a limit made for web
 # uploads: phones take photos of 108 and 200 M pixels. Ours: 256 M (768 MB decoded, a worker).
@@ -465,6 +466,8 @@ def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=
         if old and not why:
             why = _damaged(root, old)
             if not why and old["complete"]:
+                if not unwritable:  # (left by a kill between the manifest's completion and their removal)
+                    _remove(root, WORK_FILES)
                 return _open(root, old)
         if unwritable:  # a shared preparation is used as it is, but cannot be made or finished here
             need = f"; it would be {'rebuilt: ' + why if why else 'made or finished'}" if old else ""
@@ -739,7 +742,7 @@ def _finish(root, manifest):
     manifest["std"] = [((totals[3 + c] * pixels - totals[c] ** 2) / pixels ** 2) ** 0.5 for c in range(3)]
     manifest["complete"] = True
     _write_manifest(root, manifest)
-    _remove(root, [s + ext for s in SPLITS for ext in (".done", ".sums", ".skipped.jsonl")])
+    _remove(root, WORK_FILES)
     return _open(root, manifest)
 
 

@@ -104,9 +104,10 @@ class Run:
     def check_out(self):
         """Without resume a run starts afresh: refused if out holds a run already, whose files
         it would overwrite (hours of training lost to a command run again without --resume)."""
-        held = [n for n in ("model.pt", "results.json", "checkpoint.pt") if os.path.exists(os.path.join(self.out, n))]
+        held = [n for n in ("model.pt", "results.json", "checkpoint.pt", "checkpoint.prev.pt")  # (.prev alone:
+                if os.path.exists(os.path.join(self.out, n))]  # stopped between atomic_save's renames)
         if held and not self.resume:
-            if held[0] != "checkpoint.pt":  # finished: there is nothing to continue
+            if not held[0].startswith("checkpoint"):  # finished: there is nothing to continue
                 raise UserError(f"{self.out} holds a finished run ({held[0]}): give another --out, or delete it "
                                 "to train again")
             raise UserError(f"{self.out} holds a run already ({held[0]}): add --resume to continue it, or give "
@@ -504,11 +505,11 @@ def load_resume_checkpoint(ctx, out):
 
 
 def say_if_nothing_to_resume(out):
-    """The --resume a user gave: an --out that does not hold a run yet (mistyped, say) starts
-    the run from the beginning, which is said rather than done silently. (restore says so of a
-    folder that holds other files; the tables resume every run, so that one stays quiet.)"""
-    if main_rank() and not (os.path.isdir(out) and os.listdir(out)):
-        print(f"--resume: {out} holds no run yet: starting from the beginning", file=sys.stderr)
+    """The --resume a user gave, to an --out that does not exist (mistyped, say): the run starts
+    from the beginning, which is said rather than done silently. (restore says so of a folder
+    that holds other files; the tables resume every run, so that one stays quiet.)"""
+    if main_rank() and not os.path.exists(out):
+        print(f"--resume: there is no {out}: starting from the beginning", file=sys.stderr)
 
 
 def restore(ctx, out, config, resume, model, opt, sched):

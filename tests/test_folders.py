@@ -296,6 +296,11 @@ def test_reuse_decodes_nothing(tmp_path, count_decodes):
     again, err = prepare(tmp_path / "d", tmp_path / "c")
     assert count_decodes["n"] == 7 and err == ""
     assert_same(first, again)
+    # the work files of a preparation killed after its manifest was completed: gone on reuse
+    for name in folders.WORK_FILES:
+        (tmp_path / "c" / name).write_bytes(b"left")
+    prepare(tmp_path / "d", tmp_path / "c")
+    assert count_decodes["n"] == 7 and not any((tmp_path / "c" / name).exists() for name in folders.WORK_FILES)
 
 
 def test_changes_rebuild_with_one_line_saying_why(tmp_path, count_decodes):

@@ -498,6 +498,9 @@ def test_a_finished_run_is_not_overwritten_without_resume(cifar_dir, tmp_path):
     os.remove(out / "model.pt")  # a run stopped before its end: it can be continued
     proc = run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1"), check=False)
     assert_one_line_error(proc, str(out), "holds a run already (checkpoint.pt)", "add --resume", "another --out")
+    os.rename(out / "checkpoint.pt", out / "checkpoint.prev.pt")  # stopped between atomic_save's renames
+    proc = run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1"), check=False)
+    assert_one_line_error(proc, str(out), "holds a run already (checkpoint.prev.pt)", "add --resume")
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="runs are locked where fcntl is (not Windows)")
@@ -581,13 +584,13 @@ def test_resume_with_no_good_checkpoint_says_what_to_delete(cifar_dir, tmp_path)
     assert proc.returncode == 1
 
 
-def test_resume_into_a_folder_without_a_run_says_it_starts_from_the_beginning(cifar_dir, tmp_path):
+def test_resume_into_a_missing_folder_says_it_starts_from_the_beginning(cifar_dir, tmp_path):
     out = tmp_path / "mistyped"
     proc = run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1", "--resume"))
-    assert f"--resume: {out} holds no run yet: starting from the beginning" in proc.stderr
+    assert f"--resume: there is no {out}: starting from the beginning" in proc.stderr
     assert [m["epoch"] for m in metrics_of(out)] == [1]
     proc = run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1", "--resume"))  # now it does
-    assert "holds no run" not in proc.stderr
+    assert "there is no" not in proc.stderr
 
 
 def test_resume_refuses_a_checkpoint_that_carries_code(cifar_dir, tmp_path):
