@@ -10,7 +10,7 @@ and pipes or devices named like images are ignored):
              the names in any case, also training/, validation/, valid/). The classes are train's
              class folders; val_fraction and seed are not used.
   classes    DIR/<class>/...: val_fraction of each class held out for val at random (seeded). A
-             class may be called train/ where other class folders stand beside it.
+             class may be called train/ (of images only) where two or more others stand beside it.
   flat       DIR/*.jpg: unlabelled; val_fraction of the images held out for val at random.
   flat-train-val  DIR/train/*.jpg and DIR/val/*.jpg: unlabelled, split by their folders.
 A class folder is searched recursively; sources are taken in the order of their relative paths.
@@ -233,7 +233,8 @@ def _sources(data, folder, label):
     for e in _walk(folder):
         try:
             st = e.stat()
-            size, mtime, file = st.st_size, st.st_mtime_ns, st.st_dev << 64 | st.st_ino
+            size, mtime = st.st_size, st.st_mtime_ns
+            file = st.st_dev << 64 | st.st_ino if st.st_ino else None  # (0: unknown, as on Windows)
         except OSError:  # a dangling link: listed, then skipped as unreadable
             size, mtime, file = -1, 0, None
         out.append([e.path[prefix:].replace(os.sep, "/"), size, mtime, label, file])
@@ -325,10 +326,13 @@ def find_sources(data, val_fraction=0.1, seed=0):
 
 def _a_class(data, name, names):
     """Whether data/name, a train/ with no val/ beside it, is a class (CIFAR-100 has trains): it
-    holds images itself, and other class folders of images stand beside it. A train/ of class
-    folders, or one alone, is a split that lacks its val/."""
-    return (bool(_loose_images(os.path.join(data, name)))
-            and any(next(_walk(os.path.join(data, n)), None) is not None for n in names if n != name))
+    holds only images, and at least two other class folders of images stand beside it, none
+    named like a split (test1/, eval/). Otherwise it is a split that lacks its val/."""
+    folder = os.path.join(data, name)
+    has_images = lambda path: next(_walk(path), None) is not None
+    others = [n for n in names if n != name and has_images(os.path.join(data, n))]
+    return (bool(_loose_images(folder)) and not any(has_images(os.path.join(folder, c)) for c in _subfolders(folder))
+            and len(others) >= 2 and not any(n.lower().startswith(("test", "val", "eval")) for n in others))
 
 
 def _split_folder(data, names):
@@ -362,12 +366,14 @@ def _train_val_sources(data, train_dir, val_dir):
         train.append(_sources(data, os.path.join(train_dir, name), label))
         if not train[-1]:
             print(f"note: class folder {os.path.join(train_dir, name)} holds no images", file=sys.stderr)
-    # (a name copied from a Mac may spell é as e and an accent: the same class)
+    # (a name copied from a Mac may spell é as e and an accent: the same class, where train/
+    # does not hold both spellings)
     label_of = {unicodedata.normalize("NFC", name): label for label, name in enumerate(classes)}
+    label_of.update((name, label) for label, name in enumerate(classes))
     val = []
     for name in _subfolders(val_dir):
         folder = os.path.join(val_dir, name)
-        label = label_of.get(unicodedata.normalize("NFC", name))
+        label = label_of.get(name, label_of.get(unicodedata.normalize("NFC", name)))
         if label is None:
             raise UserError(f"{folder}: class {name!r} is not one of the {len(classes)} "
                             f"class folders of {train_dir}")

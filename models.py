@@ -18,6 +18,11 @@ from errors import UserError
 from nin import NIN, nin_from_saved
 
 
+# How the networks start, recorded in every run's config.json: a run made before (the NIN's convs
+# N(0, sqrt(2 / n)), a conv classifier 192 wide at any --width) lacks it and is not reused.
+NETWORKS = "original-init"
+
+
 def build(arch, num_classes, width=1.0, blocks=4):
     """A fresh network: the paper's NIN (blocks 3-5) or the original's BN-AlexNet."""
     return NIN(blocks, num_classes, width) if arch == "nin" else AlexNet(num_classes, width)

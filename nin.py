@@ -48,7 +48,7 @@ class ConvBNReLU(nn.Sequential):
     def __init__(self, cin, cout, k):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, k, padding=(k - 1) // 2, bias=False)
-        self.bn = nn.BatchNorm2d(cout)  # weight 1, bias 0: as the original's classifiers set it
+        self.bn = nn.BatchNorm2d(cout)  # weight 1, bias 0: the original's classifiers' (the NIN redraws them)
         self.relu = nn.ReLU(inplace=True)
 
 

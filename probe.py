@@ -30,7 +30,7 @@ import alexnet
 import data
 import rotnet
 import train
-from models import fingerprint, is_alexnet, load_model, read_checkpoint
+from models import NETWORKS, fingerprint, is_alexnet, load_model, read_checkpoint
 import nin
 from nin import NIN, ConvBNReLU, init_conv_
 from rotnet import FOUR
@@ -54,7 +54,6 @@ SCHEDULES = {"nonlinear": Schedule(100, (0.20, 0.40, 0.45)), "linear": Schedule(
              # on a frozen AlexNet (ImageNet): Table 5's linear probes and Table 4's non-linear ones
              "alexnet-linear": Schedule(35, (5 / 35, 15 / 35, 25 / 35), 0.01, 192, IMAGENET_CROPS),
              "alexnet-nonlinear": Schedule(40, (0.25, 0.50, 0.75), 0.01, 192, IMAGENET_CROPS)}
-RECORDED_LATER = ("checkpoint_hash", "data_fingerprint")  # config.json keys older runs lack
 PRETRAIN_EPOCHS = 200  # the original code's RotNet schedule, used by the tables
 HIDDEN = 200           # the non-linear classifier's width
 LINEAR_POOLS = (12, 7, 5, 6, 6)  # Table 5: conv1..conv5 max-pooled to about 9,000 values each
@@ -241,7 +240,7 @@ def train_classifier(model, s: train.Run, dataset, *, kind, epochs, describe, su
     net = ctx.prepare(model)
     trained = [p for p in net.parameters() if p.requires_grad]
     opt, sched = train.make_optimizer(trained, lr, epochs, schedule.milestones)
-    config = dict(dataclasses.asdict(s), lr=lr, batch_size=batch_size, epochs=epochs,
+    config = dict(dataclasses.asdict(s), lr=lr, batch_size=batch_size, epochs=epochs, networks=NETWORKS,
                   milestones=train.milestones(epochs, schedule.milestones), data_fingerprint=dataset.fingerprint,
                   **describe)
     # A supervised NIN's checkpoint.pt loads with models.load_model, as a RotNet's does.
@@ -278,9 +277,12 @@ def train_classifier(model, s: train.Run, dataset, *, kind, epochs, describe, su
 def best_epoch(out):
     """(test accuracy, epoch) of the best tested epoch in out/metrics.jsonl, the first of equals.
     The original's CIFAR classifiers keep that one (best_metric = prec1), so the paper's CIFAR
-    figures are the best over epochs on the test set. None where epochs have several (heads)."""
-    best = None
-    with open(os.path.join(out, "metrics.jsonl")) as f:
+    figures are the best over epochs on the test set. None where epochs have several (heads),
+    or out has no metrics.jsonl (a run copied without it)."""
+    best, path = None, os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
         for line in f:  # (a finished run's lines are whole)
             m = json.loads(line)
             if isinstance(m.get("test_acc"), (int, float)) and (best is None or m["test_acc"] > best[0]):
@@ -334,18 +336,18 @@ def check_reusable(out, data=None, fix="give this run another --out", **wanted):
     (and, given data, Run.data_identity, on these images prepared so), and, if finished, its
     results.json is whole (a damaged one stops here, before any training). fix: what the
     refusal tells the user to do."""
-    wanted = dict(wanted, **data or {})
+    wanted = dict(wanted, networks=NETWORKS, **data or {})
     data_fingerprint = wanted.pop("data_fingerprint", None)
     path = os.path.join(out, "config.json")
     if os.path.exists(path):
         saved = train.read_json(path)
         if train.by_weights(saved, wanted):
             wanted.pop("checkpoint", None)
-        # what a run made before it was recorded lacks is not held against it
-        recorded = lambda k, v: saved.get(k, v) if k in RECORDED_LATER else saved.get(k)
-        differ = [f"{k} {saved.get(k)} there, {v} here" for k, v in wanted.items() if recorded(k, v) != v]
+        # (a run of an older version lacks a record of how its networks started: not reused)
+        differ = [f"{k} {saved.get(k, '(unrecorded: an older version)')} there, {v} here"
+                  for k, v in wanted.items() if saved.get(k) != v]
         require(not differ, f"{out} was made with other settings ({'; '.join(differ)}): {fix}")
-        require(data_fingerprint is None or recorded("data_fingerprint", data_fingerprint) == data_fingerprint,
+        require(data_fingerprint is None or saved.get("data_fingerprint") == data_fingerprint,
                 f"{out} was made on other images than --data holds now (images added or removed, held out "
                 f"otherwise, or another data set), so its numbers are not this data's: {fix}")
     if os.path.exists(os.path.join(out, "results.json")):
@@ -480,7 +482,7 @@ def run_table(number, s: Probing):
         return
     # The CIFAR tables also give each probe's best epoch, as the paper's figures are (the
     # original's ImageNet probes keep their last)
-    best = lambda probes: [best_epoch(p.out)[0] for p in probes] if number in (1, 2, 3) else None
+    best = lambda probes: [results[p.out].get("best_test_acc") for p in probes] if number in (1, 2, 3) else None
     table = [(name, ours(probes, "test_acc"), paper, best(probes)) for name, probes, paper in rows]
     if number in (4, 5):
         table += [(f"{name}, top-5", ours(probes, "test_top5"), None, None) for name, probes, _ in rows]

@@ -27,7 +27,7 @@ import torch
 
 import data
 from errors import UserError
-from models import build
+from models import NETWORKS, build
 from train import (LR_DECAY, MILESTONES, Context, Run, add_common_flags, atomic_save, end_epoch, epoch_metrics,
                    epoch_steps, evaluate, make_optimizer, positive_int, require, restore, run_job,
                    say_if_nothing_to_resume, train_epoch, user_path, world_size)
@@ -100,7 +100,8 @@ def pretrain(s: Pretraining):
         model = build(s.arch, num_classes=len(s.rotations), width=s.width, blocks=s.blocks)
         net = ctx.prepare(model)
         opt, sched = make_optimizer(net.parameters(), s.lr, s.epochs, arch.milestones, arch.decay)
-        config = dict(dataclasses.asdict(s), model_config=model.config, data_fingerprint=dataset.fingerprint)
+        config = dict(dataclasses.asdict(s), model_config=model.config, data_fingerprint=dataset.fingerprint,
+                      networks=NETWORKS)
         epoch_steps(ctx, len(train_x), s.batch_size)
         first, metrics = restore(ctx, s.out, config, s.resume, model, opt, sched)
 

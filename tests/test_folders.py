@@ -743,16 +743,23 @@ def test_a_file_reached_in_two_places_is_refused_and_twice_in_one_place_is_read_
     os.symlink("0.png", tmp_path / "e" / "1.png")
     _, _, sources = folders.find_sources(str(tmp_path / "e"), val_fraction=0.5)
     assert [s[0] for s in sources["train"] + sources["val"]] == ["0.png"]
+    # a file of no known identity (a dangling link; st_ino 0, as on Windows) is no other's
+    rows = [[f"{i}.png", 1, 0, None, None] for i in range(3)]
+    assert folders._one_place_each([rows[:2], rows[2:]]) == [[[f"{i}.png", 1, 0, None] for i in range(2)],
+                                                            [["2.png", 1, 0, None]]]
 
 
 def test_a_class_called_train_beside_other_classes_and_a_test_folder_for_val(tmp_path):
-    write_classes(tmp_path / "v", {"train": 3, "bus": 3}, size=(8, 8))  # CIFAR-100 has trains
+    write_classes(tmp_path / "v", {"train": 3, "bus": 3, "car": 3}, size=(8, 8))  # CIFAR-100 has trains
     layout, classes, _ = folders.find_sources(str(tmp_path / "v"))
-    assert layout == "classes" and classes == ["bus", "train"]
-    # a train/ of class folders is a split, whatever stands beside it
-    write_classes(tmp_path / "w", {"train/x": 2, "train/y": 2, "extra": 2}, size=(8, 8))
-    with pytest.raises(UserError, match=r"has train/ but no val/"):
-        folders.find_sources(str(tmp_path / "w"))
+    assert layout == "classes" and classes == ["bus", "car", "train"]
+    # a split otherwise: of class folders (even with a stray image), beside a test folder by
+    # another name (Kaggle's train/ and test1/), or with one folder beside it
+    for name, counts in (("w", {"train/x": 2, "train/y": 2, "train": 1, "bus": 2, "car": 2}),
+                         ("k", {"train": 3, "test1": 3, "extra": 2}), ("o", {"train": 3, "bus": 3})):
+        write_classes(tmp_path / name, counts, size=(8, 8))
+        with pytest.raises(UserError, match=r"has train/ but no val/"):
+            folders.find_sources(str(tmp_path / name))
     write_classes(tmp_path / "t", {"Train/x": 2, "test/x": 1}, size=(8, 8))
     with pytest.raises(UserError, match=r"t has Train/ and test/ but no val/: rename test/ to val/"):
         folders.find_sources(str(tmp_path / "t"))
@@ -768,6 +775,8 @@ def test_a_zip_made_on_a_mac_and_class_names_spelt_two_ways(tmp_path):
     write_classes(tmp_path / "u" / "val", {"cafe\u0301": 1, "tea": 1}, size=(8, 8))
     layout, classes, sources = folders.find_sources(str(tmp_path / "u"))
     assert classes == ["caf\u00e9", "tea"] and [s[3] for s in sources["val"]] == [0, 1]
+    write_classes(tmp_path / "u" / "train", {"cafe\u0301": 2}, size=(8, 8))  # both spellings: each its own
+    assert [s[3] for s in folders.find_sources(str(tmp_path / "u"))[2]["val"]] == [0, 2]  # (e + accent sorts first)
 
 
 def test_more_than_8_bit_grayscale_and_rare_extensions(tmp_path):

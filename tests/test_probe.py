@@ -13,6 +13,7 @@ import train
 from conftest import (RunsCode, assert_one_line_error, free_port, metrics_of, run_cli, save_nin, to_original_names,
                       write_cifar)
 from errors import UserError
+from models import NETWORKS
 from nin import NIN
 
 FEATURES = {1: (96, 16, 16), 2: (192, 8, 8), 3: (192, 8, 8), 4: (192, 8, 8)}
@@ -147,27 +148,30 @@ def test_a_checkpoint_that_would_not_be_used_is_refused(cifar_dir, tmp_path, fla
     assert not (tmp_path / "o").exists()
 
 
-def test_a_run_made_before_a_record_existed_is_reused(tmp_path):
-    # config.json of a run made before checkpoints and images were fingerprinted: what it lacks
-    # is not held against it, what it holds is compared.
-    (tmp_path / "config.json").write_text(json.dumps(dict(epochs=3, seed=0)))
+def test_a_run_is_reused_only_where_its_record_matches(tmp_path):
+    # a run of an older version, whose networks started otherwise (no record of it): not reused
+    (tmp_path / "config.json").write_text(json.dumps(dict(epochs=3, seed=0, checkpoint_hash="ab12")))
+    with pytest.raises(UserError, match=r"other settings \(networks \(unrecorded: an older version\) there, "
+                                        r"original-init here\)"):
+        probe.check_reusable(str(tmp_path), epochs=3, seed=0, checkpoint_hash="ab12")
+    record = lambda **saved: (tmp_path / "config.json").write_text(json.dumps(dict(saved, networks=NETWORKS)))
+    record(epochs=3, seed=0, checkpoint_hash="ab12", data_fingerprint="cd34")
     probe.check_reusable(str(tmp_path), epochs=3, seed=0, checkpoint_hash="ab12", data_fingerprint="cd34")
     with pytest.raises(UserError, match="other settings \\(epochs 3 there, 4 here\\)"):
         probe.check_reusable(str(tmp_path), epochs=4, seed=0, checkpoint_hash="ab12")
-    (tmp_path / "config.json").write_text(json.dumps(dict(epochs=3, checkpoint_hash="ef56", data_fingerprint="cd34")))
+    record(epochs=3, checkpoint_hash="ef56", data_fingerprint="cd34")
     with pytest.raises(UserError, match="checkpoint_hash ef56 there, ab12 here"):
         probe.check_reusable(str(tmp_path), epochs=3, checkpoint_hash="ab12")
     with pytest.raises(UserError, match="made on other images"):
         probe.check_reusable(str(tmp_path), epochs=3, data_fingerprint="0000")
-    # The weights decide where recorded, however the checkpoint's path is written; else the path.
-    (tmp_path / "config.json").write_text(json.dumps(dict(checkpoint="a/model.pt", checkpoint_hash="ef56")))
+    # The weights decide, however the checkpoint's path is written.
+    record(checkpoint="a/model.pt", checkpoint_hash="ef56")
     probe.check_reusable(str(tmp_path), checkpoint="./a/model.pt", checkpoint_hash="ef56")
-    (tmp_path / "config.json").write_text(json.dumps(dict(checkpoint="a/model.pt")))
-    probe.check_reusable(str(tmp_path), checkpoint="a/model.pt", checkpoint_hash="ef56")
-    with pytest.raises(UserError, match="checkpoint a/model.pt there, b.pt here"):
-        probe.check_reusable(str(tmp_path), checkpoint="b.pt", checkpoint_hash="ef56")
-    # and so on --resume (restore's changed_settings)
+    with pytest.raises(UserError, match="checkpoint_hash ef56 there, 0000 here"):
+        probe.check_reusable(str(tmp_path), checkpoint="a/model.pt", checkpoint_hash="0000")
+    # and so on --resume (restore's changed_settings), by the path where no weights are recorded
     changed = lambda **here: set(train.changed_settings(str(tmp_path), here))
+    (tmp_path / "config.json").write_text(json.dumps(dict(checkpoint="a/model.pt")))
     assert changed(checkpoint="b.pt", checkpoint_hash="ef56") == {"checkpoint"}
     (tmp_path / "config.json").write_text(json.dumps(dict(checkpoint="a/model.pt", checkpoint_hash="ef56")))
     assert changed(checkpoint="b.pt", checkpoint_hash="ef56") == set()
