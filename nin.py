@@ -27,8 +27,8 @@ def channels(width):
 
 def init_as_pytorch_0_2_(model):
     """The weights the original code's networks started from. It sets none of its own for them
-    (NetworkInNetwork.weight_initialization, with the N(0, sqrt(2 / (k * k * out))) convs and
-    BN scales 1 that papers quote, is never called; the AlexNet has none), so they got PyTorch
+    (NetworkInNetwork.weight_initialization, which would draw convs N(0, sqrt(2 / (k * k * out)))
+    and set BN scales to 1, is never called; the AlexNet has none), so they got PyTorch
     0.2's defaults, written out here so that they do not depend on this PyTorch's: conv and
     linear weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (today's bound too), BN
     scales U(0, 1) (PyTorch >= 1.2 uses ones) and BN shifts 0. In module order, after

@@ -28,10 +28,10 @@ import torch.nn as nn
 
 import alexnet
 import data
+import nin
 import rotnet
 import train
 from models import NETWORKS, fingerprint, is_alexnet, load_model, read_checkpoint
-import nin
 from nin import NIN, ConvBNReLU, init_conv_
 from rotnet import FOUR
 from train import require
@@ -426,9 +426,9 @@ def format_table(number, columns, rows, data):
         cells = [f"{o:.2f}" + (f" / {b:.2f}" if b is not None else "") + (f" ({p:.2f})" if p else "")
                  for o, p, b in zip(ours, paper or [None] * len(ours), best or [None] * len(ours))]
         lines.append(f"| {name} | " + " | ".join(cells + ["–"] * (len(columns) - len(ours))) + " |")
-    ours = (f"ours on {data} at the last epoch / the best epoch (the paper's figures are the best epoch's: "
-            "the original keeps that one)" if any(best for *_, best in rows) else f"ours on {data}")
-    return "\n".join(lines) + f"\n\nTest accuracy, %: {ours}, the paper's on {data_set} in brackets.\n"
+    which = (" at the last epoch / the best epoch (the paper's figures are the best epoch's: the original "
+             "keeps that one)" if any(best for *_, best in rows) else "")
+    return "\n".join(lines) + f"\n\nTest accuracy, %: ours on {data}{which}, the paper's on {data_set} in brackets.\n"
 
 
 def run_plan(nets, probes, imagenet=False):
