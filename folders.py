@@ -183,7 +183,7 @@ def is_image_folder(path):
     if not os.path.isdir(path) or any(os.path.exists(os.path.join(path, n)) for n in CIFAR_NAMES):
         return False
     try:
-        return next(_walk(path), None) is not None
+        return _has_images(path)
     except OSError:  # unreadable: not something we can prepare
         return False
 
@@ -208,6 +208,11 @@ def _walk(folder, seen=None):
             yield from _walk(e.path, seen)
         elif e.name.lower().endswith(EXTENSIONS) and not _special(e):
             yield e
+
+
+def _has_images(folder):
+    """Whether an image file lies in folder or below it (stops at the first)."""
+    return next(_walk(folder), None) is not None
 
 
 def _is_dir(entry):
@@ -329,9 +334,8 @@ def _a_class(data, name, names):
     holds only images, and at least two other class folders of images stand beside it, none
     named like a split (test1/, eval/). Otherwise it is a split that lacks its val/."""
     folder = os.path.join(data, name)
-    has_images = lambda path: next(_walk(path), None) is not None
-    others = [n for n in names if n != name and has_images(os.path.join(data, n))]
-    return (bool(_loose_images(folder)) and not any(has_images(os.path.join(folder, c)) for c in _subfolders(folder))
+    others = [n for n in names if n != name and _has_images(os.path.join(data, n))]
+    return (bool(_loose_images(folder)) and not any(_has_images(os.path.join(folder, c)) for c in _subfolders(folder))
             and len(others) >= 2 and not any(n.lower().startswith(("test", "val", "eval")) for n in others))
 
 
@@ -346,7 +350,7 @@ def _train_val_sources(data, train_dir, val_dir):
     """The train-val layout: the classes are train's class folders; val's must be among them.
     Or, when both hold only images, flat-train-val: unlabelled images, split by their folders."""
     unsorted = [_loose_images(folder) for folder in (train_dir, val_dir)]
-    sorted_in = [[c for c in _subfolders(folder) if next(_walk(os.path.join(folder, c)), None) is not None]
+    sorted_in = [[c for c in _subfolders(folder) if _has_images(os.path.join(folder, c))]
                  for folder in (train_dir, val_dir)]
     if all(unsorted) and not any(sorted_in):
         train, val = _one_place_each([_sources(data, folder, None) for folder in (train_dir, val_dir)])
@@ -392,7 +396,7 @@ def _held_out_sources(data, val_fraction, seed):
     """The classes layout (a folder per class) or the flat one (only images), val held out."""
     loose, classes = _loose_images(data), _subfolders(data)
     if loose:
-        mixed = [c for c in classes if next(_walk(os.path.join(data, c)), None) is not None]
+        mixed = [c for c in classes if _has_images(os.path.join(data, c))]
         if mixed:
             raise UserError(f"{data} holds both images ({len(loose)}) and folders of images ({mixed[0]}/...); "
                             "use one class folder per class, or only images")
