@@ -426,8 +426,8 @@ def format_table(number, columns, rows, data):
         cells = [f"{o:.2f}" + (f" / {b:.2f}" if b is not None else "") + (f" ({p:.2f})" if p else "")
                  for o, p, b in zip(ours, paper or [None] * len(ours), best or [None] * len(ours))]
         lines.append(f"| {name} | " + " | ".join(cells + ["–"] * (len(columns) - len(ours))) + " |")
-    which = (" at the last epoch / the best epoch (the paper's figures are the best epoch's: the original "
-             "keeps that one)" if any(best for *_, best in rows) else "")
+    which = (" at the last epoch / the best epoch (the paper's probes are the best epoch's: the original "
+             "keeps that one; its supervised NIN keeps the last)" if any(best for *_, best in rows) else "")
     return "\n".join(lines) + f"\n\nTest accuracy, %: ours on {data}{which}, the paper's on {data_set} in brackets.\n"
 
 
@@ -480,9 +480,11 @@ def run_table(number, s: Probing):
 
     if not train.main_rank():
         return
-    # The CIFAR tables also give each probe's best epoch, as the paper's figures are (the
-    # original's ImageNet probes keep their last)
-    best = lambda probes: [results[p.out].get("best_test_acc") for p in probes] if number in (1, 2, 3) else None
+    # The CIFAR tables also give each probe's best epoch, as the paper's figures are: the
+    # original's CIFAR probes keep it (best_metric), where its supervised NINs and ImageNet
+    # probes keep their last
+    best = lambda probes: ([None if p.supervised else results[p.out].get("best_test_acc") for p in probes]
+                           if number in (1, 2, 3) else None)
     table = [(name, ours(probes, "test_acc"), paper, best(probes)) for name, probes, paper in rows]
     if number in (4, 5):
         table += [(f"{name}, top-5", ours(probes, "test_top5"), None, None) for name, probes, _ in rows]
@@ -496,7 +498,8 @@ def run_table(number, s: Probing):
     else:  # --epochs, if given, is the probes' (the RotNets keep 200 x epochs_scale)
         made = dict(epochs_scale=s.epochs_scale, width=s.width, epochs=s.epochs)
     train.write_json(dict(table=number, columns=columns, **made,
-                          rows=[dict(name=n, ours=o, paper=p, **({"best": b} if b else {})) for n, o, p, b in table]),
+                          rows=[dict(name=n, ours=o, paper=p, **({"best": b} if b and None not in b else {}))
+                                for n, o, p, b in table]),
                      os.path.join(s.out, f"table{number}.json"))
 
 

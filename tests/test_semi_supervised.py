@@ -34,6 +34,12 @@ def test_too_few_images_of_a_class_is_a_clear_error():
         semi_supervised.labelled_subset(torch.arange(90) % 9, 5)
 
 
+def test_the_table_gives_the_conv_arms_best_epoch_as_the_original_keeps_it():
+    # The original's K configs keep the conv classifier's best epoch, and the supervised NIN's last
+    text = semi_supervised.markdown([dict(per_class=20, rotnet_conv=40.0, rotnet_conv_best=42.5, supervised=30.25)])
+    assert "| 20 | 40.00 / 42.50 | 30.25 | +9.75 |" in text and "supervised NIN's last" in text
+
+
 def test_one_tiny_run_writes_both_arms_and_the_figure(tmp_path):
     write_cifar(tmp_path / "data", 30, 50)
     save_nin(tmp_path / "model.pt", width=0.0625)  # not --width: that is the supervised arm's
@@ -44,6 +50,8 @@ def test_one_tiny_run_writes_both_arms_and_the_figure(tmp_path):
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["per_class"] for r in rows] == [3]
     assert all(0 <= rows[0][arm] <= 100 for arm in ("rotnet_conv", "supervised"))
+    assert rows[0]["rotnet_conv_best"] == rows[0]["rotnet_conv"]  # (one epoch)
+    assert f"| 3 | {rows[0]['rotnet_conv']:.2f} / {rows[0]['rotnet_conv']:.2f} | " in proc.stdout
     assert "K=3: RotNet + conv" in proc.stdout and (out / "semi_supervised.md").exists()
     png = (out / "semi_supervised.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
