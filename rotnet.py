@@ -85,6 +85,9 @@ class Pretraining(Run):
         require(self.blocks in (3, 4, 5), f"--blocks: the paper's NIN has 3, 4 or 5 blocks, got {self.blocks}")
         require(self.save_every >= 0, f"--save-every: at least 0, got {self.save_every}")
 
+    def recorded_as_given(self):
+        return dataclasses.asdict(self)  # (config.json: these, and what the run finds)
+
 
 # ----------------------------------------------------------------------------- pretraining
 def pretrain(s: Pretraining):

@@ -160,17 +160,15 @@ class Run:
                                                  labels_for=labels_for))
 
     def check_resumed_data(self, ctx):
-        """Refuses, as restore would, a resume of a checkpoint in out made at another
-        --image-size or --val-fraction, or on images since changed (from a listing). Where
-        another setting changed too, restore says so, once it has read the checkpoint."""
+        """Refuses, as restore would, a resume of a checkpoint in out made with other settings
+        (those recorded_as_given) or on images since changed (from a listing): before the
+        data is prepared, which may take hours. Restore checks the rest once it has read the
+        checkpoint."""
         checkpoints = [os.path.join(self.out, name) for name in ("checkpoint.pt", "checkpoint.prev.pt")]
         if not (self.resume and any(map(os.path.exists, checkpoints))):
             return
-        # The settings every run records as given (a script's own may be recorded resolved or
-        # rewritten: a supervised probe's block); one left None is the script's to resolve.
-        changed = changed_settings(self.out, {k: v for k, v in self.shared().items() if v is not None})
-        if set(changed) - {"image_size", "val_fraction"}:
-            return
+        # (one left None is the script's to resolve)
+        changed = changed_settings(self.out, {k: v for k, v in self.recorded_as_given().items() if v is not None})
         if not changed and "data_fingerprint" in saved_config(self.out):
             fingerprint = self.data_identity(ctx)["data_fingerprint"]
             changed = changed_settings(self.out, dict(data_fingerprint=fingerprint))
@@ -191,6 +189,11 @@ class Run:
     def shared(self):
         """Just the Run fields: what a script hands on to a run it starts."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(Run)}
+
+    def recorded_as_given(self):
+        """The settings config.json records as they are here: every run's (a script's own may be
+        recorded resolved or rewritten, a supervised probe's block; rotnet.py's are not)."""
+        return self.shared()
 
 
 # ----------------------------------------------------------------------------- where a run computes
@@ -592,7 +595,7 @@ def changed_settings(out, config):
     saved = saved_config(out)
     may_change = MAY_CHANGE_ON_RESUME | ({"checkpoint"} if by_weights(saved, config) else set())
     as_saved = lambda v: json.loads(json.dumps(v))  # tuples as lists, as config.json holds them
-    return {k: (saved[k], v) for k, v in config.items()
+    return {k: (saved[k], as_saved(v)) for k, v in config.items()
             if k in saved and k not in may_change and saved[k] != as_saved(v)}
 
 

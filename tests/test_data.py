@@ -326,8 +326,12 @@ def test_a_run_resumed_on_other_images_is_refused(tmp_path, capfd):
     with pytest.raises(data.UserError, match=r"other settings \(image_size 16 there, 8 here\)"):
         rotnet.pretrain(rotnet.Pretraining(**dict(settings, data=str(tmp_path / "moved"), cache=str(tmp_path / "c3"),
                                                   image_size=8), resume=True))
-    assert "preparing" not in capfd.readouterr().err and not (tmp_path / "c3").exists()
-    # Another setting changed as well is named, not the data blamed (once the checkpoint is read).
+    # Another setting changed as well is named, not the data blamed, before preparing too:
+    # every run's (seed) and rotnet.py's own (rotations).
     with pytest.raises(data.UserError, match=r"other settings \(seed 0 there, 1 here\)"):
-        rotnet.pretrain(rotnet.Pretraining(**dict(settings, data=str(tmp_path / "moved"), cache=str(tmp_path / "c2"),
+        rotnet.pretrain(rotnet.Pretraining(**dict(settings, data=str(tmp_path / "moved"), cache=str(tmp_path / "c3"),
                                                   seed=1), resume=True))
+    with pytest.raises(data.UserError, match=r"other settings \(rotations \[0, 90, 180, 270\] there, \[0, 180\] "):
+        rotnet.pretrain(rotnet.Pretraining(**dict(settings, data=str(tmp_path / "moved"), cache=str(tmp_path / "c3"),
+                                                  rotations=(0, 180)), resume=True))
+    assert "preparing" not in capfd.readouterr().err and not (tmp_path / "c3").exists()

@@ -579,7 +579,7 @@ def test_resume_with_no_good_checkpoint_says_what_to_delete(cifar_dir, tmp_path)
     out = tmp_path / "out"
     run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1"))
     (out / "checkpoint.pt").write_bytes(b"\0" * 100)
-    proc = run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "2", "--resume"), check=False)
+    proc = run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1", "--resume"), check=False)
     assert_one_line_error(proc, "checkpoint.pt", f"delete {out}")
     assert proc.returncode == 1
 
@@ -599,7 +599,7 @@ def test_resume_refuses_a_checkpoint_that_carries_code(cifar_dir, tmp_path):
     run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1"))
     marker = tmp_path / "code-ran"
     torch.save({"model": RunsCode(marker), "epoch": 1}, out / "checkpoint.pt")
-    proc = run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "2", "--resume"), check=False)
+    proc = run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1", "--resume"), check=False)
     assert_one_line_error(proc, "checkpoint.pt", "refused")
     assert not marker.exists()
 
