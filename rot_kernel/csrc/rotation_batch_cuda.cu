@@ -58,9 +58,13 @@ struct Gpu {
         sms(multiprocessors(images.get_device())),
         stream(c10::cuda::getCurrentCUDAStream()) {}
 
-  // Whether the stream is being captured into a CUDA graph (asked only where it matters).
+  // Whether the stream is being captured into a CUDA graph (asked only where it matters). The
+  // runtime's own call: torch's wrappers of it differ between versions (2.11 has no
+  // captureStatusMayInitCtx).
   bool capturing() const {
-    return c10::cuda::captureStatusMayInitCtx(stream) != c10::cuda::CaptureStatus::None;
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+    return status != cudaStreamCaptureStatusNone;
   }
 
   template <typename in_t, typename out_t, int VEC, bool CL>
