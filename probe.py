@@ -222,13 +222,22 @@ def alexnet_heads(extractor, classifier, num_classes):
 
 
 # ----------------------------------------------------------------------------- training a classifier
+def recorded_settings(s, kind, epochs, describe):
+    """The settings a classifier's config.json records: s's, the schedule's lr and batch size
+    where s leaves them None, its epochs, and describe (what it is, on what it trains)."""
+    schedule = SCHEDULES[kind]
+    return dict(dataclasses.asdict(s), lr=s.lr or schedule.lr, batch_size=s.batch_size or schedule.batch_size,
+                epochs=epochs, **describe)
+
+
 def train_classifier(model, s: train.Run, dataset, *, kind, epochs, describe, subset=None, epoch_size=None):
     """Trains model (a Probe, Heads or a NIN) on the labels of dataset (of the training
     images in subset, epoch_size draws an epoch, if given) as SCHEDULES[kind] says, into
     s.out, which the caller holds (Run.claim_out); writes results.json and returns it."""
     ctx = train.Context(s.device, amp=s.amp, compile=s.compile)
     schedule = SCHEDULES[kind]
-    lr, batch_size = s.lr or schedule.lr, s.batch_size or schedule.batch_size
+    recorded = recorded_settings(s, kind, epochs, describe)
+    lr, batch_size = recorded["lr"], recorded["batch_size"]
     schedule.recipe.check(*dataset.train_x.shape[-2:])
     train_x, train_y = dataset.train_x, dataset.train_y
     if subset is not None:
@@ -240,9 +249,8 @@ def train_classifier(model, s: train.Run, dataset, *, kind, epochs, describe, su
     net = ctx.prepare(model)
     trained = [p for p in net.parameters() if p.requires_grad]
     opt, sched = train.make_optimizer(trained, lr, epochs, schedule.milestones)
-    config = dict(dataclasses.asdict(s), lr=lr, batch_size=batch_size, epochs=epochs, networks=NETWORKS,
-                  milestones=train.milestones(epochs, schedule.milestones), data_fingerprint=dataset.fingerprint,
-                  **describe)
+    config = dict(recorded, networks=NETWORKS, milestones=train.milestones(epochs, schedule.milestones),
+                  data_fingerprint=dataset.fingerprint)
     # A supervised NIN's checkpoint.pt loads with models.load_model, as a RotNet's does.
     extra = dict(model_config=model.config) if isinstance(model, NIN) else {}
     train.epoch_steps(ctx, epoch_size or len(train_x), batch_size)
@@ -302,15 +310,16 @@ def probe(s: Probing):
         blocks = (len(extractor.convs) if on_alexnet else len(extractor.blocks)) if extractor else s.blocks
         require(s.supervised or s.block <= blocks, f"--block {s.block}: the network has blocks 1 to {blocks}")
         kind = schedule_kind(s, on_alexnet)
-        dataset = s.load_data(train.Context(s.device), SCHEDULES[kind].recipe, labels_for="a probe")
-        classes, size = len(dataset.classes), dataset.train_x.shape[-1]
-        torch.manual_seed(s.seed)
         if s.supervised:
             describe = dict(classifier="supervised", block=None, checkpoint=None, finetune=True, init="random")
         else:
             describe = dict(classifier=s.classifier, block=s.block, checkpoint=s.checkpoint, finetune=s.finetune,
                             init=s.init, checkpoint_hash=fingerprint(s.checkpoint) if extractor else None)
         schedule = dict(kind=kind, describe=describe, epochs=schedule_epochs(kind, s.epochs, s.epochs_scale))
+        dataset = s.load_data(train.Context(s.device), SCHEDULES[kind].recipe, labels_for="a probe",
+                              recorded=recorded_settings(s, **schedule))
+        classes, size = len(dataset.classes), dataset.train_x.shape[-1]
+        torch.manual_seed(s.seed)
         if s.supervised:
             return train_classifier(NIN(blocks=3, num_classes=classes, width=s.width), s, dataset, **schedule)
         if on_alexnet:

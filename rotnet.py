@@ -85,9 +85,6 @@ class Pretraining(Run):
         require(self.blocks in (3, 4, 5), f"--blocks: the paper's NIN has 3, 4 or 5 blocks, got {self.blocks}")
         require(self.save_every >= 0, f"--save-every: at least 0, got {self.save_every}")
 
-    def recorded_as_given(self):
-        return dataclasses.asdict(self)  # (config.json: these, and what the run finds)
-
 
 # ----------------------------------------------------------------------------- pretraining
 def pretrain(s: Pretraining):
@@ -95,7 +92,7 @@ def pretrain(s: Pretraining):
     with s.claim_out():  # out held until the run ends (checked first)
         ctx = Context(s.device, amp=s.amp, compile=s.compile)
         arch = ARCHS[s.arch]
-        dataset = s.load_data(ctx, arch.recipe)
+        dataset = s.load_data(ctx, arch.recipe, recorded=dataclasses.asdict(s))  # (as config.json, below)
         train_x, test_x = data.on_device(dataset.train_x, ctx.device), data.on_device(dataset.test_x, ctx.device)
         views = dict(recipe=arch.recipe, rotations=s.rotations, mean=dataset.mean, std=dataset.std)
 

@@ -125,7 +125,8 @@ def plot(rows, path):
 
 def markdown(rows):
     lines = ["| labels per class | RotNet + conv, last / best | Supervised NIN | gap |", "|---|---|---|---|"]
-    lines += [f"| {r['per_class']} | {r['rotnet_conv']:.2f} / {r['rotnet_conv_best']:.2f} | {r['supervised']:.2f} | "
+    best = lambda r: "–" if r["rotnet_conv_best"] is None else f"{r['rotnet_conv_best']:.2f}"
+    lines += [f"| {r['per_class']} | {r['rotnet_conv']:.2f} / {best(r)} | {r['supervised']:.2f} | "
               f"{r['rotnet_conv'] - r['supervised']:+.2f} |" for r in rows]
     return "\n".join(lines) + ("\n\nTest accuracy, %, at each arm's last epoch, and the conv arm's best: the original "
                                "keeps the conv classifier's best epoch and the supervised NIN's last. The gap: the "
@@ -167,9 +168,9 @@ def sweep(s: Sweep):
     for k in s.per_class:
         conv = run_arm(s, dataset, "rotnet_conv", k, subsets[k], checkpoint)
         supervised = run_arm(s, dataset, "supervised", k, subsets[k], checkpoint)
-        # (only rank 0 reads metrics.jsonl for the best: the other ranks' rows are never written)
-        row = dict(per_class=k, rotnet_conv=conv["test_acc"],
-                   rotnet_conv_best=conv.get("best_test_acc", conv["test_acc"]), supervised=supervised["test_acc"])
+        # (no best where metrics.jsonl could not tell it, and on ranks but 0, whose rows are not written)
+        row = dict(per_class=k, rotnet_conv=conv["test_acc"], rotnet_conv_best=conv.get("best_test_acc"),
+                   supervised=supervised["test_acc"])
         rows.append(row)
         if ctx.main:
             print(f"K={k}: RotNet + conv {row['rotnet_conv']:.2f} %, supervised {row['supervised']:.2f} %, "

@@ -149,26 +149,27 @@ class Run:
         finally:
             os.close(folder)
 
-    def load_data(self, ctx, recipe=None, labels_for=None):
+    def load_data(self, ctx, recipe=None, labels_for=None, recorded=None):
         """The data set (one rank prepares or downloads it, the others wait, then reuse it);
         recipe: how the run will crop it (a folder too small for it is refused unprepared);
-        labels_for: the run that needs labels (a folder without is refused unprepared).
-        A --resume on other images is refused first: restore would, after hours of preparing."""
-        self.check_resumed_data(ctx)
+        labels_for: the run that needs labels (a folder without is refused unprepared);
+        recorded: the settings the run's config.json will record (default: the Run fields).
+        A --resume with other settings or on other images is refused first: restore would,
+        after hours of preparing."""
+        self.check_resumed_data(ctx, self.shared() if recorded is None else recorded)
         return main_first(ctx, lambda: data.load(self.data, image_size=self.image_size, download=self.download,
                                                  cache=self.cache, val_fraction=self.val_fraction, recipe=recipe,
                                                  labels_for=labels_for))
 
-    def check_resumed_data(self, ctx):
+    def check_resumed_data(self, ctx, recorded):
         """Refuses, as restore would, a resume of a checkpoint in out made with other settings
-        (those recorded_as_given) or on images since changed (from a listing): before the
-        data is prepared, which may take hours. Restore checks the rest once it has read the
-        checkpoint."""
+        than recorded or on images since changed (from a listing): before the data is
+        prepared, which may take hours. Restore checks the rest once it has read the checkpoint."""
         checkpoints = [os.path.join(self.out, name) for name in ("checkpoint.pt", "checkpoint.prev.pt")]
         if not (self.resume and any(map(os.path.exists, checkpoints))):
             return
-        # (one left None is the script's to resolve)
-        changed = changed_settings(self.out, {k: v for k, v in self.recorded_as_given().items() if v is not None})
+        # (a Run field left None is resolved by the script, and recorded so)
+        changed = changed_settings(self.out, {k: v for k, v in recorded.items() if v is not None})
         if not changed and "data_fingerprint" in saved_config(self.out):
             fingerprint = self.data_identity(ctx)["data_fingerprint"]
             changed = changed_settings(self.out, dict(data_fingerprint=fingerprint))
@@ -189,11 +190,6 @@ class Run:
     def shared(self):
         """Just the Run fields: what a script hands on to a run it starts."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(Run)}
-
-    def recorded_as_given(self):
-        """The settings config.json records as they are here: every run's (a script's own may be
-        recorded resolved or rewritten, a supervised probe's block; rotnet.py's are not)."""
-        return self.shared()
 
 
 # ----------------------------------------------------------------------------- where a run computes

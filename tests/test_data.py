@@ -304,6 +304,21 @@ def test_a_supervised_probe_resumed_at_another_size_is_refused_before_preparing(
     assert "preparing" not in capfd.readouterr().err and not (tmp_path / "c2").exists()
 
 
+def test_a_probe_resumed_with_its_own_settings_changed_is_refused_before_preparing(tmp_path, capfd):
+    # Compared as its config.json records them: the classifier, and the epochs its schedule resolves.
+    pictures = write_folder(tmp_path / "pictures", per_class=10, size=(16, 16))
+    settings = dict(data=str(pictures), image_size=16, cache=str(tmp_path / "c1"), epochs=1, width=0.125,
+                    batch_size=8, device="cpu", out=str(tmp_path / "run"), init="random", blocks=3)
+    probe.probe(probe.Probing(**settings))
+    capfd.readouterr()
+    for changed, named in ((dict(classifier="linear"), r"classifier nonlinear there, linear here"),
+                           (dict(epochs=None, epochs_scale=0.02), r"epochs 1 there, 2 here")):
+        with pytest.raises(data.UserError, match=named):
+            probe.probe(probe.Probing(**dict(settings, cache=str(tmp_path / "c2"), resume=True, **changed)))
+    assert "preparing" not in capfd.readouterr().err and not (tmp_path / "c2").exists()
+    probe.probe(probe.Probing(**dict(settings, resume=True)))  # its own settings: resumed (finished)
+
+
 def test_a_run_resumed_on_other_images_is_refused(tmp_path, capfd):
     pictures = write_folder(tmp_path / "pictures", per_class=10, size=(16, 16))
     settings = dict(data=str(pictures), image_size=16, cache=str(tmp_path / "cache"), epochs=1, width=0.125,

@@ -38,6 +38,8 @@ def test_the_table_gives_the_conv_arms_best_epoch_as_the_original_keeps_it():
     # The original's K configs keep the conv classifier's best epoch, and the supervised NIN's last
     text = semi_supervised.markdown([dict(per_class=20, rotnet_conv=40.0, rotnet_conv_best=42.5, supervised=30.25)])
     assert "| 20 | 40.00 / 42.50 | 30.25 | +9.75 |" in text and "supervised NIN's last" in text
+    text = semi_supervised.markdown([dict(per_class=20, rotnet_conv=40.0, rotnet_conv_best=None, supervised=30.25)])
+    assert "| 20 | 40.00 / – | 30.25 | +9.75 |" in text  # (no metrics.jsonl to tell the best)
 
 
 def test_one_tiny_run_writes_both_arms_and_the_figure(tmp_path):
