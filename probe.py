@@ -309,6 +309,11 @@ def probe(s: Probing):
         on_alexnet = isinstance(extractor, alexnet.AlexNet)
         blocks = (len(extractor.convs) if on_alexnet else len(extractor.blocks)) if extractor else s.blocks
         require(s.supervised or s.block <= blocks, f"--block {s.block}: the network has blocks 1 to {blocks}")
+        if on_alexnet:  # (all checked before the data, whose preparation may take hours)
+            require(not s.finetune and s.classifier in ("linear", "nonlinear"),
+                    "an AlexNet is probed frozen, by the linear or nonlinear classifier (Tables 5 and 4)")
+        else:
+            require(s.supervised or s.block >= 1, "--block 0 (every conv at once) is for an AlexNet")
         kind = schedule_kind(s, on_alexnet)
         if s.supervised:
             describe = dict(classifier="supervised", block=None, checkpoint=None, finetune=True, init="random")
@@ -323,15 +328,12 @@ def probe(s: Probing):
         if s.supervised:
             return train_classifier(NIN(blocks=3, num_classes=classes, width=s.width), s, dataset, **schedule)
         if on_alexnet:
-            require(not s.finetune and s.classifier in ("linear", "nonlinear"),
-                    "an AlexNet is probed frozen, by the linear or nonlinear classifier (Tables 5 and 4)")
             if s.block == 0:
                 return train_classifier(alexnet_heads(extractor, s.classifier, classes), s, dataset, **schedule)
             channels = extractor.convs[s.block - 1].conv.out_channels
             head = (alexnet_linear(channels, LINEAR_POOLS[s.block - 1], classes) if s.classifier == "linear"
                     else alexnet_nonlinear(extractor, s.block, classes))
             return train_classifier(Probe(extractor, s.block, head), s, dataset, **schedule)
-        require(s.block >= 1, "--block 0 (every conv at once) is for an AlexNet")
         extractor = extractor or NIN(s.blocks, num_classes=4, width=s.width)
         classifier = make_classifier(s.classifier, feature_shape(extractor, s.block, size), classes,
                                      width=extractor.config["width"])

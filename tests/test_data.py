@@ -319,6 +319,14 @@ def test_a_probe_resumed_with_its_own_settings_changed_is_refused_before_prepari
     probe.probe(probe.Probing(**dict(settings, resume=True)))  # its own settings: resumed (finished)
 
 
+def test_block_0_of_a_nin_is_refused_before_preparing(tmp_path, capfd):
+    pictures = write_folder(tmp_path / "pictures", per_class=10, size=(16, 16))
+    with pytest.raises(data.UserError, match=r"--block 0 \(every conv at once\) is for an AlexNet"):
+        probe.probe(probe.Probing(data=str(pictures), image_size=16, cache=str(tmp_path / "c"), epochs=1, width=0.125,
+                                  device="cpu", out=str(tmp_path / "run"), init="random", blocks=3, block=0))
+    assert "preparing" not in capfd.readouterr().err and not (tmp_path / "c").exists()
+
+
 def test_a_run_resumed_on_other_images_is_refused(tmp_path, capfd):
     pictures = write_folder(tmp_path / "pictures", per_class=10, size=(16, 16))
     settings = dict(data=str(pictures), image_size=16, cache=str(tmp_path / "cache"), epochs=1, width=0.125,

@@ -159,6 +159,16 @@ def test_a_folder_too_small_for_the_crop_is_refused_before_it_is_prepared(imagen
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("wrong", [("--classifier", "conv"), ("--finetune",)])
+def test_an_alexnet_probe_it_cannot_have_is_refused_before_the_folder_is_prepared(imagenet, tmp_path, wrong):
+    net = alexnet.AlexNet(width=0.125)
+    torch.save(dict(model=net.state_dict(), model_config=net.config), tmp_path / "model.pt")
+    proc = run_cli("--data", imagenet, "--cache", tmp_path / "cache", "--checkpoint", tmp_path / "model.pt",
+                   "--block", 3, *wrong, "--device", "cpu", "--out", tmp_path / "probe", script="probe.py", check=False)
+    assert_one_line_error(proc, "an AlexNet is probed frozen")
+    assert not (tmp_path / "cache").exists()
+
+
 def test_both_imagenet_tables_end_to_end(imagenet, tmp_path):
     torch.manual_seed(0)
     net = alexnet.AlexNet(width=0.125)
