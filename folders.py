@@ -29,8 +29,8 @@ orientation applied, turned into RGB, its shorter side resized to S and the cent
 - A file Pillow cannot read (corrupt, truncated, not an image, a decompression bomb) is skipped and
   listed in the manifest with its reason; it never stops the preparation.
 
-The cache folder (default prepared/<name of DIR>-<S>, where another folder of the same name is
-refused rather than written over it):
+The cache folder (default prepared/<name of DIR>-<S>; one that holds another folder's
+preparation is refused rather than written over):
   manifest.json       settings, data path, layout, classes, per split the source list
                       [path, size, mtime_ns, label], the skipped files, counts, mean and std (per
                       channel, 0-255, over the training images); "complete": true once finished
@@ -470,9 +470,10 @@ def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=
     with _locked(root) as unwritable:
         old = _read_manifest(root)
         why = _why_not_same(old, wanted) if old else None
-        if why and cache is None and _another_folder(old.get("data"), data):  # two folders of one name
-            raise UserError(f"{root} holds the preparation of another folder of that name, {old['data']}: "
-                            f"give --cache DIR for {data} (or delete {root} to prepare it there)")
+        if why and _another_folder(old.get("data"), data):  # (hours of ImageNet's, never wiped unasked)
+            named, fix = (f"--cache {root}", "another --cache") if cache else (f"{root}", "--cache")
+            raise UserError(f"{named} holds the preparation of another folder{'' if cache else ' of that name'}, "
+                            f"{old['data']}: give {fix} DIR for {data} (or delete {root} to prepare it there)")
         if old and not why:
             why = _damaged(root, old)
             if not why and old["complete"]:

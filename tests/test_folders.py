@@ -810,7 +810,7 @@ def test_a_damaged_labels_file_rebuilds(tmp_path):
         assert_same(first, again)
 
 
-def test_two_folders_of_one_name_do_not_share_the_default_cache(tmp_path, monkeypatch):
+def test_two_folders_do_not_share_a_cache(tmp_path, monkeypatch):
     for parent in ("a", "b"):
         write_classes(tmp_path / parent / "pics", {"x": 2, "y": 2 if parent == "a" else 3}, size=(8, 8))
     monkeypatch.chdir(tmp_path)
@@ -821,6 +821,10 @@ def test_two_folders_of_one_name_do_not_share_the_default_cache(tmp_path, monkey
         folders.prepare("b/pics", **quiet)
     assert folders.prepare("a/pics", **quiet).manifest["complete"]  # kept, not wiped
     folders.prepare("b/pics", cache="elsewhere", **quiet)
+    with pytest.raises(UserError, match=r"--cache .*elsewhere holds the preparation of another folder, .*b/pics: "
+                                        r"give another --cache DIR for .*a/pics \(or delete"):
+        folders.prepare("a/pics", cache="elsewhere", **quiet)  # one given explicitly is not wiped either
+    assert folders.prepare("b/pics", cache="elsewhere", **quiet).manifest["complete"]
     # The same folder reached through a link, or moved away and then changed, is not another one.
     os.symlink(tmp_path / "a", tmp_path / "link")
     write_classes(tmp_path / "a" / "pics", {"z": 2}, size=(8, 8))
