@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import folders
 import rot_kernel
 from errors import UserError
 from models import read_checkpoint
@@ -119,7 +120,12 @@ class Run:
         check_out: two processes training into one folder would overwrite each other's
         checkpoints and interleave their metrics. A lock on the folder itself, which the OS
         lets go however the process ends, so a killed run never leaves it held. A run that
-        stops before writing anything leaves no folder it made."""
+        stops before writing anything leaves no folder it made. An --out inside the image folder
+        is refused: its folder would be listed as a class of the data."""
+        inside = os.path.realpath(self.data)
+        if os.path.commonpath([os.path.realpath(self.out), inside]) == inside and folders.is_image_folder(inside):
+            raise UserError(f"--out {self.out} is inside the image folder {self.data}, which is never written to "
+                            "(a folder there would be read as one more class): give an --out elsewhere")
         if not main_rank():
             self.check_out()
             yield

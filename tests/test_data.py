@@ -319,6 +319,22 @@ def test_a_probe_resumed_with_its_own_settings_changed_is_refused_before_prepari
     probe.probe(probe.Probing(**dict(settings, resume=True)))  # its own settings: resumed (finished)
 
 
+def test_an_out_inside_the_image_folder_is_refused(tmp_path, capfd):
+    # Its folder would be listed as one more class (empty: a note, and every label shifted).
+    pictures = write_folder(tmp_path / "pictures", per_class=10, size=(16, 16))
+    settings = dict(data=str(pictures), image_size=16, cache=str(tmp_path / "c"), epochs=1, width=0.125,
+                    batch_size=8, device="cpu")
+    for out in (pictures / "run", pictures / "cat" / "run"):
+        with pytest.raises(data.UserError, match=r"--out .*run is inside the image folder .*pictures, which is never "
+                                                 r"written to .*give an --out elsewhere"):
+            probe.probe(probe.Probing(**settings, out=str(out), init="random", blocks=3))
+        assert not out.exists() and not (tmp_path / "c").exists()
+    os.symlink(pictures, tmp_path / "link")  # reached through a link: the same folder
+    with pytest.raises(data.UserError, match="is inside the image folder"):
+        rotnet.pretrain(rotnet.Pretraining(**settings, out=str(tmp_path / "link" / "run")))
+    rotnet.pretrain(rotnet.Pretraining(**settings, out=str(tmp_path / "pictures-run")))  # beside it: fine
+
+
 def test_block_0_of_a_nin_is_refused_before_preparing(tmp_path, capfd):
     pictures = write_folder(tmp_path / "pictures", per_class=10, size=(16, 16))
     with pytest.raises(data.UserError, match=r"--block 0 \(every conv at once\) is for an AlexNet"):
