@@ -55,13 +55,16 @@ class Dataset:
         """self, refused (what names the run, for the message) without labels or with fewer
         than 2 classes. load(labels_for=...) refuses such a folder from its listing, before it
         is prepared; this also catches one that lost a class to images that could not be read."""
-        require_classes(what, None if self.train_y is None else self.train_y.unique().tolist(), self.classes)
+        require_classes(what, None if self.train_y is None else self.train_y.unique().tolist(), self.classes,
+                        None if self.test_y is None else self.test_y.unique().tolist())
         return self
 
 
-def require_classes(what, labels, classes):
+def require_classes(what, labels, classes, test_labels=()):
     """Refuses training images that are unlabelled (labels None) or of fewer than 2 classes
-    (the labels present, indices into classes): one class is 100 % whatever is learnt."""
+    (the labels present, indices into classes): one class is 100 % whatever is learnt. And a
+    class tested but never trained (test_labels, likewise): its test images would all be
+    wrong, the accuracy capped below 100 % by a gap in the folder, not by what was learnt."""
     if labels is None:
         raise UserError(f"{what} needs labels, but the data is a folder of unlabelled images: "
                         "give a folder of class subfolders (or train/ and val/ of them)")
@@ -70,6 +73,13 @@ def require_classes(what, labels, classes):
         named = f" ({classes[present[0]]})" if present and present[0] < len(classes) else ""
         raise UserError(f"{what} needs images of at least 2 classes, but {'only one' if present else 'no'} class "
                         f"folder{named} holds training images: give a folder with a subfolder per class")
+    untrained = sorted(set(test_labels or ()) - set(present))
+    if untrained:
+        names = ", ".join(classes[c] for c in untrained[:3]) + (", ..." if len(untrained) > 3 else "")
+        raise UserError(f"{what} would be tested on {len(untrained)} class{'es' if len(untrained) > 1 else ''} "
+                        f"({names}) with no training images (none, or none readable): give "
+                        f"{'them' if len(untrained) > 1 else 'it'} training images, or take "
+                        f"{'their' if len(untrained) > 1 else 'its'} test images out")
 
 
 def as_tensor(array):
@@ -141,8 +151,9 @@ def identity(data, *, image_size=256, val_fraction=0.1, download=False, labels_f
 
 def require_listed_labels(what, layout, classes, sources):
     """require_classes on a folder's listing (folders.find_sources), before it is prepared."""
-    require_classes(what, None if layout in folders.UNLABELLED else [label for *_, label in sources["train"]],
-                    classes)
+    unlabelled = layout in folders.UNLABELLED
+    require_classes(what, None if unlabelled else [label for *_, label in sources["train"]], classes,
+                    None if unlabelled else [label for *_, label in sources["val"]])
 
 
 def folder_fingerprint(classes, sources):

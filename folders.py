@@ -389,7 +389,17 @@ def _train_val_sources(data, train_dir, val_dir):
     for folder, found in ((train_dir, train), (val_dir, val)):
         if not found:
             raise UserError(f"{folder} holds no images in class folders")
+    _note_untested(classes, train, val, f"with no images in {val_dir}")
     return "train-val", classes, {"train": sorted(train), "val": sorted(val)}
+
+
+def _note_untested(classes, train, val, why):
+    """A note naming the classes trained but never tested (the test accuracy says nothing of them)."""
+    tested = {label for *_, label in val}
+    untested = [classes[label] for label in sorted({label for *_, label in train} - tested)]
+    if untested:
+        print(f"note: {len(untested)} class folder{'s' if len(untested) > 1 else ''} ({', '.join(untested[:3])}"
+              f"{', ...' if len(untested) > 3 else ''}) {why}: none of theirs is tested", file=sys.stderr)
 
 
 def _held_out_sources(data, val_fraction, seed):
@@ -415,12 +425,8 @@ def _held_out_sources(data, val_fraction, seed):
     if not any(items for _, items in groups):
         raise UserError(f"{data} holds no images ({' '.join(EXTENSIONS)})")
     train, val = _hold_out(groups, val_fraction, seed)
-    held = {label for *_, label in val}
-    untested = [name for label, (name, items) in enumerate(groups) if items and label not in held]
-    if val and untested:  # the test accuracy would say nothing of these classes
-        print(f"note: {len(untested)} class folder{'s' if len(untested) > 1 else ''} ({', '.join(untested[:3])}"
-              f"{', ...' if len(untested) > 3 else ''}) too small to hold out any image at --val-fraction "
-              f"{val_fraction}: none of theirs is tested", file=sys.stderr)
+    if val:
+        _note_untested(classes, train, val, f"too small to hold out any image at --val-fraction {val_fraction}")
     return "classes", classes, {"train": train, "val": val}
 
 

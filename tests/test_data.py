@@ -236,6 +236,37 @@ def test_one_class_is_refused_by_what_needs_labels(tmp_path):
     assert data.load(str(two), image_size=8, cache=str(tmp_path / "c3")).classes == ("photos", "scans")
 
 
+def test_a_class_tested_but_never_trained_is_refused_by_what_needs_labels(tmp_path):
+    # train/ and val/: val/circle's images all wrong whatever is learnt, the accuracy capped
+    root = tmp_path / "shapes"
+    for split in ("train", "val"):
+        write_folder(root / split, classes=("circle", "square", "star"), per_class=6, size=(8, 8))
+    for name in os.listdir(root / "train" / "circle"):
+        os.remove(root / "train" / "circle" / name)
+    named = r"a probe would be tested on 1 class \(circle\) with no training images"
+    for check in (lambda: data.load(str(root), image_size=8, cache=str(tmp_path / "c"), labels_for="a probe"),
+                  lambda: data.identity(str(root), image_size=8, labels_for="a probe")):
+        with pytest.raises(data.UserError, match=named):
+            check()
+    assert not os.path.exists(tmp_path / "c")  # from the listing, before anything is decoded
+    assert data.load(str(root), image_size=8, cache=str(tmp_path / "c")).classes == ("circle", "square", "star")
+    # Its training images there but unreadable: known once decoded, refused then
+    write_folder(root / "train", classes=("circle",), per_class=4, size=(8, 8))
+    for name in os.listdir(root / "train" / "circle"):
+        (root / "train" / "circle" / name).write_bytes(b"not an image")
+    with pytest.raises(data.UserError, match=named):
+        data.load(str(root), image_size=8, cache=str(tmp_path / "c2"), labels_for="a probe")
+
+
+def test_a_class_trained_but_never_tested_is_noted(tmp_path, capfd):
+    root = tmp_path / "shapes"
+    write_folder(root / "train", classes=("circle", "square", "star"), per_class=6, size=(8, 8))
+    write_folder(root / "val", classes=("square", "star"), per_class=2, size=(8, 8))
+    assert data.load(str(root), image_size=8, cache=str(tmp_path / "c"), labels_for="a probe").classes[0] == "circle"
+    assert f"note: 1 class folder (circle) with no images in {root / 'val'}: none of theirs is tested" \
+        in capfd.readouterr().err
+
+
 def test_a_channel_that_never_varies_normalises(tmp_path):
     from PIL import Image
     import numpy as np
