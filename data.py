@@ -157,11 +157,12 @@ def require_listed_labels(what, layout, classes, sources):
 
 
 def folder_fingerprint(classes, sources):
-    """Which files, labelled how, in which split: not their sizes and times, which a copy of
-    the folder changes (a file edited in place is not seen; one added or moved to val/ is);
-    nor the size they are prepared at, a setting of the run (image_size). sources: {split:
-    [path, size, mtime_ns, label] of each file}, as folders.find_sources gives them."""
-    which = [[(path, label) for path, _, _, label in sources[s]] for s in folders.SPLITS]
+    """Which files, of which sizes, labelled how, in which split: not their times, which a
+    copy of the folder changes (so a file edited in place is seen by its size, as a picture
+    saved again nearly always is; one added or moved to val/ is seen too); nor the size they
+    are prepared at, a setting of the run (image_size). sources: {split: [path, size,
+    mtime_ns, label] of each file}, as folders.find_sources gives them."""
+    which = [[(path, size, label) for path, size, _, label in sources[s]] for s in folders.SPLITS]
     return digest(json.dumps([list(classes), *which]).encode())  # (ASCII: odd names are escaped)
 
 

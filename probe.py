@@ -359,7 +359,7 @@ def check_reusable(out, data=None, fix="give this run another --out", **wanted):
                   for k, v in wanted.items() if saved.get(k) != v]
         require(not differ, f"{out} was made with other settings ({'; '.join(differ)}): {fix}")
         require(data_fingerprint is None or saved.get("data_fingerprint") == data_fingerprint,
-                f"{out} was made on other images than --data holds now (images added or removed, held out "
+                f"{out} was made on other images than --data holds now (images added, removed or edited, held out "
                 f"otherwise, or another data set), so its numbers are not this data's: {fix}")
     if os.path.exists(os.path.join(out, "results.json")):
         train.read_json(os.path.join(out, "results.json"))

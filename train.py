@@ -569,8 +569,8 @@ def refuse_changed(out, changed):
     require(not changed, f"{out} was made with other settings ({differ}): resume it with its own, "
                          "or give this run another --out")
     require(not other_images,
-            f"{out} was trained on other images: the data in --data changed since (images added or removed, "
-            "held out otherwise, or another CIFAR-10 archive found there: --data may name the archive itself); "
+            f"{out} was trained on other images: the data in --data changed since (images added, removed or "
+            "edited, held out otherwise, or another CIFAR-10 archive found there: --data may name the archive itself); "
             "resumed, it would test on images it trained on. Give this run another --out")
 
 

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 
 import data
 import probe
@@ -364,6 +365,19 @@ def test_an_out_inside_the_image_folder_is_refused(tmp_path, capfd):
     with pytest.raises(data.UserError, match="is inside the image folder"):
         rotnet.pretrain(rotnet.Pretraining(**settings, out=str(tmp_path / "link" / "run")))
     rotnet.pretrain(rotnet.Pretraining(**settings, out=str(tmp_path / "pictures-run")))  # beside it: fine
+
+
+def test_a_run_resumed_on_images_edited_in_place_is_refused_and_on_a_copy_is_not(tmp_path):
+    pictures = write_folder(tmp_path / "pictures", per_class=10, size=(16, 16))
+    settings = dict(data=str(pictures), image_size=16, cache=str(tmp_path / "cache"), epochs=1, width=0.125,
+                    batch_size=8, device="cpu", out=str(tmp_path / "run"))
+    rotnet.pretrain(rotnet.Pretraining(**settings))
+    copy = tmp_path / "copy"  # a copy: every file's time new, its size the same
+    shutil.copytree(pictures, copy, copy_function=shutil.copyfile)
+    rotnet.pretrain(rotnet.Pretraining(**dict(settings, data=str(copy), cache=str(tmp_path / "c2")), resume=True))
+    Image.new("RGB", (16, 16)).save(copy / "dog" / "003.png")  # saved again in place: other pixels, other size
+    with pytest.raises(data.UserError, match=r"run was trained on other images: .*added, removed or edited"):
+        rotnet.pretrain(rotnet.Pretraining(**dict(settings, data=str(copy), cache=str(tmp_path / "c2")), resume=True))
 
 
 def test_block_0_of_a_nin_is_refused_before_preparing(tmp_path, capfd):
