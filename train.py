@@ -22,6 +22,7 @@ import json
 import math
 import os
 import pathlib
+import select
 import shutil
 import signal
 import sys
@@ -725,6 +726,11 @@ def run_job(job):
             raise
         stop(f"error: rank {dist.get_rank()} stopped because another rank did (its error says why)",
              rank_delay=True)
+    except BrokenPipeError:
+        if not _stdout_closed():  # another pipe (a worker's): not this
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (nothing left to flush at exit)
+        stop(f"stopped: its standard output was closed (a pipe ended); {_kept()}", status=1)
     except OSError as err:
         if err.errno not in WRITE_ERRORS:
             raise
@@ -734,17 +740,33 @@ def run_job(job):
         how, status = ("stopped by SIGTERM", 143) if isinstance(err, Terminated) else ("interrupted", 130)
         if not main_rank():  # Ctrl-C reaches every rank: rank 0 says it
             sys.exit(status)
-        out, epochs = last_kept or (None, 0)
-        kept = (f"{out} is kept up to epoch {epochs}, and all finished before it" if epochs else
-                f"{out} had not ended an epoch yet; what was finished before it is kept" if out else
-                "no run had started yet; what was finished before is kept")
-        stop(f"\n{how}: {kept} (epochs, finished runs, a folder's preparation); the same command goes on "
-             "from it (a single run with --resume)", status=status)
+        stop(f"\n{how}: {_kept()}", status=status)
     finally:
         if on_term:
             signal.signal(signal.SIGTERM, previous)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _stdout_closed():
+    """Whether stdout is a pipe whose reader has gone (`| head` done): the run can print no
+    more, so it stops as Ctrl-C stops it. (poll says POLLERR on such a pipe's end.)"""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, ValueError, OSError):  # no poll (Windows), no stdout
+        return False
+
+
+def _kept():
+    """What a run stopped midway keeps, and how to go on from it."""
+    out, epochs = last_kept or (None, 0)
+    kept = (f"{out} is kept up to epoch {epochs}, and all finished before it" if epochs else
+            f"{out} had not ended an epoch yet; what was finished before it is kept" if out else
+            "no run had started yet; what was finished before is kept")
+    return (f"{kept} (epochs, finished runs, a folder's preparation); the same command goes on from it "
+            "(a single run with --resume)")
 
 
 def stop(message, status=1, rank_delay=False):

@@ -753,6 +753,26 @@ def test_cli_sigterm_says_how_to_go_on_in_one_line(cifar_dir, tmp_path):
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(tuple(said)), err
 
 
+def test_cli_output_piped_into_head_stops_the_run_in_one_line(cifar_dir, tmp_path):
+    out = tmp_path / "out"  # `rotnet.py ... | head -1`: head exits after the first epoch's line
+    run = subprocess.Popen(cli_command(*tiny_run_flags(cifar_dir, out, "--epochs", "30")), cwd=REPO, env=cli_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert run.stdout.readline()
+    run.stdout.close()
+    err = run.communicate(timeout=120)[1]
+    assert run.returncode == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"stopped: its standard output was closed (a pipe ended); {out} "), err
+    assert (out / "checkpoint.pt").exists() or (out / "checkpoint.prev.pt").exists()
+
+
+def test_a_broken_pipe_not_stdouts_is_not_taken_for_it(capsys):
+    def worker_gone():  # (a worker's pipe, say): a bug, with its traceback
+        raise BrokenPipeError(32, "Broken pipe")  # (EPIPE)
+
+    with pytest.raises(BrokenPipeError):
+        train.run_job(worker_gone)
+
+
 def test_ctrl_c_says_how_to_go_on_and_names_the_run_it_stopped(tmp_path, capsys):
     # A job of several runs (a table): the message names the run under way, not the last one
     # that ended an epoch.
