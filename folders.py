@@ -455,7 +455,7 @@ def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=
     root = os.path.abspath(cache or os.path.join("prepared", f"{os.path.basename(data)}-{image_size}"))
     if os.path.commonpath([os.path.realpath(root), os.path.realpath(data)]) == os.path.realpath(data):
         raise UserError(f"the cache folder {root} is inside the data folder {data}, which is never written to; "
-                        "choose a cache folder elsewhere")
+                        "give --cache DIR elsewhere")
     layout, classes, sources = find_sources(data, val_fraction, seed)
     if check:
         check(layout, classes, sources)

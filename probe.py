@@ -355,7 +355,7 @@ def check_reusable(out, data=None, fix="give this run another --out", **wanted):
         if train.by_weights(saved, wanted):
             wanted.pop("checkpoint", None)
         # (a run of an older version lacks a record of how its networks started: not reused)
-        differ = [f"{k} {saved.get(k, '(unrecorded: an older version)')} there, {v} here"
+        differ = [train.setting_change(k, saved.get(k, "(unrecorded: an older version)"), v)
                   for k, v in wanted.items() if saved.get(k) != v]
         require(not differ, f"{out} was made with other settings ({'; '.join(differ)}): {fix}")
         require(data_fingerprint is None or saved.get("data_fingerprint") == data_fingerprint,

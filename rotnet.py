@@ -148,7 +148,7 @@ def parse_args(argv=None):
     add_common_flags(ap, epochs="100; AlexNet 50", out="runs/rotnet")
     ap.add_argument("--arch", default="nin", choices=list(ARCHS),
                     help="nin: the paper's CIFAR-10 network; alexnet: its ImageNet one (RandomResizedCrop 224)")
-    ap.add_argument("--blocks", type=int, default=4, choices=[3, 4, 5], help="of the NIN")
+    ap.add_argument("--blocks", type=int, choices=[3, 4, 5], help="of the NIN (default: 4)")
     ap.add_argument("--rotations", type=rotation_list, default=FOUR,
                     help="degrees, comma-separated: 0,90,180,270 (default), 0,180, 90,270 or the eight multiples of 45")
     ap.add_argument("--save-every", type=int, default=0, metavar="N",
@@ -167,6 +167,8 @@ def parse_args(argv=None):
     for given, flag in ((args.baseline, "--baseline"), (args.sweep, "--sweep"), (args.json, "--json")):
         if given and not args.benchmark:
             ap.error(f"{flag}: only with --benchmark")
+    if args.arch == "alexnet" and args.blocks is not None:
+        ap.error("--blocks: the NIN's; the AlexNet has its five convs")
     if args.sweep and (args.compile or args.no_amp):
         ap.error("--sweep: each variant sets its own precision and compilation; leave out --compile and --no-amp")
     return args

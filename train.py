@@ -566,13 +566,19 @@ def restore(ctx, out, config, resume, model, opt, sched):
 def refuse_changed(out, changed):
     """The one-line refusal of a resume with the settings in changed ({setting: (there, here)})."""
     other_images = changed.pop("data_fingerprint", None)  # (said last: a setting changed may be why)
-    differ = "; ".join(f"{k} {there} there, {here} here" for k, (there, here) in changed.items())
+    differ = "; ".join(setting_change(k, there, here) for k, (there, here) in changed.items())
     require(not changed, f"{out} was made with other settings ({differ}): resume it with its own, "
                          "or give this run another --out")
     require(not other_images,
             f"{out} was trained on other images: the data in --data changed since (images added, removed or "
             "edited, held out otherwise, or another CIFAR-10 archive found there: --data may name the archive itself); "
             "resumed, it would test on images it trained on. Give this run another --out")
+
+
+def setting_change(name, there, here):
+    """How a refusal names one setting a run was made with (there) and the one asked for (here)."""
+    said = f"{name} {there} there, {here} here"
+    return said + " (--checkpoint holds other weights: trained anew?)" if name == "checkpoint_hash" else said
 
 
 def saved_config(out):

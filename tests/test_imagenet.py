@@ -199,7 +199,7 @@ def test_both_imagenet_tables_end_to_end(imagenet, tmp_path):
     # The same path, other weights (the RotNet trained anew): the probes are not reused.
     torch.save(dict(model=alexnet.AlexNet(width=0.125).state_dict(), model_config=net.config), tmp_path / "model.pt")
     proc = run_cli("--table", 5, *common, script="probe.py", check=False)
-    assert_one_line_error(proc, "made with other settings", "checkpoint_hash")
+    assert_one_line_error(proc, "made with other settings", "checkpoint_hash", "(--checkpoint holds other weights")
     save_nin(tmp_path / "nin.pt")  # a CIFAR RotNet: nothing for these tables
     common[common.index(tmp_path / "model.pt")] = tmp_path / "nin.pt"
     proc = run_cli("--table", 4, *common, script="probe.py", check=False)

@@ -453,6 +453,7 @@ def test_fused_sgd_steps_as_the_default_optimizer():
     (["--batch-size", "0"], "--batch-size"),
     (["--width", "0"], "--width"),
     (["--blocks", "6"], "--blocks"),
+    (["--arch", "alexnet", "--blocks", "4"], "--blocks"),  # the NIN's: not silently ignored
 ])
 def test_bad_flags_are_usage_errors(capsys, flags, named):
     with pytest.raises(SystemExit) as exit_:
