@@ -223,8 +223,9 @@ def curves_figure(run_dirs, out):
         metrics = read_metrics(run)
         label, color = os.path.basename(os.path.normpath(run)), f"C{i % 10}"
         epochs = [m["epoch"] for m in metrics]
-        ax_loss.plot(epochs, [m["train_loss"] for m in metrics], color=color, label=label)
-        ax_acc.plot(epochs, [m["train_acc"] for m in metrics], color=color, label=f"{label} train")
+        dot = dict(marker="o", ms=3) if len(epochs) == 1 else {}  # (one epoch: a line of one point shows nothing)
+        ax_loss.plot(epochs, [m["train_loss"] for m in metrics], color=color, label=label, **dot)
+        ax_acc.plot(epochs, [m["train_acc"] for m in metrics], color=color, label=f"{label} train", **dot)
         tested = [m for m in metrics if m.get("test_acc") is not None]  # --eval-every leaves gaps
         ax_acc.plot([m["epoch"] for m in tested], [m["test_acc"] for m in tested], color=color, ls="--",
                     marker="o" if len(tested) < 30 else None, ms=3, label=f"{label} test")

@@ -7,6 +7,7 @@ import os
 import shutil
 import struct
 
+import matplotlib.axes
 import matplotlib.image
 import pytest
 import torch
@@ -222,6 +223,13 @@ def test_curves_figure(tmp_path):
     a = write_metrics(tmp_path / "rotnet_a", [(1, 30.0), (2, 40.0), (3, 50.0)])
     b = write_metrics(tmp_path / "probe_b", [(1, None), (2, 35.0), (3, None), (4, 60.0)])  # --eval-every 2
     assert_png(figures.curves_figure([a, b], str(tmp_path / "figs")), figures.CURVES_SIZE)
+
+
+def test_a_run_of_one_epoch_is_drawn_as_points(tmp_path, monkeypatch):
+    drawn, plot = [], matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **k: drawn.extend(plot(ax, *a, **k)))
+    figures.curves_figure([write_metrics(tmp_path / "one", [(1, 30.0)])], str(tmp_path / "figs"))
+    assert len(drawn) == 3 and all(line.get_marker() not in (None, "", "None") for line in drawn)
 
 
 def test_rotation_vs_object(cifar_dir, tmp_path, monkeypatch, capsys):
