@@ -157,13 +157,23 @@ def require_listed_labels(what, layout, classes, sources):
 
 
 def folder_fingerprint(classes, sources):
-    """Which files, of which sizes, labelled how, in which split: not their times, which a
-    copy of the folder changes (so a file edited in place is seen by its size, as a picture
-    saved again nearly always is; one added or moved to val/ is seen too); nor the size they
-    are prepared at, a setting of the run (image_size). sources: {split: [path, size,
-    mtime_ns, label] of each file}, as folders.find_sources gives them."""
-    which = [[(path, size, label) for path, size, _, label in sources[s]] for s in folders.SPLITS]
-    return digest(json.dumps([list(classes), *which]).encode())  # (ASCII: odd names are escaped)
+    """"NAMES.SIZES": which files, labelled how, in which split, then their sizes; not their
+    times, which a copy of the folder changes. So a file added or moved to val/ is seen, and
+    one edited in place by its size (as a compressed picture saved again nearly always is; a
+    BMP keeps its size); not the size they are prepared at, a setting of the run (image_size).
+    sources: {split: [path, size, mtime_ns, label] of each file}, as folders.find_sources
+    gives them."""
+    which = [[(path, label) for path, _, _, label in sources[s]] for s in folders.SPLITS]
+    sizes = [[size for _, size, _, _ in sources[s]] for s in folders.SPLITS]
+    # (ASCII: odd names are escaped)
+    return digest(json.dumps([list(classes), *which]).encode()) + "." + digest(json.dumps(sizes).encode())
+
+
+def same_images(recorded, found):
+    """Whether a run's recorded data_fingerprint is that of the data found. One recorded
+    before folders' sizes were (NAMES alone, before 2026-12-07) is matched on the names."""
+    return recorded == found or (isinstance(recorded, str) and isinstance(found, str) and "." not in recorded
+                                 and found.split(".")[0] == recorded)
 
 
 def digest(*parts):

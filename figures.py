@@ -127,6 +127,7 @@ def attention_figure(rotnet_path, supervised_path, data_dir=None, out="runs/figu
     if data_dir is None and not isinstance(train.saved_config(run).get("data"), str):
         data_dir = "./data"  # not beside the run that made it (an original checkpoint, or moved)
     shown, pretrained_on = run_images(run, data_dir, image_size, cache, doing="Figure 3: showing")
+    train.refuse_out_in_images(out, shown["data"])
     if pretrained_on and folders.is_image_folder(shown["data"]):  # from a listing, before it is prepared
         found = data.identity(shown["data"], image_size=shown["image_size"], val_fraction=shown["val_fraction"])
         require_run_images(run, shown["data"], pretrained_on, found["data_fingerprint"])
@@ -303,7 +304,7 @@ def require_run_images(run_dir, data_dir, pretrained_on, found):
     other images from here (found: their fingerprint): it may be relative to where the run ran,
     or changed since. pretrained_on None: other images were asked for, or the run is too old
     to say."""
-    train.require(pretrained_on in (None, found),
+    train.require(pretrained_on is None or data.same_images(pretrained_on, found),
                   f"{data_dir} (the --data {os.path.join(run_dir, 'config.json')} records) does not hold the "
                   "images the run was pretrained on, as seen from here (a path relative to where it ran, or a "
                   "folder changed since): give --data")
@@ -315,6 +316,7 @@ def rotation_vs_object_figure(run_dir, data_dir=None, out="runs/figures", probe_
     found = snapshots(run_dir)
     accuracies = [rotation_accuracy(path) for _, path in found]  # every snapshot read before any probe trains
     images, pretrained_on = run_images(run_dir, data_dir, image_size, cache)
+    train.refuse_out_in_images(out, images["data"])
     probes = [probe.Probing(checkpoint=path, block=PROBE_BLOCK, classifier="nonlinear", **images, device=device,
                             resume=True, epochs=probe_epochs,
                             out=os.path.join(run_dir, "figure5a_probes", f"epoch{epoch:03d}")) for epoch, path in found]

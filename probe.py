@@ -31,6 +31,7 @@ import data
 import nin
 import rotnet
 import train
+from data import same_images
 from models import NETWORKS, fingerprint, is_alexnet, load_model, read_checkpoint
 from nin import NIN, ConvBNReLU, init_conv_
 from rotnet import FOUR
@@ -312,6 +313,8 @@ def probe(s: Probing):
         if on_alexnet:  # (all checked before the data, whose preparation may take hours)
             require(not s.finetune and s.classifier in ("linear", "nonlinear"),
                     "an AlexNet is probed frozen, by the linear or nonlinear classifier (Tables 5 and 4)")
+            require(s.classifier == "linear" or s.block in (0, 4, 5),
+                    f"--block {s.block}: the non-linear AlexNet probe sits on conv4 or conv5")
         else:
             require(s.supervised or s.block >= 1, "--block 0 (every conv at once) is for an AlexNet")
         kind = schedule_kind(s, on_alexnet)
@@ -355,10 +358,10 @@ def check_reusable(out, data=None, fix="give this run another --out", **wanted):
         if train.by_weights(saved, wanted):
             wanted.pop("checkpoint", None)
         # (a run of an older version lacks a record of how its networks started: not reused)
-        differ = [train.setting_change(k, saved.get(k, "(unrecorded: an older version)"), v)
-                  for k, v in wanted.items() if saved.get(k) != v]
+        differ = [train.setting_change(k, saved[k], v) if k in saved else
+                  f"{k} (unrecorded: an older version) there, {v} here" for k, v in wanted.items() if saved.get(k) != v]
         require(not differ, f"{out} was made with other settings ({'; '.join(differ)}): {fix}")
-        require(data_fingerprint is None or saved.get("data_fingerprint") == data_fingerprint,
+        require(data_fingerprint is None or same_images(saved.get("data_fingerprint"), data_fingerprint),
                 f"{out} was made on other images than --data holds now (images added, removed or edited, held out "
                 f"otherwise, or another data set), so its numbers are not this data's: {fix}")
     if os.path.exists(os.path.join(out, "results.json")):
@@ -476,6 +479,7 @@ def run_plan(nets, probes, imagenet=False):
 
 
 def run_table(number, s: Probing):
+    train.refuse_out_in_images(s.out, s.data)  # (before the data, and naming the --out given)
     require(number in (4, 5) or not s.checkpoint,
             f"Table {number} pretrains its own RotNets (in --out): --checkpoint is for Tables 4 and 5 "
             "and single probes")

@@ -136,6 +136,7 @@ def markdown(rows):
 def sweep(s: Sweep):
     """Both arms for every K; rank 0 writes the results, the table and the figure. Every K,
     the checkpoint and every folder's settings are checked before anything trains."""
+    train.refuse_out_in_images(s.out, s.data)  # (before the data, and naming the --out given)
     ctx = train.Context(s.device)  # the ranks (each run makes its own Context, with s's precision)
     dataset = s.load_data(ctx, labels_for="the label-scarcity sweep")
     subsets = {k: labelled_subset(dataset.train_y, k, s.subset_seed, dataset.classes) for k in s.per_class}

@@ -121,12 +121,9 @@ class Run:
         check_out: two processes training into one folder would overwrite each other's
         checkpoints and interleave their metrics. A lock on the folder itself, which the OS
         lets go however the process ends, so a killed run never leaves it held. A run that
-        stops before writing anything leaves no folder it made. An --out inside the image folder
-        is refused: its folder would be listed as a class of the data."""
-        inside = os.path.realpath(self.data)
-        if os.path.commonpath([os.path.realpath(self.out), inside]) == inside and folders.is_image_folder(inside):
-            raise UserError(f"--out {self.out} is inside the image folder {self.data}, which is never written to "
-                            "(a folder there would be read as one more class): give an --out elsewhere")
+        stops before writing anything leaves no folder it made. An --out inside the image
+        folder is refused (refuse_out_in_images)."""
+        refuse_out_in_images(self.out, self.data)
         if not main_rank():
             self.check_out()
             yield
@@ -197,6 +194,15 @@ class Run:
     def shared(self):
         """Just the Run fields: what a script hands on to a run it starts."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(Run)}
+
+
+def refuse_out_in_images(out, images):
+    """Refuses an --out inside the image folder `images` (--data): the folder is never written
+    to, and what a run wrote there would be listed with its images (a folder, as one more class)."""
+    inside = os.path.realpath(images)
+    if os.path.commonpath([os.path.realpath(out), inside]) == inside and folders.is_image_folder(inside):
+        raise UserError(f"--out {out} is inside the image folder {images}, which is never written to (what is "
+                        "written there would be listed with its images): give an --out elsewhere")
 
 
 # ----------------------------------------------------------------------------- where a run computes
@@ -604,8 +610,8 @@ def changed_settings(out, config):
     saved = saved_config(out)
     may_change = MAY_CHANGE_ON_RESUME | ({"checkpoint"} if by_weights(saved, config) else set())
     as_saved = lambda v: json.loads(json.dumps(v))  # tuples as lists, as config.json holds them
-    return {k: (saved[k], as_saved(v)) for k, v in config.items()
-            if k in saved and k not in may_change and saved[k] != as_saved(v)}
+    return {k: (saved[k], as_saved(v)) for k, v in config.items() if k in saved and k not in may_change
+            and not (data.same_images(saved[k], v) if k == "data_fingerprint" else saved[k] == as_saved(v))}
 
 
 def epoch_of(line):
@@ -618,14 +624,13 @@ def epoch_of(line):
 
 
 def end_epoch(ctx, out, metrics, model, opt, sched, **extra):
-    """One stdout line and one metrics.jsonl line, then checkpoint.pt (atomic, the previous
-    one kept): everything --resume needs. Rank 0 writes."""
+    """One metrics.jsonl line, then checkpoint.pt (atomic, the previous one kept): everything
+    --resume needs; then one stdout line, last, so that a closed stdout (`| head`) stops the
+    run with the epoch kept. Rank 0 writes."""
     if not ctx.main:
         return
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(metrics) + "\n")
-    number = lambda v: f"{v:.4g}" if isinstance(v, float) else ",".join(map(number, v)) if isinstance(v, list) else f"{v}"
-    print(" ".join(f"{k} {number(v)}" for k, v in metrics.items()), flush=True)
     # the run's own GPU only: resumed on a machine with fewer GPUs, a state for each would not fit
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(ctx.device) if ctx.cuda else None}
     atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
@@ -633,6 +638,8 @@ def end_epoch(ctx, out, metrics, model, opt, sched, **extra):
                 os.path.join(out, "checkpoint.pt"), keep_previous=True)
     global last_kept
     last_kept = (out, metrics["epoch"])
+    number = lambda v: f"{v:.4g}" if isinstance(v, float) else ",".join(map(number, v)) if isinstance(v, list) else f"{v}"
+    print(" ".join(f"{k} {number(v)}" for k, v in metrics.items()), flush=True)
 
 
 def epoch_metrics(epoch, lr, loss, acc, test_acc, seen, seconds):

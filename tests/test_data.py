@@ -13,6 +13,7 @@ from PIL import Image
 import data
 import probe
 import rotnet
+import semi_supervised
 import train
 from conftest import assert_one_line_error, free_port, metrics_of, run_cli, write_cifar, write_folder
 
@@ -356,11 +357,17 @@ def test_an_out_inside_the_image_folder_is_refused(tmp_path, capfd):
     pictures = write_folder(tmp_path / "pictures", per_class=10, size=(16, 16))
     settings = dict(data=str(pictures), image_size=16, cache=str(tmp_path / "c"), epochs=1, width=0.125,
                     batch_size=8, device="cpu")
+    named = r"--out .*run is inside the image folder .*pictures, which is never written to .*give an --out elsewhere"
     for out in (pictures / "run", pictures / "cat" / "run"):
-        with pytest.raises(data.UserError, match=r"--out .*run is inside the image folder .*pictures, which is never "
-                                                 r"written to .*give an --out elsewhere"):
+        with pytest.raises(data.UserError, match=named):
             probe.probe(probe.Probing(**settings, out=str(out), init="random", blocks=3))
         assert not out.exists() and not (tmp_path / "c").exists()
+    # A table's or the sweep's --out, named as given (not the run under it), before the data is prepared
+    with pytest.raises(data.UserError, match=r"--out \S*pictures/run is inside"):
+        probe.run_table(3, probe.Probing(**settings, out=str(pictures / "run")))
+    with pytest.raises(data.UserError, match=r"--out \S*pictures/run is inside"):
+        semi_supervised.sweep(semi_supervised.Sweep(**settings, out=str(pictures / "run"), per_class=(2,)))
+    assert not (pictures / "run").exists() and not (tmp_path / "c").exists()
     os.symlink(pictures, tmp_path / "link")  # reached through a link: the same folder
     with pytest.raises(data.UserError, match="is inside the image folder"):
         rotnet.pretrain(rotnet.Pretraining(**settings, out=str(tmp_path / "link" / "run")))
@@ -378,6 +385,18 @@ def test_a_run_resumed_on_images_edited_in_place_is_refused_and_on_a_copy_is_not
     Image.new("RGB", (16, 16)).save(copy / "dog" / "003.png")  # saved again in place: other pixels, other size
     with pytest.raises(data.UserError, match=r"run was trained on other images: .*added, removed or edited"):
         rotnet.pretrain(rotnet.Pretraining(**dict(settings, data=str(copy), cache=str(tmp_path / "c2")), resume=True))
+    # A run recorded before sizes were (its fingerprint the names' alone) is matched on the names
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    names, sizes = config["data_fingerprint"].split(".")
+    (tmp_path / "run" / "config.json").write_text(json.dumps(dict(config, data_fingerprint=names)))
+    rotnet.pretrain(rotnet.Pretraining(**dict(settings, data=str(copy), cache=str(tmp_path / "c2")), resume=True))
+    found = data.identity(str(copy), image_size=16)
+    probe.check_reusable(str(tmp_path / "run"), data=found)
+    os.remove(copy / "dog" / "003.png")  # but not on other names
+    with pytest.raises(data.UserError, match=r"run was trained on other images"):
+        rotnet.pretrain(rotnet.Pretraining(**dict(settings, data=str(copy), cache=str(tmp_path / "c2")), resume=True))
+    with pytest.raises(data.UserError, match=r"made on other images than --data holds now"):
+        probe.check_reusable(str(tmp_path / "run"), data=data.identity(str(copy), image_size=16))
 
 
 def test_block_0_of_a_nin_is_refused_before_preparing(tmp_path, capfd):

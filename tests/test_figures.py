@@ -159,6 +159,10 @@ def test_attention_figure_on_an_image_folder_prepared_elsewhere(nets, tmp_path):
     cell = figures.ATTENTION_CELL
     assert_png(str(out / "attention.png"), (8 * cell, 2 * cell + figures.ATTENTION_HEADER))
     assert (tmp_path / "cache" / "manifest.json").exists()
+    with pytest.raises(UserError, match="is inside the image folder"):  # its PNGs would be images of the data
+        figures.attention_figure(nets[0], nets[1], str(pictures), out=str(pictures / "figs"), image_size=32,
+                                 cache=str(tmp_path / "cache"))
+    assert not (pictures / "figs").exists()
 
 
 def test_attention_figure_shows_the_rotnets_own_images(nets, tmp_path, monkeypatch, capsys):

@@ -159,13 +159,15 @@ def test_a_folder_too_small_for_the_crop_is_refused_before_it_is_prepared(imagen
     assert not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("wrong", [("--classifier", "conv"), ("--finetune",)])
-def test_an_alexnet_probe_it_cannot_have_is_refused_before_the_folder_is_prepared(imagenet, tmp_path, wrong):
+@pytest.mark.parametrize("wrong, named", [(("--classifier", "conv"), "an AlexNet is probed frozen"),
+                                          (("--finetune",), "an AlexNet is probed frozen"),
+                                          (("--classifier", "nonlinear"), "sits on conv4 or conv5")])
+def test_an_alexnet_probe_it_cannot_have_is_refused_before_the_folder_is_prepared(imagenet, tmp_path, wrong, named):
     net = alexnet.AlexNet(width=0.125)
     torch.save(dict(model=net.state_dict(), model_config=net.config), tmp_path / "model.pt")
     proc = run_cli("--data", imagenet, "--cache", tmp_path / "cache", "--checkpoint", tmp_path / "model.pt",
                    "--block", 3, *wrong, "--device", "cpu", "--out", tmp_path / "probe", script="probe.py", check=False)
-    assert_one_line_error(proc, "an AlexNet is probed frozen")
+    assert_one_line_error(proc, named)
     assert not (tmp_path / "cache").exists()
 
 

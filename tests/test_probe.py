@@ -161,7 +161,10 @@ def test_a_run_is_reused_only_where_its_record_matches(tmp_path):
     with pytest.raises(UserError, match="other settings \\(epochs 3 there, 4 here\\)"):
         probe.check_reusable(str(tmp_path), epochs=4, seed=0, checkpoint_hash="ab12")
     record(epochs=3, checkpoint_hash="ef56", data_fingerprint="cd34")
-    with pytest.raises(UserError, match="checkpoint_hash ef56 there, ab12 here"):
+    with pytest.raises(UserError, match=r"checkpoint_hash ef56 there, ab12 here \(--checkpoint holds other weights"):
+        probe.check_reusable(str(tmp_path), epochs=3, checkpoint_hash="ab12")
+    record(epochs=3)  # (no hash recorded: said so, not that the weights differ)
+    with pytest.raises(UserError, match=r"checkpoint_hash \(unrecorded: an older version\) there, ab12 here\)"):
         probe.check_reusable(str(tmp_path), epochs=3, checkpoint_hash="ab12")
     with pytest.raises(UserError, match="made on other images"):
         probe.check_reusable(str(tmp_path), epochs=3, data_fingerprint="0000")
