@@ -199,8 +199,9 @@ class Run:
 def refuse_out_in_images(out, images):
     """Refuses an --out inside the image folder `images` (--data): the folder is never written
     to, and what a run wrote there would be listed with its images (a folder, as one more class)."""
-    inside = os.path.realpath(images)
-    if os.path.commonpath([os.path.realpath(out), inside]) == inside and folders.is_image_folder(inside):
+    inside = os.path.realpath(os.path.expanduser(images))  # (--data=~/pictures reaches here as typed)
+    if os.path.commonpath([os.path.realpath(os.path.expanduser(out)), inside]) == inside \
+            and folders.is_image_folder(inside):
         raise UserError(f"--out {out} is inside the image folder {images}, which is never written to (what is "
                         "written there would be listed with its images): give an --out elsewhere")
 
