@@ -56,19 +56,19 @@ def need(path, what):
     return path
 
 
-def load(path, device="cpu", rotnet=None):
+def load(path, device="cpu", *, rotnet):
     """A NIN (the figures show its blocks); an AlexNet is a one-line error. rotnet: True for
-    --rotnet, False for --supervised, which are told apart by their heads where they can be:
-    a RotNet classifies at most 8 rotations, and its model.pt lists them."""
+    --rotnet, False for --supervised, which are told apart where the file can tell
+    (train.trained_as), and by their heads: a RotNet classifies at most 8 rotations."""
     model = load_model(need(path, "checkpoint"), device)
     if not isinstance(model, NIN):
         raise UserError(f"{path} is an AlexNet: these figures show a NIN's blocks")
-    outputs = model.config["num_classes"]
-    if rotnet and outputs > MOST_ROTATIONS:
-        raise UserError(f"--rotnet {path}: a network of {outputs} outputs, not a RotNet (at most "
-                        f"{MOST_ROTATIONS} rotations): is it the supervised one?")
-    if rotnet is False and "rotations" in read_checkpoint(path):
-        raise UserError(f"--supervised {path}: a RotNet's model.pt (it lists its rotations): is it the --rotnet one?")
+    outputs, made_by = model.config["num_classes"], train.trained_as(path)
+    if rotnet and (outputs > MOST_ROTATIONS or made_by == train.SUPERVISED):
+        raise UserError(f"--rotnet {path}: {made_by or f'a network of {outputs} outputs'}, not a RotNet: "
+                        "is it the --supervised one?")
+    if not rotnet and made_by == train.ROTNET:
+        raise UserError(f"--supervised {path}: a RotNet's, not a supervised NIN's: is it the --rotnet one?")
     return model
 
 

@@ -453,7 +453,8 @@ def run_plan(nets, probes, imagenet=False):
     # (no run made on other images is reused; a folder without labels is refused before its RotNets train)
     made_on = probes[0].data_identity(train.Context(probes[0].device), labels_for="a probe")
     for net in nets:
-        check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed, data=made_on)
+        check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed, batch_size=net.batch_size,
+                       data=made_on)
     finished = lambda p: os.path.exists(os.path.join(p.out, "results.json"))
     for p in probes:
         kind = schedule_kind(p, imagenet)
@@ -469,17 +470,27 @@ def run_plan(nets, probes, imagenet=False):
     for net in nets:
         model = os.path.join(net.out, "model.pt")
         if model in needed and not os.path.exists(model):
+            train.header(f"pretraining {net.out} ({net.epochs} epoch{'s' * (net.epochs != 1)})")
             rotnet.pretrain(net)
     results = {}
     for p in probes:
         if not finished(p):
+            train.header(f"probing into {p.out}")
             probe(p)
         results[p.out] = train.read_json(os.path.join(p.out, "results.json"))
     return results
 
 
+# What a table's probes each set themselves (probe_for, imagenet_probe): a table given one refuses it
+ONE_PROBE = ("block", "classifier", "finetune", "init", "blocks", "supervised")
+
+
 def run_table(number, s: Probing):
     train.refuse_out_in_images(s.out, s.data)  # (before the data, and naming the --out given)
+    default = {f.name: f.default for f in dataclasses.fields(Probing)}
+    given = [f"--{name}" for name in ONE_PROBE if getattr(s, name) != default[name]]
+    require(not given, f"{', '.join(given)}: Table {number} sets each of its probes' own; leave "
+                       f"{'it' if len(given) == 1 else 'them'} out (or run that probe alone, without --table)")
     require(number in (4, 5) or not s.checkpoint,
             f"Table {number} pretrains its own RotNets (in --out): --checkpoint is for Tables 4 and 5 "
             "and single probes")
@@ -512,7 +523,7 @@ def run_table(number, s: Probing):
         made = dict(checkpoint=s.checkpoint, width=probed["width"], epochs=probed["epochs"])
     else:  # --epochs, if given, is the probes' (the RotNets keep 200 x epochs_scale)
         made = dict(epochs_scale=s.epochs_scale, width=s.width, epochs=s.epochs)
-    train.write_json(dict(table=number, columns=columns, **made,
+    train.write_json(dict(table=number, columns=columns, **made, seed=s.seed, data=s.data,
                           rows=[dict(name=n, ours=o, paper=p, **({"best": b} if b and None not in b else {}))
                                 for n, o, p, b in table]),
                      os.path.join(s.out, f"table{number}.json"))
@@ -536,7 +547,9 @@ def parse_args(argv=None):
     ap.add_argument("--blocks", type=int, default=4, choices=[3, 4, 5], help="with --init random")
     ap.add_argument("--supervised", action="store_true", help="train the 3-block NIN from scratch with labels")
     ap.add_argument("--table", type=int, choices=[1, 2, 3, 4, 5],
-                    help="run everything one of the paper's tables needs (4 and 5: probe the AlexNet in --checkpoint)")
+                    help="run everything one of the paper's tables needs (4 and 5: probe the AlexNet in "
+                         "--checkpoint); --epochs and --lr are then its probes', --batch-size its probes' and "
+                         "its RotNets' (which keep 200 x --epochs-scale epochs)")
     args = ap.parse_args(argv)
     if (args.table in (None, 4, 5)) and not args.supervised and args.init == "checkpoint" and not args.checkpoint:
         ap.error("give --checkpoint PATH, --init random, --supervised or --table N (4 and 5 with --checkpoint)")

@@ -80,6 +80,7 @@ def run_arm(s, dataset, arm, per_class, subset, checkpoint):
     path = os.path.join(run.out, "results.json")
     if os.path.exists(path):
         return train.read_json(path)
+    train.header(f"K={per_class}, {'RotNet + conv' if kind == 'conv' else 'supervised NIN'}: {run.out}")
     with run.claim_out():  # out held until the run ends
         torch.manual_seed(s.seed)
         if arm == "rotnet_conv":
@@ -143,12 +144,20 @@ def sweep(s: Sweep):
     made_on = s.data_identity(ctx)  # no run made on other images is reused
     net = None if s.checkpoint else probe.rotnet_for(s, 4)
     checkpoint = s.checkpoint or os.path.join(net.out, "model.pt")
-    if s.checkpoint:
-        # an unreadable checkpoint stops here, not after a run
-        require(isinstance(load_model(s.checkpoint), NIN),
-                f"{s.checkpoint} is an AlexNet: the sweep trains on a NIN RotNet's ConvB2 (Figure 5b)")
+    if s.checkpoint:  # (an unreadable checkpoint stops here, not after a run)
+        given = load_model(s.checkpoint)
+        require(isinstance(given, NIN), f"{s.checkpoint} is an AlexNet: the sweep trains on a NIN RotNet's ConvB2 "
+                                        "(Figure 5b)")
+        made_by = train.trained_as(s.checkpoint)
+        require(made_by in (None, train.ROTNET), f"{s.checkpoint} is {made_by}'s, not a RotNet's: the sweep's conv "
+                                                 "arms train on a RotNet's ConvB2")
+        # the two arms compare how a network learnt, not how wide it is: the supervised NIN is as wide
+        require(given.config["width"] == s.width,
+                f"--width {s.width:g}: the RotNet in --checkpoint is {given.config['width']:g} wide, and the "
+                f"supervised NIN it is compared with must be as wide: give --width {given.config['width']:g}")
     else:
-        probe.check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed, data=made_on)
+        probe.check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed, batch_size=net.batch_size,
+                             data=made_on)
     # The RotNet the conv arms train on is known by its weights (not by how its path is written;
     # a file trained anew in place is another), or by its path until the sweep has trained it
     weights = dict(checkpoint=checkpoint, **({"checkpoint_hash": fingerprint(checkpoint)}
@@ -164,6 +173,7 @@ def sweep(s: Sweep):
                                  batch_size=s.batch_size or schedule.batch_size,
                                  data=made_on, **source)
     if net and not os.path.exists(checkpoint):
+        train.header(f"pretraining {net.out} ({net.epochs} epoch{'s' * (net.epochs != 1)})")
         rotnet.pretrain(net)
     rows = []
     for k in s.per_class:
@@ -179,7 +189,9 @@ def sweep(s: Sweep):
     if not ctx.main:
         return
     os.makedirs(s.out, exist_ok=True)
-    train.write_json(dict(rows=rows, checkpoint=checkpoint, epoch_size=s.epoch_size),
+    train.write_json(dict(rows=rows, checkpoint=checkpoint, data=s.data, width=s.width, seed=s.seed,
+                          subset_seed=s.subset_seed, epochs=s.epochs, epochs_scale=s.epochs_scale,
+                          epoch_size=s.epoch_size),
                      os.path.join(s.out, "results.json"))
     train.write_text(markdown(rows), os.path.join(s.out, "semi_supervised.md"))
     plot(rows, os.path.join(s.out, "semi_supervised.png"))

@@ -517,6 +517,12 @@ def load_resume_checkpoint(ctx, out):
     return None
 
 
+def header(text):
+    """A line above the epoch lines of one run of several (a table's, a sweep's), naming it."""
+    if main_rank():
+        print(f"== {text}", flush=True)
+
+
 def say_if_nothing_to_resume(out):
     """The --resume a user gave, to an --out that does not exist (mistyped, say): the run starts
     from the beginning, which is said rather than done silently. (restore says so of a folder
@@ -542,6 +548,8 @@ def restore(ctx, out, config, resume, model, opt, sched):
         except (RuntimeError, ValueError, KeyError) as err:
             lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
             detail = lines[1] if len(lines) > 1 else lines[0]  # the first mismatch, past "Error(s) in loading"
+            if len(detail) > 160:  # ("Missing key(s) in state_dict:" lists every key)
+                detail = detail[:160].rsplit(", ", 1)[0] + ", ..."
             raise UserError(f"{out}/checkpoint.pt was made with other settings ({detail}); "
                             "give this run another --out") from None
         sched.load_state_dict(ckpt["scheduler"])
@@ -572,6 +580,9 @@ def restore(ctx, out, config, resume, model, opt, sched):
 
 def refuse_changed(out, changed):
     """The one-line refusal of a resume with the settings in changed ({setting: (there, here)})."""
+    if "kind" in changed:
+        there, here = changed["kind"]
+        raise UserError(f"{out} holds the run of {there}, not of {here}: give this run another --out")
     other_images = changed.pop("data_fingerprint", None)  # (said last: a setting changed may be why)
     differ = "; ".join(setting_change(k, there, here) for k, (there, here) in changed.items())
     require(not changed, f"{out} was made with other settings ({differ}): resume it with its own, "
@@ -598,6 +609,27 @@ def saved_config(out):
     return saved if isinstance(saved, dict) else {}
 
 
+ROTNET, PROBE, SUPERVISED = "a RotNet pretraining", "a probe", "a supervised NIN"
+
+
+def run_kind(config):
+    """What a run trains, from its config (config.json): ROTNET, PROBE or SUPERVISED (a sweep's
+    arms are a probe and a supervised NIN); None for a config that does not say."""
+    if "rotations" in config:
+        return ROTNET
+    return SUPERVISED if config.get("classifier") == "supervised" else PROBE if "classifier" in config else None
+
+
+def trained_as(path):
+    """run_kind of the run that made the network in checkpoint file path: a RotNet's model.pt
+    lists its rotations, and any other file of a run lies beside its config.json. None where
+    neither tells (the original code's files, one copied out of its run's folder)."""
+    saved = read_checkpoint(path)
+    if isinstance(saved, dict) and "rotations" in saved:
+        return ROTNET
+    return run_kind(saved_config(os.path.dirname(os.path.abspath(path))))
+
+
 def by_weights(saved, here):
     """Whether a probe's checkpoint is told by its weights, where both records hold their hash
     (checkpoint_hash), rather than by its path, which may be written otherwise or moved."""
@@ -609,6 +641,8 @@ def changed_settings(out, config):
     with (its config.json): resumed with others, a run would train something else than it records.
     (None to compare with: the checkpoint's shapes are still checked.)"""
     saved = saved_config(out)
+    if run_kind(saved) and run_kind(config) and run_kind(saved) != run_kind(config):
+        return {"kind": (run_kind(saved), run_kind(config))}  # (every other setting would differ too)
     may_change = MAY_CHANGE_ON_RESUME | ({"checkpoint"} if by_weights(saved, config) else set())
     as_saved = lambda v: json.loads(json.dumps(v))  # tuples as lists, as config.json holds them
     return {k: (saved[k], as_saved(v)) for k, v in config.items() if k in saved and k not in may_change

@@ -218,8 +218,18 @@ def test_the_two_networks_swapped_are_refused(nets, tmp_path):
     rotnet_model = save_nin(tmp_path / "model.pt", 4, 4, rotations=[0, 90, 180, 270])  # as rotnet.py saves it
     with pytest.raises(UserError, match="--rotnet .*10 outputs, not a RotNet"):
         figures.filters_figure(nets[1], nets[0], str(tmp_path))
-    with pytest.raises(UserError, match="--supervised .*a RotNet's model.pt"):
+    with pytest.raises(UserError, match="--supervised .*a RotNet's, not a supervised NIN's"):
         figures.filters_figure(rotnet_model, rotnet_model, str(tmp_path))
+    # A checkpoint.pt (no rotations listed, a head of 4 outputs) is known by its run's config.json.
+    for name, config, wrong in (("rotnet_run", dict(arch="nin", rotations=[0, 90, 180, 270]), "--supervised"),
+                                ("supervised_run", dict(classifier="supervised"), "--rotnet")):
+        (tmp_path / name).mkdir()
+        save_nin(tmp_path / name / "checkpoint.pt", 4, 4, optimizer={})
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        checkpoint = str(tmp_path / name / "checkpoint.pt")
+        with pytest.raises(UserError, match=f"{wrong} .*checkpoint.pt: a .*, not a"):
+            figures.filters_figure(*((nets[0], checkpoint) if wrong == "--supervised" else (checkpoint, nets[1])),
+                                   str(tmp_path))
     assert not (tmp_path / "filters.png").exists()
 
 

@@ -149,6 +149,32 @@ def test_a_checkpoint_that_would_not_be_used_is_refused(cifar_dir, tmp_path, fla
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--finetune"], "--finetune: Table 3"), (["--classifier", "conv"], "--classifier: Table 3"),
+    (["--block", "3"], "--block: Table 3"), (["--init", "random"], "--init: Table 3"),
+    (["--supervised", "--blocks", "5"], "--blocks, --supervised: Table 3"),
+])
+def test_a_table_refuses_what_its_probes_set_themselves(cifar_dir, tmp_path, flags, named):
+    # passed on to every probe, they would retrain its rows as other probes under the paper's labels
+    proc = run_probe("--table", 3, *flags, "--data", cifar_dir, "--device", "cpu", "--out", tmp_path / "o",
+                     "--epochs-scale", 0.005, "--width", 0.125, check=False)
+    assert_one_line_error(proc, named, "leave")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_tables_rotnet_is_reused_only_at_its_batch_size(cifar_dir, tmp_path):
+    # --batch-size reaches a table's RotNets too (rotnet_for): one made at another is not reused
+    s = probe.Probing(data=cifar_dir, out=str(tmp_path), epochs_scale=0.005, width=0.125, device="cpu",
+                      batch_size=64)
+    _, rows, nets = probe.table3(s)
+    made_on = s.data_identity(train.Context("cpu"), labels_for="a probe")
+    os.makedirs(nets[0].out)
+    with open(os.path.join(nets[0].out, "config.json"), "w") as f:
+        json.dump(dict(epochs=nets[0].epochs, width=0.125, seed=0, batch_size=128, networks=NETWORKS, **made_on), f)
+    with pytest.raises(UserError, match="rotnet_4blocks.* other settings \\(batch_size 128 there, 64 here\\)"):
+        probe.run_plan(nets, [p for _, probes, _ in rows for p in probes])
+
+
 def test_a_run_is_reused_only_where_its_record_matches(tmp_path):
     # a run of an older version, whose networks started otherwise (no record of it): not reused
     (tmp_path / "config.json").write_text(json.dumps(dict(epochs=3, seed=0, checkpoint_hash="ab12")))

@@ -663,6 +663,26 @@ def test_resume_refuses_other_settings(cifar_dir, tmp_path, flags, named):
     run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "2", "--resume", "--eval-every", "2"))  # how often it tests may change
 
 
+def test_resuming_the_run_of_another_script_says_what_the_folder_holds(tmp_path):
+    from errors import UserError
+    out = str(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(classifier="nonlinear", block=2, lr=0.1)))
+    changed = train.changed_settings(out, dict(arch="nin", rotations=[0, 90, 180, 270], lr=0.1))
+    with pytest.raises(UserError, match=f"^{out} holds the run of a probe, not of a RotNet pretraining: give"):
+        train.refuse_changed(out, changed)
+    # With no config.json to tell, the weights' mismatch is named by its first few keys, not all
+    (tmp_path / "config.json").unlink()
+    ctx, config = train.Context("cpu"), dict(epochs=2)
+    other = nin.NIN(3, 10, 0.125)
+    opt, sched = train.make_optimizer(other.parameters(), 0.1, 2)
+    train.end_epoch(ctx, out, dict(epoch=1), other, opt, sched)
+    model = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(40)])
+    opt, sched = train.make_optimizer(model.parameters(), 0.1, 2)
+    with pytest.raises(UserError, match="made with other settings") as err:
+        train.restore(ctx, out, config, True, model, opt, sched)
+    assert len(str(err.value)) < 300 and str(err.value).count(", ...") == 1
+
+
 def test_an_epoch_that_makes_no_step_or_diverges_stops_with_one_line():
     from errors import UserError
     images = data.Resident(torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8))

@@ -44,7 +44,7 @@ def test_the_table_gives_the_conv_arms_best_epoch_as_the_original_keeps_it():
 
 def test_one_tiny_run_writes_both_arms_and_the_figure(tmp_path):
     write_cifar(tmp_path / "data", 30, 50)
-    save_nin(tmp_path / "model.pt", width=0.0625)  # not --width: that is the supervised arm's
+    save_nin(tmp_path / "model.pt", width=0.125)  # as wide as --width, the supervised arm's
     out = tmp_path / "out"
     flags = ["--per-class", "3", "--data", tmp_path / "data", "--epochs", "1", "--epoch-size", "96", "--width", "0.125",
              "--batch-size", "32", "--device", "cpu", "--out", out]
@@ -62,7 +62,7 @@ def test_one_tiny_run_writes_both_arms_and_the_figure(tmp_path):
         assert len(metrics) == 1
     widths = [json.loads((out / arm / "config.json").read_text())["width"]
               for arm in ("K3_rotnet_conv", "K3_supervised")]
-    assert widths == [0.0625, 0.125]  # each records the network it trained
+    assert widths == [0.125, 0.125]  # each records the network it trained
     # Its finished arms are reused only by the same sweep: not with another lr, or another RotNet,
     # be it another file, the sweep's own, or other weights in the same file (trained anew).
     save_nin(tmp_path / "other.pt", seed=1)
@@ -75,11 +75,11 @@ def test_one_tiny_run_writes_both_arms_and_the_figure(tmp_path):
     shutil.copy(tmp_path / "model.pt", tmp_path / "copy.pt")
     again = run_cli(*flags, "--checkpoint", tmp_path / "copy.pt", script="semi_supervised.py")
     assert "epoch 1" not in again.stdout
-    save_nin(tmp_path / "model.pt", width=0.0625, seed=1)
+    save_nin(tmp_path / "model.pt", width=0.125, seed=1)
     again = run_cli(*flags, "--checkpoint", tmp_path / "model.pt", check=False, script="semi_supervised.py")
     assert_one_line_error(again, "K3_rotnet_conv", "checkpoint_hash", "other settings")
     # nor on other images (another sample, or the folder changed since)
-    save_nin(tmp_path / "model.pt", width=0.0625)
+    save_nin(tmp_path / "model.pt", width=0.125)
     write_cifar(tmp_path / "other_data", 30, 50, seed=1)
     again = run_cli(*[tmp_path / "other_data" if f == tmp_path / "data" else f for f in flags], "--checkpoint",
                     tmp_path / "model.pt", check=False, script="semi_supervised.py")
@@ -122,3 +122,20 @@ def test_an_alexnet_checkpoint_is_refused_before_anything_trains(tmp_path):
                    "--device", "cpu", "--out", out, check=False, script="semi_supervised.py")
     assert_one_line_error(proc, "alexnet.pt", "AlexNet", "NIN")
     assert not out.exists()
+
+
+def test_a_checkpoint_that_is_no_rotnet_of_this_width_is_refused_before_anything_trains(tmp_path):
+    write_cifar(tmp_path / "data", 10, 10)
+    flags = ["--per-class", "1", "--data", tmp_path / "data", "--device", "cpu", "--out", tmp_path / "out"]
+    save_nin(tmp_path / "model.pt", width=0.25)  # the supervised arm would be --width's 1.0
+    proc = run_cli(*flags, "--checkpoint", tmp_path / "model.pt", check=False, script="semi_supervised.py")
+    assert_one_line_error(proc, "--width 1", "0.25 wide", "give --width 0.25")
+    # a supervised NIN's checkpoint (probe.py --supervised), known by its run's config.json
+    supervised = tmp_path / "supervised"
+    supervised.mkdir()
+    save_nin(supervised / "checkpoint.pt", blocks=3, num_classes=10, width=0.25)
+    (supervised / "config.json").write_text(json.dumps(dict(classifier="supervised", supervised=True)))
+    proc = run_cli(*flags, "--width", "0.25", "--checkpoint", supervised / "checkpoint.pt", check=False,
+                   script="semi_supervised.py")
+    assert_one_line_error(proc, "a supervised NIN's, not a RotNet's")
+    assert not (tmp_path / "out").exists()
