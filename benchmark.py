@@ -208,11 +208,15 @@ def benchmark(s: Pretraining, steps=100, *, dataloader=False, workers=WORKERS, j
     images, epoch_images = random_images(s, steps)
     variant = Variant(amp=s.amp, compile=s.compile)
     result = measure(s, variant, images, epoch_images, steps, workers)
+    rows = [dict(variant="fused op" + (", compiled" if s.compile else ""), status="ok", **result)]
     if dataloader:
         base = measure(s, dataclasses.replace(variant, name="dataloader", dataloader=True), images, epoch_images,
                        steps, workers)
         result.update(baseline_images_per_s=base["images_per_s"], baseline_workers=workers,
                       speedup_vs_dataloader=round(result["images_per_s"] / base["images_per_s"], 2))
+        rows.append(dict(variant=f"dataloader (workers: {workers})", status="ok", **base,
+                         ratio=round(base["images_per_s"] / result["images_per_s"], 3)))
+    print(table_text(rows), file=sys.stderr)  # for the reader; the JSON line last, for programs
     print(json.dumps(result))
     if json_path:
         write_json(json_path, result)
@@ -249,13 +253,16 @@ def sweep(s: Pretraining, steps=100, *, variants=SWEEP, workers=WORKERS, json_pa
         print(f"sweep: {row_text(row)}", file=sys.stderr, flush=True)
         if json_path:
             write_json(json_path, sweep_summary(s, ctx, steps, workers, rows))
-    print(f"{'variant':36} {'images/s':>10} {'min/100 ep':>11} {'build share':>12} {'x first':>8}")
-    for row in rows:
-        print(row_text(row))
+    print(table_text(rows))
     failed = [r["variant"] for r in rows if r["status"] == "failed"]
     require(not failed, f"{len(failed)} of the sweep's {len(rows)} variants failed ({', '.join(failed)}): "
                         "their rows above say why")
     return rows
+
+
+def table_text(rows):
+    header = f"{'variant':36} {'images/s':>10} {'min/100 ep':>11} {'build share':>12} {'x first':>8}"
+    return "\n".join([header] + [row_text(row) for row in rows])
 
 
 def row_text(row):
