@@ -31,6 +31,7 @@ import data  # noqa: E402
 import folders  # noqa: E402
 import probe  # noqa: E402
 import rot_kernel  # noqa: E402
+import rotnet  # noqa: E402
 import train  # noqa: E402
 from errors import UserError  # noqa: E402
 from models import fingerprint, load_model, read_checkpoint  # noqa: E402
@@ -47,7 +48,6 @@ FIGURE5A_SIZE = (7.0, 4.6)
 HEATMAP, HEATMAP_ALPHA = "jet", 0.5
 PROBE_BLOCK = 2                # Figure 5(a): the non-linear classifier on ConvB2
 SNAPSHOT = re.compile(r"model_epoch(\d+)\.pt$")
-MOST_ROTATIONS = 8             # the multiples of 45 degrees: a RotNet's head has at most 8 outputs
 
 
 def need(path, what):
@@ -56,18 +56,18 @@ def need(path, what):
     return path
 
 
-def load(path, device="cpu", *, rotnet):
-    """A NIN (the figures show its blocks); an AlexNet is a one-line error. rotnet: True for
+def load(path, device="cpu", *, is_rotnet):
+    """A NIN (the figures show its blocks); an AlexNet is a one-line error. is_rotnet: True for
     --rotnet, False for --supervised, which are told apart where the file can tell
     (train.trained_as), and by their heads: a RotNet classifies at most 8 rotations."""
     model = load_model(need(path, "checkpoint"), device)
     if not isinstance(model, NIN):
         raise UserError(f"{path} is an AlexNet: these figures show a NIN's blocks")
     outputs, made_by = model.config["num_classes"], train.trained_as(path)
-    if rotnet and (outputs > MOST_ROTATIONS or made_by == train.SUPERVISED):
-        raise UserError(f"--rotnet {path}: {made_by or f'a network of {outputs} outputs'}, not a RotNet: "
-                        "is it the --supervised one?")
-    if not rotnet and made_by == train.ROTNET:
+    if is_rotnet and (outputs > rotnet.MOST_ROTATIONS or made_by not in (None, train.ROTNET)):
+        what = f"{made_by}'s network" if made_by not in (None, train.ROTNET) else f"a network of {outputs} outputs"
+        raise UserError(f"--rotnet {path}: {what}, not a RotNet: is it the --supervised one?")
+    if not is_rotnet and made_by == train.ROTNET:
         raise UserError(f"--supervised {path}: a RotNet's, not a supervised NIN's: is it the --rotnet one?")
     return model
 
@@ -121,8 +121,8 @@ def attention_figure(rotnet_path, supervised_path, data_dir=None, out="runs/figu
                      device="cpu", image_size=None, cache=None):
     """data_dir, image_size, cache: None, those the RotNet was pretrained on (run_images), where
     the config.json beside rotnet_path records them; else ./data, at 256."""
-    nets = [("RotNet", load(rotnet_path, device, rotnet=True)),
-            ("Supervised", load(supervised_path, device, rotnet=False))]
+    nets = [("RotNet", load(rotnet_path, device, is_rotnet=True)),
+            ("Supervised", load(supervised_path, device, is_rotnet=False))]
     run = os.path.dirname(rotnet_path) or "."
     if data_dir is None and not isinstance(train.saved_config(run).get("data"), str):
         data_dir = "./data"  # not beside the run that made it (an original checkpoint, or moved)
@@ -187,8 +187,8 @@ def filter_grid(weight, gap=1):
 def filters_figure(rotnet_path, supervised_path, out):
     fig, axes = plt.subplots(1, 2, figsize=FILTERS_SIZE, layout="constrained")
     nets = [("RotNet", rotnet_path, True), ("Supervised NIN", supervised_path, False)]
-    for ax, (name, path, rotnet) in zip(axes, nets):
-        weight = load(path, rotnet=rotnet).blocks[0][0].conv.weight
+    for ax, (name, path, is_rotnet) in zip(axes, nets):
+        weight = load(path, is_rotnet=is_rotnet).blocks[0][0].conv.weight
         ax.imshow(filter_grid(weight), interpolation="nearest")
         ax.set_title(f"{name}: {weight.shape[0]} first-layer filters "
                      f"({weight.shape[2]}x{weight.shape[3]}x{weight.shape[1]})", fontsize=11)

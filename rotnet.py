@@ -34,6 +34,7 @@ from train import (LR_DECAY, MILESTONES, Context, Run, add_common_flags, atomic_
 
 # ----------------------------------------------------------------------------- settings
 FOUR = (0, 90, 180, 270)             # the paper's rotations
+MOST_ROTATIONS = 8                   # the multiples of 45 degrees: a RotNet's head has 2 to 8 outputs
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ ARCHS = {"nin": Arch(data.Recipe("pad-crop"), lr=0.1, decay=LR_DECAY, milestones
 
 def check_rotations(rotations):
     rotations = tuple(rotations)
-    require(2 <= len(rotations) <= 8 and len(set(rotations)) == len(rotations)
+    require(2 <= len(rotations) <= MOST_ROTATIONS and len(set(rotations)) == len(rotations)
             and all(isinstance(r, int) and 0 <= r < 360 and r % 45 == 0 for r in rotations),
             f"rotations: 2 to 8 unique multiples of 45 in [0, 360) (one is nothing to tell apart), "
             f"got {list(rotations)}")

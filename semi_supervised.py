@@ -22,6 +22,7 @@ import cifar
 import probe
 import rotnet
 import train
+import nin
 from models import fingerprint, load_model
 from nin import NIN
 from train import require
@@ -34,6 +35,7 @@ PAPER_CROSSOVER = 1000  # below about this many labels per class RotNet + conv w
 
 @dataclass(frozen=True)
 class Sweep(train.Run):
+    width: Optional[float] = None      # the supervised NIN's; None: the --checkpoint RotNet's (else 1.0)
     out: str = "runs/semi_supervised"
     per_class: tuple = (100,)          # K: labelled images per class, one run of both arms each
     checkpoint: Optional[str] = None   # a 4-block RotNet; None: pretrain one in out
@@ -42,6 +44,8 @@ class Sweep(train.Run):
     epochs_scale: float = 1.0          # each arm's own schedule x this, where epochs is not given
 
     def __post_init__(self):
+        if self.width is None:  # (an unreadable checkpoint is a one-line error here already)
+            object.__setattr__(self, "width", load_model(self.checkpoint).config["width"] if self.checkpoint else 1.0)
         super().__post_init__()
         object.__setattr__(self, "per_class", tuple(sorted(set(self.per_class))))
         require(self.per_class and min(self.per_class) >= 1, f"--per-class: at least 1, got {list(self.per_class)}")
@@ -148,13 +152,14 @@ def sweep(s: Sweep):
         given = load_model(s.checkpoint)
         require(isinstance(given, NIN), f"{s.checkpoint} is an AlexNet: the sweep trains on a NIN RotNet's ConvB2 "
                                         "(Figure 5b)")
-        made_by = train.trained_as(s.checkpoint)
-        require(made_by in (None, train.ROTNET), f"{s.checkpoint} is {made_by}'s, not a RotNet's: the sweep's conv "
-                                                 "arms train on a RotNet's ConvB2")
+        made_by, outputs = train.trained_as(s.checkpoint), given.config["num_classes"]
+        what = f"{made_by}'s network" if made_by not in (None, train.ROTNET) else f"a network of {outputs} outputs"
+        require(made_by in (None, train.ROTNET) and outputs <= rotnet.MOST_ROTATIONS,
+                f"{s.checkpoint}: {what}, not a RotNet: the sweep's conv arms train on a RotNet's ConvB2")
         # the two arms compare how a network learnt, not how wide it is: the supervised NIN is as wide
-        require(given.config["width"] == s.width,
-                f"--width {s.width:g}: the RotNet in --checkpoint is {given.config['width']:g} wide, and the "
-                f"supervised NIN it is compared with must be as wide: give --width {given.config['width']:g}")
+        require(nin.channels(given.config["width"]) == nin.channels(s.width),
+                f"--width {s.width!r}: the RotNet in --checkpoint is {given.config['width']!r} wide, and the "
+                "supervised NIN it is compared with must be as wide: leave --width out to take the RotNet's")
     else:
         probe.check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed, batch_size=net.batch_size,
                              data=made_on)
@@ -211,11 +216,13 @@ def per_class_list(text):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     train.add_common_flags(ap, epochs="each arm's own schedule (the RotNet pretrained without --checkpoint keeps "
-                           "its 200 x --epochs-scale)", out="runs/semi_supervised", scaled=True)
+                           "its 200 x --epochs-scale)", out="runs/semi_supervised", scaled=True,
+                           width_of_checkpoint=True)
     ap.add_argument("--per-class", required=True, type=per_class_list,
                     help="labelled images per class, e.g. 100 or 20,100,400,1000,5000")
     ap.add_argument("--checkpoint", type=train.user_path,
-                    help="a RotNet (model.pt or original format); default: pretrain one")
+                    help="a RotNet (model.pt or original format; the supervised NIN is made as wide); default: "
+                         "pretrain one")
     ap.add_argument("--subset-seed", type=int, help="draw a random K per class instead of the first K")
     ap.add_argument("--epoch-size", type=train.positive_int, default=EPOCH_SIZE,
                     help=f"labelled images drawn per epoch, with repeats (default: {EPOCH_SIZE:,}, the size of "

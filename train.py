@@ -547,9 +547,11 @@ def restore(ctx, out, config, resume, model, opt, sched):
             opt.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
             lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
-            detail = lines[1] if len(lines) > 1 else lines[0]  # the first mismatch, past "Error(s) in loading"
-            if len(detail) > 160:  # ("Missing key(s) in state_dict:" lists every key)
-                detail = detail[:160].rsplit(", ", 1)[0] + ", ..."
+            # the first mismatch, past "Error(s) in loading"
+            detail = (lines[1] if len(lines) > 1 else lines[0]).rstrip(".")
+            if detail.startswith(("Missing key(s)", "Unexpected key(s)")):  # (every key: the first three)
+                keys = detail.split(", ")
+                detail = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
             raise UserError(f"{out}/checkpoint.pt was made with other settings ({detail}); "
                             "give this run another --out") from None
         sched.load_state_dict(ckpt["scheduler"])
@@ -609,25 +611,32 @@ def saved_config(out):
     return saved if isinstance(saved, dict) else {}
 
 
-ROTNET, PROBE, SUPERVISED = "a RotNet pretraining", "a probe", "a supervised NIN"
+ROTNET, PROBE, SUPERVISED, ARM = "a RotNet pretraining", "a probe", "a supervised NIN", "a label-scarcity arm"
 
 
 def run_kind(config):
-    """What a run trains, from its config (config.json): ROTNET, PROBE or SUPERVISED (a sweep's
-    arms are a probe and a supervised NIN); None for a config that does not say."""
+    """What a run trains, from its config (config.json): ROTNET, PROBE, SUPERVISED or ARM (one
+    of the sweep's, either kind); None for a config that does not say."""
     if "rotations" in config:
         return ROTNET
+    if "arm" in config:
+        return ARM
     return SUPERVISED if config.get("classifier") == "supervised" else PROBE if "classifier" in config else None
 
 
 def trained_as(path):
     """run_kind of the run that made the network in checkpoint file path: a RotNet's model.pt
-    lists its rotations, and any other file of a run lies beside its config.json. None where
-    neither tells (the original code's files, one copied out of its run's folder)."""
+    (and its snapshots) list their rotations, and a run's checkpoint.pt lies beside its
+    config.json. None where neither tells: the original code's files, any other file (the
+    folder's config.json speaks for its run's own files only), one copied out of its run."""
     saved = read_checkpoint(path)
     if isinstance(saved, dict) and "rotations" in saved:
         return ROTNET
-    return run_kind(saved_config(os.path.dirname(os.path.abspath(path))))
+    path = os.path.realpath(path)
+    if os.path.basename(path) not in ("checkpoint.pt", "checkpoint.prev.pt"):
+        return None
+    kind = run_kind(saved_config(os.path.dirname(path)))
+    return None if kind == PROBE else kind  # (a probe's own checkpoint.pt holds no network alone)
 
 
 def by_weights(saved, here):
@@ -704,9 +713,10 @@ def user_path(text):
     return os.path.expanduser(text)
 
 
-def add_common_flags(ap, epochs, out, scaled=False, out_help=None):
+def add_common_flags(ap, epochs, out, scaled=False, out_help=None, width_of_checkpoint=False):
     """The flags every script shares, declared once, with the same meaning everywhere; out_help:
-    what --out's help says of its default, where out (None) leaves it to the script."""
+    what --out's help says of its default, where out (None) leaves it to the script;
+    width_of_checkpoint: --width defaults to None, the --checkpoint's width (the sweep's)."""
     ap.add_argument("--data", default="./data", type=user_path,
                     help="CIFAR-10 (its folder, the folder holding it or its archive) or a folder of images: "
                     "train/<class>/ + val/<class>/, <class>/ folders, or unlabelled images (default: ./data)")
@@ -723,9 +733,10 @@ def add_common_flags(ap, epochs, out, scaled=False, out_help=None):
                     help="source images per step, before rotations (default: the original's: 128; AlexNet 192)")
     ap.add_argument("--lr", type=positive_float, help="default: the original's (0.1; AlexNet 0.01)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--width", type=positive_float, default=1.0,
-                    help="channel multiplier of the networks this run builds (a --checkpoint keeps its own), "
-                    "1/64 to 16 (1.0 is the paper's NIN)")
+    ap.add_argument("--width", type=positive_float, default=None if width_of_checkpoint else 1.0,
+                    help="channel multiplier of the networks this run builds, 1/64 to 16 (1.0 is the paper's "
+                    "NIN; default: " + ("the --checkpoint's, else 1.0)" if width_of_checkpoint else
+                                        "1.0; a --checkpoint keeps its own)"))
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--out", default=out, type=user_path,
                     help=f"folder for config.json, metrics.jsonl, checkpoint.pt and results (default: {out_help or out})")

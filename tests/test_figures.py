@@ -231,6 +231,9 @@ def test_the_two_networks_swapped_are_refused(nets, tmp_path):
             figures.filters_figure(*((nets[0], checkpoint) if wrong == "--supervised" else (checkpoint, nets[1])),
                                    str(tmp_path))
     assert not (tmp_path / "filters.png").exists()
+    # a run's config.json speaks for its own checkpoint.pt only, not for any file put beside it
+    save_nin(tmp_path / "rotnet_run" / "supervised_nin.pt", 3, 10)
+    figures.filters_figure(nets[0], str(tmp_path / "rotnet_run" / "supervised_nin.pt"), str(tmp_path))
 
 
 def test_curves_figure(tmp_path):

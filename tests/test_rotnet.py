@@ -670,6 +670,11 @@ def test_resuming_the_run_of_another_script_says_what_the_folder_holds(tmp_path)
     changed = train.changed_settings(out, dict(arch="nin", rotations=[0, 90, 180, 270], lr=0.1))
     with pytest.raises(UserError, match=f"^{out} holds the run of a probe, not of a RotNet pretraining: give"):
         train.refuse_changed(out, changed)
+    # a sweep's arm is no probe of the same name: resumed by probe.py, it would train on every label
+    (tmp_path / "config.json").write_text(json.dumps(dict(arm="supervised", classifier="supervised", per_class=20)))
+    changed = train.changed_settings(out, dict(classifier="supervised", supervised=True))
+    with pytest.raises(UserError, match="holds the run of a label-scarcity arm, not of a supervised NIN"):
+        train.refuse_changed(out, changed)
     # With no config.json to tell, the weights' mismatch is named by its first few keys, not all
     (tmp_path / "config.json").unlink()
     ctx, config = train.Context("cpu"), dict(epochs=2)
@@ -681,6 +686,11 @@ def test_resuming_the_run_of_another_script_says_what_the_folder_holds(tmp_path)
     with pytest.raises(UserError, match="made with other settings") as err:
         train.restore(ctx, out, config, True, model, opt, sched)
     assert len(str(err.value)) < 300 and str(err.value).count(", ...") == 1
+    # and a shape that differs (another --width) whole
+    wider = nin.NIN(3, 10, 0.25)
+    opt, sched = train.make_optimizer(wider.parameters(), 0.1, 2)
+    with pytest.raises(UserError, match=r"size mismatch for .*torch.Size\(\[48, 3, 5, 5\]\)\); give") as err:
+        train.restore(ctx, out, config, True, wider, opt, sched)
 
 
 def test_an_epoch_that_makes_no_step_or_diverges_stops_with_one_line():

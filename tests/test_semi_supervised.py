@@ -127,15 +127,22 @@ def test_an_alexnet_checkpoint_is_refused_before_anything_trains(tmp_path):
 def test_a_checkpoint_that_is_no_rotnet_of_this_width_is_refused_before_anything_trains(tmp_path):
     write_cifar(tmp_path / "data", 10, 10)
     flags = ["--per-class", "1", "--data", tmp_path / "data", "--device", "cpu", "--out", tmp_path / "out"]
-    save_nin(tmp_path / "model.pt", width=0.25)  # the supervised arm would be --width's 1.0
-    proc = run_cli(*flags, "--checkpoint", tmp_path / "model.pt", check=False, script="semi_supervised.py")
-    assert_one_line_error(proc, "--width 1", "0.25 wide", "give --width 0.25")
-    # a supervised NIN's checkpoint (probe.py --supervised), known by its run's config.json
+    save_nin(tmp_path / "model.pt", width=0.25)
+    # the supervised arm is made as wide as the RotNet: without --width, by taking its width
+    assert semi_supervised.Sweep(checkpoint=str(tmp_path / "model.pt")).width == 0.25
+    assert semi_supervised.Sweep().width == 1.0
+    proc = run_cli(*flags, "--width", "1", "--checkpoint", tmp_path / "model.pt", check=False,
+                   script="semi_supervised.py")
+    assert_one_line_error(proc, "--width 1.0", "0.25 wide", "leave --width out")
+    # a supervised NIN's checkpoint (probe.py --supervised), known by its run's config.json, or
+    # away from it by its 10 outputs
     supervised = tmp_path / "supervised"
     supervised.mkdir()
-    save_nin(supervised / "checkpoint.pt", blocks=3, num_classes=10, width=0.25)
+    save_nin(supervised / "checkpoint.pt", blocks=3, num_classes=10, width=0.25, optimizer={})
+    shutil.copy(supervised / "checkpoint.pt", tmp_path / "copied.pt")
     (supervised / "config.json").write_text(json.dumps(dict(classifier="supervised", supervised=True)))
-    proc = run_cli(*flags, "--width", "0.25", "--checkpoint", supervised / "checkpoint.pt", check=False,
-                   script="semi_supervised.py")
-    assert_one_line_error(proc, "a supervised NIN's, not a RotNet's")
+    for path, named in ((supervised / "checkpoint.pt", "a supervised NIN's network, not a RotNet"),
+                        (tmp_path / "copied.pt", "a network of 10 outputs, not a RotNet")):
+        proc = run_cli(*flags, "--checkpoint", path, check=False, script="semi_supervised.py")
+        assert_one_line_error(proc, named)
     assert not (tmp_path / "out").exists()
