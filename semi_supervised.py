@@ -22,9 +22,8 @@ import cifar
 import probe
 import rotnet
 import train
-import nin
 from models import fingerprint, load_model
-from nin import NIN
+from nin import NIN, channels
 from train import require
 
 # ----------------------------------------------------------------------------- settings
@@ -157,7 +156,7 @@ def sweep(s: Sweep):
         require(made_by in (None, train.ROTNET) and outputs <= rotnet.MOST_ROTATIONS,
                 f"{s.checkpoint}: {what}, not a RotNet: the sweep's conv arms train on a RotNet's ConvB2")
         # the two arms compare how a network learnt, not how wide it is: the supervised NIN is as wide
-        require(nin.channels(given.config["width"]) == nin.channels(s.width),
+        require(channels(given.config["width"]) == channels(s.width),
                 f"--width {s.width!r}: the RotNet in --checkpoint is {given.config['width']!r} wide, and the "
                 "supervised NIN it is compared with must be as wide: leave --width out to take the RotNet's")
     else:
