@@ -59,15 +59,13 @@ def need(path, what):
 def load(path, device="cpu", *, is_rotnet):
     """A NIN (the figures show its blocks); an AlexNet is a one-line error. is_rotnet: True for
     --rotnet, False for --supervised, which are told apart where the file can tell
-    (train.trained_as), and by their heads: a RotNet classifies at most 8 rotations."""
+    (rotnet.not_a_rotnet, train.trained_as)."""
     model = load_model(need(path, "checkpoint"), device)
     if not isinstance(model, NIN):
         raise UserError(f"{path} is an AlexNet: these figures show a NIN's blocks")
-    outputs, made_by = model.config["num_classes"], train.trained_as(path)
-    if is_rotnet and (outputs > rotnet.MOST_ROTATIONS or made_by not in (None, train.ROTNET)):
-        what = f"{made_by}'s network" if made_by not in (None, train.ROTNET) else f"a network of {outputs} outputs"
-        raise UserError(f"--rotnet {path}: {what}, not a RotNet: is it the --supervised one?")
-    if not is_rotnet and made_by == train.ROTNET:
+    if is_rotnet and (why := rotnet.not_a_rotnet(path, model)):
+        raise UserError(f"--rotnet {path}: {why}, not a RotNet: is it the --supervised one?")
+    if not is_rotnet and train.trained_as(path) == train.ROTNET:
         raise UserError(f"--supervised {path}: a RotNet's, not a supervised NIN's: is it the --rotnet one?")
     return model
 

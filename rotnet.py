@@ -28,9 +28,9 @@ import torch
 import data
 from errors import UserError
 from models import NETWORKS, build
-from train import (LR_DECAY, MILESTONES, Context, Run, add_common_flags, atomic_save, end_epoch, epoch_metrics,
-                   epoch_steps, evaluate, make_optimizer, positive_int, require, restore, run_job,
-                   say_if_nothing_to_resume, train_epoch, user_path, world_size)
+from train import (LR_DECAY, MILESTONES, ROTNET, Context, Run, add_common_flags, atomic_save, end_epoch,
+                   epoch_metrics, epoch_steps, evaluate, make_optimizer, positive_int, require, restore, run_job,
+                   say_if_nothing_to_resume, train_epoch, trained_as, user_path, world_size)
 
 # ----------------------------------------------------------------------------- settings
 FOUR = (0, 90, 180, 270)             # the paper's rotations
@@ -67,6 +67,15 @@ def check_rotations(rotations):
             f"rotations: 2 to 8 unique multiples of 45 in [0, 360) (one is nothing to tell apart), "
             f"got {list(rotations)}")
     return rotations
+
+
+def not_a_rotnet(path, model):
+    """Why the network `model` read from checkpoint file path is no RotNet, where that can be
+    told (by trained_as, or by a head of more outputs than there are rotations); else None."""
+    made_by, outputs = trained_as(path), model.config["num_classes"]
+    if made_by not in (None, ROTNET):
+        return f"{made_by}'s network"
+    return f"a network of {outputs} outputs" if outputs > MOST_ROTATIONS else None
 
 
 @dataclass(frozen=True)

@@ -151,10 +151,8 @@ def sweep(s: Sweep):
         given = load_model(s.checkpoint)
         require(isinstance(given, NIN), f"{s.checkpoint} is an AlexNet: the sweep trains on a NIN RotNet's ConvB2 "
                                         "(Figure 5b)")
-        made_by, outputs = train.trained_as(s.checkpoint), given.config["num_classes"]
-        what = f"{made_by}'s network" if made_by not in (None, train.ROTNET) else f"a network of {outputs} outputs"
-        require(made_by in (None, train.ROTNET) and outputs <= rotnet.MOST_ROTATIONS,
-                f"{s.checkpoint}: {what}, not a RotNet: the sweep's conv arms train on a RotNet's ConvB2")
+        why = rotnet.not_a_rotnet(s.checkpoint, given)
+        require(not why, f"{s.checkpoint}: {why}, not a RotNet: the sweep's conv arms train on a RotNet's ConvB2")
         # the two arms compare how a network learnt, not how wide it is: the supervised NIN is as wide
         require(channels(given.config["width"]) == channels(s.width),
                 f"--width {s.width!r}: the RotNet in --checkpoint is {given.config['width']!r} wide, and the "

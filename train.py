@@ -650,8 +650,9 @@ def changed_settings(out, config):
     with (its config.json): resumed with others, a run would train something else than it records.
     (None to compare with: the checkpoint's shapes are still checked.)"""
     saved = saved_config(out)
-    if run_kind(saved) and run_kind(config) and run_kind(saved) != run_kind(config):
-        return {"kind": (run_kind(saved), run_kind(config))}  # (every other setting would differ too)
+    there, here = run_kind(saved), run_kind(config)
+    if there and here and there != here:
+        return {"kind": (there, here)}  # (every other setting would differ too)
     may_change = MAY_CHANGE_ON_RESUME | ({"checkpoint"} if by_weights(saved, config) else set())
     as_saved = lambda v: json.loads(json.dumps(v))  # tuples as lists, as config.json holds them
     return {k: (saved[k], as_saved(v)) for k, v in config.items() if k in saved and k not in may_change
