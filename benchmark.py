@@ -19,10 +19,10 @@ import torch
 import baseline
 import cifar
 import rot_kernel
-from errors import UserError
+from errors import UserError, require
 from models import build
 from rotnet import ARCHS, Pretraining
-from train import Context, batches, make_optimizer, require, resolve_device, train_step
+from train import Context, batches, make_optimizer, resolve_device, train_step
 
 WORKERS = min(8, os.cpu_count() or 1)  # the DataLoader baseline's worker processes
 

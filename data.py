@@ -386,9 +386,9 @@ def benchmark(data_dir, *, image_size=256, batch_size=192, steps=50, device="cpu
 
 if __name__ == "__main__":
     import argparse
-    # Only here: train imports this module, but this module does not import train at import
-    # time, so there is no cycle (train imports a second copy of data.py, as "data").
-    from train import positive_int, user_path
+    # Only here: cli imports this module (through runs and train), but this module does not
+    # import cli at import time, so there is no cycle (cli imports a second copy, as "data").
+    from cli import positive_int, user_path
     ap = argparse.ArgumentParser(description="Loader benchmark: a prepared image folder into device batches")
     ap.add_argument("--data", required=True, type=user_path, help="a folder of images (prepared on first use)")
     ap.add_argument("--image-size", type=positive_int, default=256)

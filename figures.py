@@ -27,13 +27,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import cifar  # noqa: E402
+import cli  # noqa: E402
 import data  # noqa: E402
 import folders  # noqa: E402
 import probe  # noqa: E402
 import rot_kernel  # noqa: E402
 import rotnet  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
-from errors import UserError  # noqa: E402
+from errors import UserError, require  # noqa: E402
 from models import fingerprint, load_model, read_checkpoint  # noqa: E402
 from nin import NIN  # noqa: E402
 
@@ -59,13 +61,13 @@ def need(path, what):
 def load(path, device="cpu", *, is_rotnet):
     """A NIN (the figures show its blocks); an AlexNet is a one-line error. is_rotnet: True for
     --rotnet, False for --supervised, which are told apart where the file can tell
-    (rotnet.not_a_rotnet, train.trained_as)."""
+    (rotnet.not_a_rotnet, runs.trained_as)."""
     model = load_model(need(path, "checkpoint"), device)
     if not isinstance(model, NIN):
         raise UserError(f"{path} is an AlexNet: these figures show a NIN's blocks")
     if is_rotnet and (why := rotnet.not_a_rotnet(path, model)):
         raise UserError(f"--rotnet {path}: {why}, not a RotNet: is it the --supervised one?")
-    if not is_rotnet and train.trained_as(path) == train.ROTNET:
+    if not is_rotnet and runs.trained_as(path) == runs.ROTNET:
         raise UserError(f"--supervised {path}: a RotNet's, not a supervised NIN's: is it the --rotnet one?")
     return model
 
@@ -122,10 +124,10 @@ def attention_figure(rotnet_path, supervised_path, data_dir=None, out="runs/figu
     nets = [("RotNet", load(rotnet_path, device, is_rotnet=True)),
             ("Supervised", load(supervised_path, device, is_rotnet=False))]
     run = os.path.dirname(rotnet_path) or "."
-    if data_dir is None and not isinstance(train.saved_config(run).get("data"), str):
+    if data_dir is None and not isinstance(runs.saved_config(run).get("data"), str):
         data_dir = "./data"  # not beside the run that made it (an original checkpoint, or moved)
     shown, pretrained_on = run_images(run, data_dir, image_size, cache, doing="Figure 3: showing")
-    train.refuse_out_in_images(out, shown["data"])
+    runs.refuse_out_in_images(out, shown["data"])
     if pretrained_on and folders.is_image_folder(shown["data"]):  # from a listing, before it is prepared
         found = data.identity(shown["data"], image_size=shown["image_size"], val_fraction=shown["val_fraction"])
         require_run_images(run, shown["data"], pretrained_on, found["data_fingerprint"])
@@ -263,7 +265,7 @@ def object_accuracy(p):
     results = os.path.join(p.out, "results.json")
     if not os.path.exists(results):
         probe.probe(p)
-    return train.read_json(results)["test_acc"]
+    return runs.read_json(results)["test_acc"]
 
 
 def run_images(run_dir, data_dir=None, image_size=None, cache=None, doing="Figure 5a: probing on"):
@@ -272,18 +274,18 @@ def run_images(run_dir, data_dir=None, image_size=None, cache=None, doing="Figur
     probed on that folder, not on CIFAR-10), each setting given overriding the run's. Returns
     (Probing's data settings, the fingerprint those images must have: the run's, when its own
     are used; require_run_images checks it)."""
-    made = train.saved_config(run_dir)
+    made = runs.saved_config(run_dir)
     theirs = made.get("data") if isinstance(made.get("data"), str) else None
     # the run's own also where --data names them (its cache is then reused, its images checked)
     own = data_dir is None or (theirs is not None and os.path.exists(theirs) and os.path.exists(data_dir)
                                and os.path.samefile(theirs, data_dir))
     if own:  # a run without a record of its images (not this project's, or damaged) is not guessed at
         recorded = os.path.join(run_dir, "config.json")
-        train.require(isinstance(made.get("data"), str),
-                      f"{recorded} does not say which images the run was pretrained on: give --data")
-        train.require(os.path.exists(made["data"]),
-                      f"{made['data']} (the --data {recorded} records, typed where the run ran) is not "
-                      "here: give --data")
+        require(isinstance(made.get("data"), str),
+                f"{recorded} does not say which images the run was pretrained on: give --data")
+        require(os.path.exists(made["data"]),
+                f"{made['data']} (the --data {recorded} records, typed where the run ran) is not "
+                "here: give --data")
         if train.main_rank():
             unchecked = "" if made.get("data_fingerprint") else " (recorded before runs recorded their " \
                 "images: not checked to be the same)"
@@ -302,10 +304,10 @@ def require_run_images(run_dir, data_dir, pretrained_on, found):
     other images from here (found: their fingerprint): it may be relative to where the run ran,
     or changed since. pretrained_on None: other images were asked for, or the run is too old
     to say."""
-    train.require(pretrained_on is None or data.same_images(pretrained_on, found),
-                  f"{data_dir} (the --data {os.path.join(run_dir, 'config.json')} records) does not hold the "
-                  "images the run was pretrained on, as seen from here (a path relative to where it ran, or a "
-                  "folder changed since): give --data")
+    require(pretrained_on is None or data.same_images(pretrained_on, found),
+            f"{data_dir} (the --data {os.path.join(run_dir, 'config.json')} records) does not hold the "
+            "images the run was pretrained on, as seen from here (a path relative to where it ran, or a "
+            "folder changed since): give --data")
 
 
 def rotation_vs_object_figure(run_dir, data_dir=None, out="runs/figures", probe_epochs=None, device="cpu",
@@ -314,7 +316,7 @@ def rotation_vs_object_figure(run_dir, data_dir=None, out="runs/figures", probe_
     found = snapshots(run_dir)
     accuracies = [rotation_accuracy(path) for _, path in found]  # every snapshot read before any probe trains
     images, pretrained_on = run_images(run_dir, data_dir, image_size, cache)
-    train.refuse_out_in_images(out, images["data"])
+    runs.refuse_out_in_images(out, images["data"])
     probes = [probe.Probing(checkpoint=path, block=PROBE_BLOCK, classifier="nonlinear", **images, device=device,
                             resume=True, epochs=probe_epochs,
                             out=os.path.join(run_dir, "figure5a_probes", f"epoch{epoch:03d}")) for epoch, path in found]
@@ -354,22 +356,22 @@ def parse_args(argv=None):
 
     def command(name, help, runs_models=False):
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--out", default="runs/figures", type=train.user_path,
+        p.add_argument("--out", default="runs/figures", type=cli.user_path,
                        help="folder for the PNG (default: runs/figures)")
         if runs_models:
             p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the models run")
         return p
 
     def networks(p):
-        p.add_argument("--rotnet", required=True, type=train.user_path,
+        p.add_argument("--rotnet", required=True, type=cli.user_path,
                        help="a RotNet model.pt, checkpoint.pt or original checkpoint")
-        p.add_argument("--supervised", required=True, type=train.user_path,
+        p.add_argument("--supervised", required=True, type=cli.user_path,
                        help="a supervised NIN (probe.py --supervised: checkpoint.pt)")
 
     def images(p, help, whose):  # as the training scripts take them; by default, the run's own (run_images)
-        p.add_argument("--data", type=train.user_path, help=help)
-        p.add_argument("--image-size", type=train.positive_int, help=f"S of an image folder (default: {whose}, else 256)")
-        p.add_argument("--cache", type=train.user_path, help=f"where the image folder is prepared (default: {whose}, "
+        p.add_argument("--data", type=cli.user_path, help=help)
+        p.add_argument("--image-size", type=cli.positive_int, help=f"S of an image folder (default: {whose}, else 256)")
+        p.add_argument("--cache", type=cli.user_path, help=f"where the image folder is prepared (default: {whose}, "
                        "for its own images at its size; else prepared/NAME-S)")
 
     p = command("attention", "Figure 3: attention maps of every block of both networks on a few test images",
@@ -377,14 +379,14 @@ def parse_args(argv=None):
     networks(p)
     images(p, "CIFAR-10 or an image folder, whose test images are shown (default: the RotNet's own, as the "
            "config.json beside --rotnet records them; else ./data)", whose="the RotNet's")
-    p.add_argument("--images", type=train.positive_int, default=6,
+    p.add_argument("--images", type=cli.positive_int, default=6,
                    help=f"how many test images (rows; at most {ATTENTION_MAX_IMAGES})")
-    p.add_argument("--power", type=train.positive_float, default=2.0,
+    p.add_argument("--power", type=cli.positive_float, default=2.0,
                    help="p in mean over channels of |activation|^p")
     p = command("filters", "Figure 4: the first-layer 5x5 filters of both networks")
     networks(p)
     p = command("curves", "training curves (loss, train and test accuracy) of runs, from their metrics.jsonl")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", type=train.user_path)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", type=cli.user_path)
     p = command("rotation-vs-object",
                 "Figure 5(a): rotation and object accuracy of every model_epochNNN.pt of a run "
                 "(rotnet.py --save-every N). Trains one non-linear probe on ConvB2 PER SNAPSHOT, in "
@@ -393,7 +395,7 @@ def parse_args(argv=None):
     p.add_argument("run", metavar="RUN_DIR")
     images(p, "CIFAR-10 or an image folder (default: the run's own, as its config.json records it)",
            whose="the run's")
-    p.add_argument("--probe-epochs", type=train.positive_int, default=None,
+    p.add_argument("--probe-epochs", type=cli.positive_int, default=None,
                    help="epochs of each probe (default: probe.py's full schedule, 100)")
     args = ap.parse_args(argv)
     if getattr(args, "images", 0) > ATTENTION_MAX_IMAGES:
@@ -404,8 +406,8 @@ def parse_args(argv=None):
 def figure(args):
     # Only Figure 5(a)'s probes train, and they may share the work out over torchrun's ranks;
     # the other figures are one process's work, which more ranks would only repeat.
-    train.require(args.command == "rotation-vs-object" or train.world_size() == 1,
-                  f"figures.py {args.command} runs in one process: run it without torchrun")
+    require(args.command == "rotation-vs-object" or train.world_size() == 1,
+            f"figures.py {args.command} runs in one process: run it without torchrun")
     if args.command == "filters":
         return filters_figure(args.rotnet, args.supervised, args.out)
     if args.command == "curves":
@@ -420,7 +422,7 @@ def figure(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    train.run_job(lambda: figure(args))
+    cli.run_job(lambda: figure(args))
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def nin_from_saved(saved, path):
             config = dict(blocks=blocks, num_classes=num_classes, width=c192 / 192)
         elif isinstance(saved, dict) and "model" in saved and "model_config" in saved:
             state, config = saved["model"], saved["model_config"]
-        elif isinstance(saved, dict) and {"model", "optimizer"} <= set(saved):  # (train.end_epoch's, no config)
+        elif isinstance(saved, dict) and {"model", "optimizer"} <= set(saved):  # (runs.end_epoch's, no config)
             raise ValueError("a probe's checkpoint.pt, a classifier with the network it sits on: give that network")
         else:
             raise ValueError("neither a model.pt/checkpoint.pt of this project nor an original checkpoint")

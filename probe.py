@@ -27,15 +27,17 @@ import torch
 import torch.nn as nn
 
 import alexnet
+import cli
 import data
 import nin
 import rotnet
+import runs
 import train
 from data import same_images
+from errors import require
 from models import NETWORKS, fingerprint, is_alexnet, load_model, read_checkpoint
 from nin import NIN, ConvBNReLU, init_conv_
 from rotnet import FOUR
-from train import require
 
 # ----------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ PAPER_TABLE5 = (18.8, 31.7, 38.7, 38.2, 36.5)   # ImageNet top-1: conv1..conv5
 
 
 @dataclass(frozen=True)
-class Probing(train.Run):
+class Probing(runs.Run):
     """One probe (or, with supervised, the supervised NIN); also the base settings of a table."""
     out: str = "runs/probe"
     checkpoint: Optional[str] = None  # model.pt, checkpoint.pt or an original-format checkpoint
@@ -231,7 +233,7 @@ def recorded_settings(s, kind, epochs, describe):
                 epochs=epochs, **describe)
 
 
-def train_classifier(model, s: train.Run, dataset, *, kind, epochs, describe, subset=None, epoch_size=None):
+def train_classifier(model, s: runs.Run, dataset, *, kind, epochs, describe, subset=None, epoch_size=None):
     """Trains model (a Probe, Heads or a NIN) on the labels of dataset (of the training
     images in subset, epoch_size draws an epoch, if given) as SCHEDULES[kind] says, into
     s.out, which the caller holds (Run.claim_out); writes results.json and returns it."""
@@ -255,7 +257,7 @@ def train_classifier(model, s: train.Run, dataset, *, kind, epochs, describe, su
     # A supervised NIN's checkpoint.pt loads with models.load_model, as a RotNet's does.
     extra = dict(model_config=model.config) if isinstance(model, NIN) else {}
     train.epoch_steps(ctx, epoch_size or len(train_x), batch_size)
-    first, metrics = train.restore(ctx, s.out, config, s.resume, model, opt, sched)
+    first, metrics = runs.restore(ctx, s.out, config, s.resume, model, opt, sched)
     for epoch in range(first, epochs + 1):
         lr, t0 = opt.param_groups[0]["lr"], time.perf_counter()
         loss, acc, seen = train.train_epoch(ctx, net, opt, train_x, train_y, epoch=epoch, seed=s.seed,
@@ -264,9 +266,9 @@ def train_classifier(model, s: train.Run, dataset, *, kind, epochs, describe, su
         tested = epoch % s.eval_every == 0 or epoch == epochs
         test_acc, *top5 = train.evaluate(ctx, net, test_x, test_y, k=ks, **views) if tested else (None,)
         sched.step()
-        metrics = dict(train.epoch_metrics(epoch, lr, loss, acc, test_acc, seen, seconds),
+        metrics = dict(runs.epoch_metrics(epoch, lr, loss, acc, test_acc, seen, seconds),
                        **({"test_top5": top5[0]} if top5 else {}))
-        train.end_epoch(ctx, s.out, metrics, model, opt, sched, **extra)
+        runs.end_epoch(ctx, s.out, metrics, model, opt, sched, **extra)
     results = dict(describe, test_acc=metrics["test_acc"], train_acc=metrics["train_acc"], epochs=epochs)
     best = best_epoch(s.out) if ctx.main else None
     if best:
@@ -275,7 +277,7 @@ def train_classifier(model, s: train.Run, dataset, *, kind, epochs, describe, su
         top5 = metrics.get("test_top5")
         results["test_top5"] = top5 if top5 is not None else train.evaluate(ctx, net, test_x, test_y, k=5, **views)
     if ctx.main:
-        train.write_json(results, os.path.join(s.out, "results.json"))
+        runs.write_json(results, os.path.join(s.out, "results.json"))
         accuracy = results["test_acc"] if isinstance(results["test_acc"], list) else [results["test_acc"]]
         also = f", the best {best[0]:.2f} at epoch {best[1]}" if best and best[1] != epochs else ""
         print(f"test accuracy {', '.join(f'{a:.2f}' for a in accuracy)} %{also} ({s.out}/results.json)")
@@ -355,18 +357,18 @@ def check_reusable(out, data=None, fix="give this run another --out", **wanted):
     data_fingerprint = wanted.pop("data_fingerprint", None)
     path = os.path.join(out, "config.json")
     if os.path.exists(path):
-        saved = train.read_json(path)
-        if train.by_weights(saved, wanted):
+        saved = runs.read_json(path)
+        if runs.by_weights(saved, wanted):
             wanted.pop("checkpoint", None)
         # (a run of an older version lacks a record of how its networks started: not reused)
-        differ = [train.setting_change(k, saved[k], v) if k in saved else
+        differ = [runs.setting_change(k, saved[k], v) if k in saved else
                   f"{k} (unrecorded: an older version) there, {v} here" for k, v in wanted.items() if saved.get(k) != v]
         require(not differ, f"{out} was made with other settings ({'; '.join(differ)}): {fix}")
         require(data_fingerprint is None or same_images(saved.get("data_fingerprint"), data_fingerprint),
                 f"{out} was made on other images than --data holds now (images added, removed or edited, held out "
                 f"otherwise, or another data set), so its numbers are not this data's: {fix}")
     if os.path.exists(os.path.join(out, "results.json")):
-        train.read_json(os.path.join(out, "results.json"))
+        runs.read_json(os.path.join(out, "results.json"))
 
 
 def rotnet_for(s, blocks, rotations=FOUR):
@@ -471,14 +473,14 @@ def run_plan(nets, probes, imagenet=False):
     for net in nets:
         model = os.path.join(net.out, "model.pt")
         if model in needed and not os.path.exists(model):
-            train.header(f"pretraining {net.out} ({net.epochs} epoch{'s' * (net.epochs != 1)})")
+            runs.header(f"pretraining {net.out} ({net.epochs} epoch{'s' * (net.epochs != 1)})")
             rotnet.pretrain(net)
     results = {}
     for p in probes:
         if not finished(p):
-            train.header(f"probing into {p.out}")
+            runs.header(f"probing into {p.out}")
             probe(p)
-        results[p.out] = train.read_json(os.path.join(p.out, "results.json"))
+        results[p.out] = runs.read_json(os.path.join(p.out, "results.json"))
     return results
 
 
@@ -487,7 +489,7 @@ ONE_PROBE = ("block", "classifier", "finetune", "init", "blocks", "supervised")
 
 
 def run_table(number, s: Probing):
-    train.refuse_out_in_images(s.out, s.data)  # (before the data, and naming the --out given)
+    runs.refuse_out_in_images(s.out, s.data)  # (before the data, and naming the --out given)
     default = {f.name: f.default for f in dataclasses.fields(Probing)}
     given = [f"--{name}" for name in ONE_PROBE if getattr(s, name) != default[name]]
     require(not given, f"{', '.join(given)}: Table {number} sets each of its probes' own; leave "
@@ -518,24 +520,24 @@ def run_table(number, s: Probing):
     text = format_table(number, columns, table, s.data)
     print(text)
     # table1.md, table2.md, ...: the tables share one --out and its pretrained RotNets
-    train.write_text(text, os.path.join(s.out, f"table{number}.md"))
+    runs.write_text(text, os.path.join(s.out, f"table{number}.md"))
     if number in (4, 5):  # the network probed is the checkpoint's, as its probe recorded it
-        probed = train.read_json(os.path.join(rows[0][1][0].out, "config.json"))
+        probed = runs.read_json(os.path.join(rows[0][1][0].out, "config.json"))
         made = dict(checkpoint=s.checkpoint, width=probed["width"], epochs=probed["epochs"])
     else:  # --epochs, if given, is the probes' (the RotNets keep 200 x epochs_scale)
         made = dict(epochs_scale=s.epochs_scale, width=s.width, epochs=s.epochs)
-    train.write_json(dict(table=number, columns=columns, **made, seed=s.seed, data=s.data,
-                          rows=[dict(name=n, ours=o, paper=p, **({"best": b} if b and None not in b else {}))
-                                for n, o, p, b in table]),
-                     os.path.join(s.out, f"table{number}.json"))
+    runs.write_json(dict(table=number, columns=columns, **made, seed=s.seed, data=s.data,
+                         rows=[dict(name=n, ours=o, paper=p, **({"best": b} if b and None not in b else {}))
+                               for n, o, p, b in table]),
+                    os.path.join(s.out, f"table{number}.json"))
 
 
 # ----------------------------------------------------------------------------- command line
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    train.add_common_flags(ap, epochs="the classifier's own schedule (a table's RotNets keep their 200 x "
-                           "--epochs-scale)", out=None, scaled=True, out_help="runs/tables with --table, else runs/probe")
-    ap.add_argument("--checkpoint", type=train.user_path,
+    cli.add_common_flags(ap, epochs="the classifier's own schedule (a table's RotNets keep their 200 x "
+                         "--epochs-scale)", out=None, scaled=True, out_help="runs/tables with --table, else runs/probe")
+    ap.add_argument("--checkpoint", type=cli.user_path,
                     help="model.pt, checkpoint.pt or an original-format checkpoint")
     ap.add_argument("--block", type=int, default=2,
                     help="which block's (or AlexNet conv's) output to classify, 1-based; 0, on an AlexNet: every "
@@ -561,11 +563,11 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.table:
-        train.run_job(lambda: run_table(args.table, Probing.from_args(args)))
+        cli.run_job(lambda: run_table(args.table, Probing.from_args(args)))
     else:
         if args.resume:
-            train.say_if_nothing_to_resume(args.out)
-        train.run_job(lambda: probe(Probing.from_args(args)))
+            runs.say_if_nothing_to_resume(args.out)
+        cli.run_job(lambda: probe(Probing.from_args(args)))
 
 
 if __name__ == "__main__":

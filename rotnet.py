@@ -13,8 +13,8 @@ ImageNet or any folder of images.
 The data set sits on the training device as uint8 (or is streamed to it); every batch (all
 rotations of each image, cropped, flipped and normalised) is built there by
 rot_kernel.rotation_batch. A run writes config.json, metrics.jsonl, checkpoint.pt (each
-epoch) and model.pt to --out; the loop's pieces that every script shares are in train.py,
-the benchmark in benchmark.py.
+epoch) and model.pt to --out. What every script shares is in train.py (the loop's pieces),
+runs.py (the run's files, --resume) and cli.py (flags, errors); the benchmark in benchmark.py.
 """
 import argparse
 import dataclasses
@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import torch
 
 import data
-from errors import UserError
+from cli import add_common_flags, positive_int, run_job, user_path
+from errors import UserError, require
 from models import NETWORKS, build
-from train import (LR_DECAY, MILESTONES, ROTNET, Context, Run, add_common_flags, atomic_save, end_epoch,
-                   epoch_metrics, epoch_steps, evaluate, make_optimizer, positive_int, require, restore, run_job,
-                   say_if_nothing_to_resume, train_epoch, trained_as, user_path, world_size)
+from runs import ROTNET, Run, atomic_save, end_epoch, epoch_metrics, restore, say_if_nothing_to_resume, trained_as
+from train import LR_DECAY, MILESTONES, Context, epoch_steps, evaluate, make_optimizer, train_epoch, world_size
 
 # ----------------------------------------------------------------------------- settings
 FOUR = (0, 90, 180, 270)             # the paper's rotations

@@ -19,12 +19,14 @@ from typing import Optional
 import torch
 
 import cifar
+import cli
 import probe
 import rotnet
+import runs
 import train
+from errors import require
 from models import fingerprint, load_model
 from nin import NIN, channels
-from train import require
 
 # ----------------------------------------------------------------------------- settings
 BLOCK = 2               # the paper's semi-supervised classifier sits on ConvB2
@@ -33,7 +35,7 @@ PAPER_CROSSOVER = 1000  # below about this many labels per class RotNet + conv w
 
 
 @dataclass(frozen=True)
-class Sweep(train.Run):
+class Sweep(runs.Run):
     width: Optional[float] = None      # the supervised NIN's; None: the --checkpoint RotNet's (else 1.0)
     out: str = "runs/semi_supervised"
     per_class: tuple = (100,)          # K: labelled images per class, one run of both arms each
@@ -49,7 +51,7 @@ class Sweep(train.Run):
         object.__setattr__(self, "per_class", tuple(sorted(set(self.per_class))))
         require(self.per_class and min(self.per_class) >= 1, f"--per-class: at least 1, got {list(self.per_class)}")
         require(self.epoch_size >= 2, f"--epoch-size: at least 2 (BatchNorm needs 2 a step), got {self.epoch_size}")
-        require(self.subset_seed is None or -train.SEED_LIMIT < self.subset_seed < train.SEED_LIMIT,
+        require(self.subset_seed is None or -runs.SEED_LIMIT < self.subset_seed < runs.SEED_LIMIT,
                 f"--subset-seed: below 2^40 in size, got {self.subset_seed}")
         require(0 < self.epochs_scale < math.inf,
                 f"--epochs-scale: must be positive and finite, got {self.epochs_scale}")
@@ -82,8 +84,8 @@ def run_arm(s, dataset, arm, per_class, subset, checkpoint):
     run, kind, epochs = arm_settings(s, arm, per_class)
     path = os.path.join(run.out, "results.json")
     if os.path.exists(path):
-        return train.read_json(path)
-    train.header(f"K={per_class}, {'RotNet + conv' if kind == 'conv' else 'supervised NIN'}: {run.out}")
+        return runs.read_json(path)
+    runs.header(f"K={per_class}, {'RotNet + conv' if kind == 'conv' else 'supervised NIN'}: {run.out}")
     with run.claim_out():  # out held until the run ends
         torch.manual_seed(s.seed)
         if arm == "rotnet_conv":
@@ -140,7 +142,7 @@ def markdown(rows):
 def sweep(s: Sweep):
     """Both arms for every K; rank 0 writes the results, the table and the figure. Every K,
     the checkpoint and every folder's settings are checked before anything trains."""
-    train.refuse_out_in_images(s.out, s.data)  # (before the data, and naming the --out given)
+    runs.refuse_out_in_images(s.out, s.data)  # (before the data, and naming the --out given)
     ctx = train.Context(s.device)  # the ranks (each run makes its own Context, with s's precision)
     dataset = s.load_data(ctx, labels_for="the label-scarcity sweep")
     subsets = {k: labelled_subset(dataset.train_y, k, s.subset_seed, dataset.classes) for k in s.per_class}
@@ -175,7 +177,7 @@ def sweep(s: Sweep):
                                  batch_size=s.batch_size or schedule.batch_size,
                                  data=made_on, **source)
     if net and not os.path.exists(checkpoint):
-        train.header(f"pretraining {net.out} ({net.epochs} epoch{'s' * (net.epochs != 1)})")
+        runs.header(f"pretraining {net.out} ({net.epochs} epoch{'s' * (net.epochs != 1)})")
         rotnet.pretrain(net)
     rows = []
     for k in s.per_class:
@@ -191,11 +193,11 @@ def sweep(s: Sweep):
     if not ctx.main:
         return
     os.makedirs(s.out, exist_ok=True)
-    train.write_json(dict(rows=rows, checkpoint=checkpoint, data=s.data, width=s.width, seed=s.seed,
-                          subset_seed=s.subset_seed, epochs=s.epochs, epochs_scale=s.epochs_scale,
-                          epoch_size=s.epoch_size),
-                     os.path.join(s.out, "results.json"))
-    train.write_text(markdown(rows), os.path.join(s.out, "semi_supervised.md"))
+    runs.write_json(dict(rows=rows, checkpoint=checkpoint, data=s.data, width=s.width, seed=s.seed,
+                         subset_seed=s.subset_seed, epochs=s.epochs, epochs_scale=s.epochs_scale,
+                         epoch_size=s.epoch_size),
+                    os.path.join(s.out, "results.json"))
+    runs.write_text(markdown(rows), os.path.join(s.out, "semi_supervised.md"))
     plot(rows, os.path.join(s.out, "semi_supervised.png"))
     print(markdown(rows) + f"\nwrote {s.out}/results.json, semi_supervised.md, semi_supervised.png")
 
@@ -212,16 +214,16 @@ def per_class_list(text):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    train.add_common_flags(ap, epochs="each arm's own schedule (the RotNet pretrained without --checkpoint keeps "
-                           "its 200 x --epochs-scale)", out="runs/semi_supervised", scaled=True,
-                           width_of_checkpoint=True)
+    cli.add_common_flags(ap, epochs="each arm's own schedule (the RotNet pretrained without --checkpoint keeps "
+                         "its 200 x --epochs-scale)", out="runs/semi_supervised", scaled=True,
+                         width_of_checkpoint=True)
     ap.add_argument("--per-class", required=True, type=per_class_list,
                     help="labelled images per class, e.g. 100 or 20,100,400,1000,5000")
-    ap.add_argument("--checkpoint", type=train.user_path,
+    ap.add_argument("--checkpoint", type=cli.user_path,
                     help="a RotNet (model.pt or original format; the supervised NIN is made as wide); default: "
                          "pretrain one")
     ap.add_argument("--subset-seed", type=int, help="draw a random K per class instead of the first K")
-    ap.add_argument("--epoch-size", type=train.positive_int, default=EPOCH_SIZE,
+    ap.add_argument("--epoch-size", type=cli.positive_int, default=EPOCH_SIZE,
                     help=f"labelled images drawn per epoch, with repeats (default: {EPOCH_SIZE:,}, the size of "
                     "CIFAR-10's training set, whatever K: a small --per-class still trains for full epochs)")
     return ap.parse_args(argv)
@@ -229,7 +231,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    train.run_job(lambda: sweep(Sweep.from_args(args)))
+    cli.run_job(lambda: sweep(Sweep.from_args(args)))
 
 
 if __name__ == "__main__":

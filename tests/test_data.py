@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cli
 import data
 import probe
 import rotnet
@@ -133,7 +134,7 @@ def pretrain_as_a_rank(rank, port, stream, settings):
                       MASTER_PORT=str(port))
     real = data.on_device
     data.on_device = lambda images, device, stream_=None: real(images, device, stream)
-    train.run_job(lambda: rotnet.pretrain(rotnet.Pretraining(**settings)))
+    cli.run_job(lambda: rotnet.pretrain(rotnet.Pretraining(**settings)))
 
 
 def test_ranks_streaming_their_shares_train_as_resident_ones(folder, tmp_path):

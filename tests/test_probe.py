@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import probe
+import runs
 import train
 from conftest import (RunsCode, assert_one_line_error, free_port, metrics_of, run_cli, save_nin, to_original_names,
                       write_cifar)
@@ -200,7 +201,7 @@ def test_a_run_is_reused_only_where_its_record_matches(tmp_path):
     with pytest.raises(UserError, match="checkpoint_hash ef56 there, 0000 here"):
         probe.check_reusable(str(tmp_path), checkpoint="a/model.pt", checkpoint_hash="0000")
     # and so on --resume (restore's changed_settings), by the path where no weights are recorded
-    changed = lambda **here: set(train.changed_settings(str(tmp_path), here))
+    changed = lambda **here: set(runs.changed_settings(str(tmp_path), here))
     (tmp_path / "config.json").write_text(json.dumps(dict(checkpoint="a/model.pt")))
     assert changed(checkpoint="b.pt", checkpoint_hash="ef56") == {"checkpoint"}
     (tmp_path / "config.json").write_text(json.dumps(dict(checkpoint="a/model.pt", checkpoint_hash="ef56")))

@@ -22,11 +22,13 @@ from PIL import Image
 import baseline
 import benchmark
 import cifar
+import cli
 import data
 import models
 import nin
 import rot_kernel
 import rotnet
+import runs
 import train
 from errors import UserError
 from conftest import (REPO, assert_one_line_error, cli_command, cli_env, free_port, metrics_of, run_cli,
@@ -551,7 +553,7 @@ def test_run_files_are_written_whole_or_not_at_all(cifar_dir, tmp_path, monkeypa
     # config.json it cannot read: one stopped while writing either must leave the previous
     # file, or none, never half of one.
     path = str(tmp_path / "results.json")
-    train.write_json({"test_acc": 1.0}, path)
+    runs.write_json({"test_acc": 1.0}, path)
     class Stopped:  # a file that takes half the text written to it, then the process is stopped
         def __init__(self, *args):
             self.f = open(*args)
@@ -566,9 +568,9 @@ def test_run_files_are_written_whole_or_not_at_all(cifar_dir, tmp_path, monkeypa
             self.f.write(text[: len(text) // 2])
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "open", Stopped, raising=False)  # the name train.py's writes look up
+    monkeypatch.setattr(runs, "open", Stopped, raising=False)  # the name runs.py's writes look up
     with pytest.raises(KeyboardInterrupt):
-        train.write_json({"test_acc": 2.0}, path)
+        runs.write_json({"test_acc": 2.0}, path)
     with pytest.raises(KeyboardInterrupt):  # a run stopped while it writes its config.json
         rotnet.pretrain(rotnet.Pretraining(data=str(cifar_dir), out=str(tmp_path / "run"), width=0.125, epochs=1,
                                            device="cpu"))
@@ -621,7 +623,7 @@ def test_direct_calls_are_validated_as_the_command_line_is(settings, named):
     (dict(width=float("nan")), "width"), (dict(epochs_scale=float("inf")), "--epochs-scale"),
 ])
 def test_every_script_checks_its_settings_the_same_way(settings, named):
-    # width is one setting of train.Run; a width of no channels or of a network no memory
+    # width is one setting of runs.Run; a width of no channels or of a network no memory
     # holds is refused by pretraining, the probes and the sweep alike, before anything runs.
     import probe
     import semi_supervised
@@ -667,30 +669,30 @@ def test_resuming_the_run_of_another_script_says_what_the_folder_holds(tmp_path)
     from errors import UserError
     out = str(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(dict(classifier="nonlinear", block=2, lr=0.1)))
-    changed = train.changed_settings(out, dict(arch="nin", rotations=[0, 90, 180, 270], lr=0.1))
+    changed = runs.changed_settings(out, dict(arch="nin", rotations=[0, 90, 180, 270], lr=0.1))
     with pytest.raises(UserError, match=f"^{out} holds the run of a probe, not of a RotNet pretraining: give"):
-        train.refuse_changed(out, changed)
+        runs.refuse_changed(out, changed)
     # a sweep's arm is no probe of the same name: resumed by probe.py, it would train on every label
     (tmp_path / "config.json").write_text(json.dumps(dict(arm="supervised", classifier="supervised", per_class=20)))
-    changed = train.changed_settings(out, dict(classifier="supervised", supervised=True))
+    changed = runs.changed_settings(out, dict(classifier="supervised", supervised=True))
     with pytest.raises(UserError, match="holds the run of a label-scarcity arm, not of a supervised NIN"):
-        train.refuse_changed(out, changed)
+        runs.refuse_changed(out, changed)
     # With no config.json to tell, the weights' mismatch is named by its first few keys, not all
     (tmp_path / "config.json").unlink()
     ctx, config = train.Context("cpu"), dict(epochs=2)
     other = nin.NIN(3, 10, 0.125)
     opt, sched = train.make_optimizer(other.parameters(), 0.1, 2)
-    train.end_epoch(ctx, out, dict(epoch=1), other, opt, sched)
+    runs.end_epoch(ctx, out, dict(epoch=1), other, opt, sched)
     model = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(40)])
     opt, sched = train.make_optimizer(model.parameters(), 0.1, 2)
     with pytest.raises(UserError, match="made with other settings") as err:
-        train.restore(ctx, out, config, True, model, opt, sched)
+        runs.restore(ctx, out, config, True, model, opt, sched)
     assert len(str(err.value)) < 300 and str(err.value).count(", ...") == 1
     # and a shape that differs (another --width) whole
     wider = nin.NIN(3, 10, 0.25)
     opt, sched = train.make_optimizer(wider.parameters(), 0.1, 2)
     with pytest.raises(UserError, match=r"size mismatch for .*torch.Size\(\[48, 3, 5, 5\]\)\); give") as err:
-        train.restore(ctx, out, config, True, wider, opt, sched)
+        runs.restore(ctx, out, config, True, wider, opt, sched)
 
 
 def test_an_epoch_that_makes_no_step_or_diverges_stops_with_one_line():
@@ -722,7 +724,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mon
     import errno
     import shutil
     path = str(tmp_path / "checkpoint.pt")
-    train.atomic_save({"epoch": 1}, path, keep_previous=True)
+    runs.atomic_save({"epoch": 1}, path, keep_previous=True)
 
     def full(obj, f):  # what torch.save does when the disk fills: part of the file, then this
         open(f, "wb").write(b"PK" * 100)
@@ -731,7 +733,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mon
     monkeypatch.setattr(torch, "save", full)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
     with pytest.raises(SystemExit) as stop:
-        train.run_job(lambda: train.atomic_save({"epoch": 2}, path, keep_previous=True))
+        cli.run_job(lambda: runs.atomic_save({"epoch": 2}, path, keep_previous=True))
     assert stop.value.code == 1
     assert capsys.readouterr().err == f"error: {path}: No space left on device; the files written before it are " \
                                       "whole: make room, then run the same command again (a single run with --resume)\n"
@@ -743,20 +745,20 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mon
         raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(tmp_path / "metrics.jsonl"))
 
     with pytest.raises(SystemExit):
-        train.run_job(quota)
+        cli.run_job(quota)
     assert "metrics.jsonl: Disk quota exceeded" in capsys.readouterr().err
 
     def missing(*args):  # not a write that failed for want of room: a bug, with its traceback
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", "x")
 
     with pytest.raises(FileNotFoundError):
-        train.run_job(missing)
+        cli.run_job(missing)
 
 
 def test_sigterm_stops_a_run_as_ctrl_c_does(capsys):
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as stop:
-        train.run_job(lambda: [os.kill(os.getpid(), signal.SIGTERM), time.sleep(5)])
+        cli.run_job(lambda: [os.kill(os.getpid(), signal.SIGTERM), time.sleep(5)])
     assert stop.value.code == 143
     assert capsys.readouterr().err.strip().startswith("stopped by SIGTERM: no run had started yet; what was "
                                                       "finished before is kept")
@@ -807,11 +809,11 @@ def test_a_broken_pipe_not_stdouts_is_not_taken_for_it(monkeypatch):
     read, write = os.pipe()
     with os.fdopen(write, "w") as stdout:
         monkeypatch.setattr(sys, "stdout", stdout)  # a pipe, its reader still there
-        assert not train._stdout_closed()
+        assert not cli._stdout_closed()
         with pytest.raises(BrokenPipeError):
-            train.run_job(worker_gone)
+            cli.run_job(worker_gone)
         os.close(read)
-        assert train._stdout_closed()  # (what `| head` leaves once it is done)
+        assert cli._stdout_closed()  # (what `| head` leaves once it is done)
 
 
 def test_ctrl_c_says_how_to_go_on_and_names_the_run_it_stopped(tmp_path, capsys):
@@ -822,16 +824,16 @@ def test_ctrl_c_says_how_to_go_on_and_names_the_run_it_stopped(tmp_path, capsys)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
 
     def interrupted(then=None):
-        train.restore(ctx, a, {}, False, model, opt, sched)
-        train.end_epoch(ctx, a, dict(epoch=1), model, opt, sched)
+        runs.restore(ctx, a, {}, False, model, opt, sched)
+        runs.end_epoch(ctx, a, dict(epoch=1), model, opt, sched)
         if then:
-            train.restore(ctx, then, {}, False, model, opt, sched)
+            runs.restore(ctx, then, {}, False, model, opt, sched)
         raise KeyboardInterrupt
 
     for then, said in ((None, f"interrupted: {a} is kept up to epoch 1, and all finished before it"),
                        (b, f"interrupted: {b} had not ended an epoch yet; what was finished before it is kept")):
         with pytest.raises(SystemExit) as stop:
-            train.run_job(lambda: interrupted(then))
+            cli.run_job(lambda: interrupted(then))
         assert stop.value.code == 130
         assert capsys.readouterr().err.strip().startswith(said)
 
