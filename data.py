@@ -31,6 +31,7 @@ import torch
 
 import cifar
 import folders
+import listing
 import rot_kernel
 from errors import UserError
 
@@ -97,7 +98,7 @@ def load(data, *, image_size=256, download=False, cache=None, val_fraction=0.1, 
     if not os.path.exists(data) and not download:  # before any guess at which data set it is
         raise UserError(f"{data}: no such folder (--data is CIFAR-10's folder, the folder holding it "
                         "or its archive, or a folder of images; --download fetches CIFAR-10)")
-    if folders.is_image_folder(data):
+    if listing.is_image_folder(data):
         dataset = _load_folder(data, image_size, cache, val_fraction, recipe, labels_for)
     else:
         dataset = _load_cifar(data, download, recipe)
@@ -139,19 +140,19 @@ def identity(data, *, image_size=256, val_fraction=0.1, download=False, labels_f
     image folder: from a listing of its files (a table whose runs are all finished need not
     prepare ImageNet again to check them), which labels_for checks as load does."""
     data = os.path.expanduser(data)
-    if not folders.is_image_folder(data):  # CIFAR-10: loaded, which takes a second
+    if not listing.is_image_folder(data):  # CIFAR-10: loaded, which takes a second
         return dict(data_fingerprint=load(data, download=download, labels_for=labels_for).fingerprint)
     with contextlib.redirect_stderr(io.StringIO()):  # (its notes are printed when it is prepared)
-        layout, classes, sources = folders.find_sources(os.path.abspath(data), val_fraction)
+        layout, classes, sources = listing.find_sources(os.path.abspath(data), val_fraction)
     if labels_for:
         require_listed_labels(labels_for, layout, classes, sources)
-    held_out = dict(val_fraction=val_fraction) if layout in folders.HELD_OUT else {}
+    held_out = dict(val_fraction=val_fraction) if layout in listing.HELD_OUT else {}
     return dict(data_fingerprint=folder_fingerprint(classes, sources), image_size=image_size, **held_out)
 
 
 def require_listed_labels(what, layout, classes, sources):
-    """require_classes on a folder's listing (folders.find_sources), before it is prepared."""
-    unlabelled = layout in folders.UNLABELLED
+    """require_classes on a folder's listing (listing.find_sources), before it is prepared."""
+    unlabelled = layout in listing.UNLABELLED
     require_classes(what, None if unlabelled else [label for *_, label in sources["train"]], classes,
                     None if unlabelled else [label for *_, label in sources["val"]])
 
@@ -161,7 +162,7 @@ def folder_fingerprint(classes, sources):
     times, which a copy of the folder changes. So a file added or moved to val/ is seen, and
     one edited in place by its size (as a compressed picture saved again nearly always is; a
     BMP keeps its size); not the size they are prepared at, a setting of the run (image_size).
-    sources: {split: [path, size, mtime_ns, label] of each file}, as folders.find_sources
+    sources: {split: [path, size, mtime_ns, label] of each file}, as listing.find_sources
     gives them."""
     which = [[(path, label) for path, _, _, label in sources[s]] for s in folders.SPLITS]
     sizes = [[size for _, size, _, _ in sources[s]] for s in folders.SPLITS]
@@ -402,7 +403,7 @@ if __name__ == "__main__":
     try:
         if a.device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda but no CUDA device is available")
-        if os.path.isdir(a.data) and not folders.is_image_folder(a.data):  # a missing one: prepare says so
+        if os.path.isdir(a.data) and not listing.is_image_folder(a.data):  # a missing one: prepare says so
             raise UserError(f"{a.data} is not a folder of images: the loader benchmark is for image folders "
                             "(CIFAR-10 is held in memory, nothing to benchmark)")
         benchmark(a.data, image_size=a.image_size, batch_size=a.batch_size, steps=a.steps, device=a.device,

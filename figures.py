@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 import cifar  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
-import folders  # noqa: E402
+import listing  # noqa: E402
 import probe  # noqa: E402
 import rot_kernel  # noqa: E402
 import rotnet  # noqa: E402
@@ -128,7 +128,7 @@ def attention_figure(rotnet_path, supervised_path, data_dir=None, out="runs/figu
         data_dir = "./data"  # not beside the run that made it (an original checkpoint, or moved)
     shown, pretrained_on = run_images(run, data_dir, image_size, cache, doing="Figure 3: showing")
     runs.refuse_out_in_images(out, shown["data"])
-    if pretrained_on and folders.is_image_folder(shown["data"]):  # from a listing, before it is prepared
+    if pretrained_on and listing.is_image_folder(shown["data"]):  # from a listing, before it is prepared
         found = data.identity(shown["data"], image_size=shown["image_size"], val_fraction=shown["val_fraction"])
         require_run_images(run, shown["data"], pretrained_on, found["data_fingerprint"])
     dataset = data.load(shown["data"], image_size=shown["image_size"], cache=shown["cache"],

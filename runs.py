@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 import data
-import folders
+import listing
 import rot_kernel
 from errors import UserError, require
 from models import read_checkpoint
@@ -175,7 +175,7 @@ def refuse_out_in_images(out, images):
     to, and what a run wrote there would be listed with its images (a folder, as one more class)."""
     inside = os.path.realpath(os.path.expanduser(images))  # (--data=~/pictures reaches here as typed)
     if os.path.commonpath([os.path.realpath(os.path.expanduser(out)), inside]) == inside \
-            and folders.is_image_folder(inside):
+            and listing.is_image_folder(inside):
         raise UserError(f"--out {out} is inside the image folder {images}, which is never written to (what is "
                         "written there would be listed with its images): give an --out elsewhere")
 

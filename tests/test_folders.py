@@ -23,6 +23,7 @@ import pytest
 from PIL import Image, ImageOps
 
 import folders
+import listing
 from errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # for the child process
@@ -577,16 +578,16 @@ def test_is_image_folder(tmp_path):
     write_classes(tmp_path / "imagenet" / "val", {"x": 1})
     save(f"{tmp_path}/flat/a.PNG", rgb())
     for name in ("classes", "imagenet", "flat"):
-        assert folders.is_image_folder(str(tmp_path / name)), name
+        assert listing.is_image_folder(str(tmp_path / name)), name
     for marker in ("cifar-10-batches-py", "data_batch_1", "cifar-10-python.tar.gz"):
         write_bytes(f"{tmp_path}/cifar-{marker}/{marker}", b"")
         save(f"{tmp_path}/cifar-{marker}/stray.png", rgb())
-        assert not folders.is_image_folder(str(tmp_path / f"cifar-{marker}"))
+        assert not listing.is_image_folder(str(tmp_path / f"cifar-{marker}"))
     os.makedirs(tmp_path / "nothing" / ".hidden")
     save(f"{tmp_path}/nothing/.hidden/a.png", rgb())
     write_bytes(f"{tmp_path}/nothing/a.txt", b"")
-    assert not folders.is_image_folder(str(tmp_path / "nothing"))
-    assert not folders.is_image_folder(str(tmp_path / "missing"))
+    assert not listing.is_image_folder(str(tmp_path / "nothing"))
+    assert not listing.is_image_folder(str(tmp_path / "missing"))
 
 
 # ----------------------------------------------------------------------------- robustness
@@ -730,28 +731,28 @@ def test_a_file_reached_in_two_places_is_refused_and_twice_in_one_place_is_read_
                                 ("c", "cats/001.png", "dogs/cat.png")):
         with pytest.raises(UserError, match=rf"^{first} and {second} are one file \(reached through a link\): "
                                             "an image may stand in one class folder and one split only"):
-            folders.find_sources(str(tmp_path / data))
+            listing.find_sources(str(tmp_path / data))
     # in one place (a class, a flat folder held out from): once, so never in both train and val
     write_classes(tmp_path / "d", {"cats": 3, "dogs": 3}, size=(8, 8))
     os.symlink("000.png", tmp_path / "d" / "cats" / "again.png")
     os.symlink(".", tmp_path / "d" / "dogs" / "self")
-    _, _, sources = folders.find_sources(str(tmp_path / "d"), val_fraction=0.5)
+    _, _, sources = listing.find_sources(str(tmp_path / "d"), val_fraction=0.5)
     assert sorted(s[0] for s in sources["train"] + sources["val"]) == [f"{c}/{i:03d}.png" for c in ("cats", "dogs")
                                                                        for i in range(3)]
     assert all(len(s) == 4 for s in sources["train"] + sources["val"])  # [path, size, mtime_ns, label]
     save(tmp_path / "e" / "0.png", rgb(8, 8))
     os.symlink("0.png", tmp_path / "e" / "1.png")
-    _, _, sources = folders.find_sources(str(tmp_path / "e"), val_fraction=0.5)
+    _, _, sources = listing.find_sources(str(tmp_path / "e"), val_fraction=0.5)
     assert [s[0] for s in sources["train"] + sources["val"]] == ["0.png"]
     # a file of no known identity (a dangling link; st_ino 0, as on Windows) is no other's
     rows = [[f"{i}.png", 1, 0, None, None] for i in range(3)]
-    assert folders._one_place_each([rows[:2], rows[2:]]) == [[[f"{i}.png", 1, 0, None] for i in range(2)],
+    assert listing._one_place_each([rows[:2], rows[2:]]) == [[[f"{i}.png", 1, 0, None] for i in range(2)],
                                                             [["2.png", 1, 0, None]]]
 
 
 def test_a_class_called_train_beside_other_classes_and_a_test_folder_for_val(tmp_path):
     write_classes(tmp_path / "v", {"train": 3, "bus": 3, "car": 3}, size=(8, 8))  # CIFAR-100 has trains
-    layout, classes, _ = folders.find_sources(str(tmp_path / "v"))
+    layout, classes, _ = listing.find_sources(str(tmp_path / "v"))
     assert layout == "classes" and classes == ["bus", "car", "train"]
     # a split otherwise: of class folders (even with a stray image), beside a test folder by
     # another name (Kaggle's train/ and test1/), or with one folder beside it
@@ -759,24 +760,24 @@ def test_a_class_called_train_beside_other_classes_and_a_test_folder_for_val(tmp
                          ("k", {"train": 3, "test1": 3, "extra": 2}), ("o", {"train": 3, "bus": 3})):
         write_classes(tmp_path / name, counts, size=(8, 8))
         with pytest.raises(UserError, match=r"has train/ but no val/"):
-            folders.find_sources(str(tmp_path / name))
+            listing.find_sources(str(tmp_path / name))
     write_classes(tmp_path / "t", {"Train/x": 2, "test/x": 1}, size=(8, 8))
     with pytest.raises(UserError, match=r"t has Train/ and test/ but no val/: rename test/ to val/"):
-        folders.find_sources(str(tmp_path / "t"))
+        listing.find_sources(str(tmp_path / "t"))
 
 
 def test_a_zip_made_on_a_mac_and_class_names_spelt_two_ways(tmp_path):
     write_classes(tmp_path / "z", {"cats": 2, "dogs": 2, "__MACOSX/cats": 2}, size=(8, 8))
-    assert folders.find_sources(str(tmp_path / "z"))[1] == ["cats", "dogs"]
+    assert listing.find_sources(str(tmp_path / "z"))[1] == ["cats", "dogs"]
     save(tmp_path / "m" / "__MACOSX" / "0.png", rgb(8, 8))
-    assert not folders.is_image_folder(str(tmp_path / "m"))
+    assert not listing.is_image_folder(str(tmp_path / "m"))
     # café written as one character under train/ and as e + an accent under val/ (a copy from a Mac)
     write_classes(tmp_path / "u" / "train", {"caf\u00e9": 2, "tea": 2}, size=(8, 8))
     write_classes(tmp_path / "u" / "val", {"cafe\u0301": 1, "tea": 1}, size=(8, 8))
-    layout, classes, sources = folders.find_sources(str(tmp_path / "u"))
+    layout, classes, sources = listing.find_sources(str(tmp_path / "u"))
     assert classes == ["caf\u00e9", "tea"] and [s[3] for s in sources["val"]] == [0, 1]
     write_classes(tmp_path / "u" / "train", {"cafe\u0301": 2}, size=(8, 8))  # both spellings: each its own
-    assert [s[3] for s in folders.find_sources(str(tmp_path / "u"))[2]["val"]] == [0, 2]  # (e + accent sorts first)
+    assert [s[3] for s in listing.find_sources(str(tmp_path / "u"))[2]["val"]] == [0, 2]  # (e + accent sorts first)
 
 
 def test_more_than_8_bit_grayscale_and_rare_extensions(tmp_path):
