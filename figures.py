@@ -91,10 +91,12 @@ def save(fig, out, name):
 
 # ----------------------------------------------------------------------------- Figure 3: attention
 @torch.no_grad()
-def attention_maps(model, images, power=2.0, mean=cifar.MEAN, std=cifar.STD):
-    """For uint8 images [n, 3, S, S]: mean over channels of |output of block k|^power for
-    every block k, upsampled (bilinear) to S x S and scaled to [0, 1] per map -> [n, K, S, S].
-    The model sees the images as in testing (normalised, rotation 0); put it in eval mode."""
+def attention_maps(model, images, power=1.0, mean=cifar.MEAN, std=cifar.STD):
+    """For uint8 images [n, 3, S, S]: mean over channels of |output of block k|^power for every
+    block k, upsampled (bilinear) to S x S and scaled to [0, 1] per map -> [n, K, S, S]. Power 1
+    is the mean absolute activation, the paper's Figure 3; above 1 the strongest activations
+    count more. The model sees the images as in testing (normalised, rotation 0); put it in
+    eval mode."""
     device = next(model.parameters()).device
     images = images.to(device)
     x, _ = rot_kernel.rotation_batch(images, torch.arange(len(images), device=device),
@@ -117,7 +119,7 @@ def pick_images(labels, n, classes=10):
     return (firsts + [i for i in range(len(labels)) if i not in chosen])[:n]
 
 
-def attention_figure(rotnet_path, supervised_path, data_dir=None, out="runs/figures", images=6, power=2.0,
+def attention_figure(rotnet_path, supervised_path, data_dir=None, out="runs/figures", images=6, power=1.0,
                      device="cpu", image_size=None, cache=None):
     """data_dir, image_size, cache: None, those the RotNet was pretrained on (run_images), where
     the config.json beside rotnet_path records them; else ./data, at 256."""
@@ -381,8 +383,9 @@ def parse_args(argv=None):
            "config.json beside --rotnet records them; else ./data)", whose="the RotNet's")
     p.add_argument("--images", type=cli.positive_int, default=6,
                    help=f"how many test images (rows; at most {ATTENTION_MAX_IMAGES})")
-    p.add_argument("--power", type=cli.positive_float, default=2.0,
-                   help="p in mean over channels of |activation|^p")
+    p.add_argument("--power", type=cli.positive_float, default=1.0,
+                   help="p in mean over channels of |activation|^p (default 1: the mean absolute activation; "
+                   "a larger p lets the strongest activations stand out more)")
     p = command("filters", "Figure 4: the first-layer 5x5 filters of both networks")
     networks(p)
     p = command("curves", "training curves (loss, train and test accuracy) of runs, from their metrics.jsonl")

@@ -171,6 +171,23 @@ def test_an_alexnet_probe_it_cannot_have_is_refused_before_the_folder_is_prepare
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("classes", [5, 6])
+def test_top5_is_measured_only_above_five_classes(tmp_path, classes):
+    # (of five classes or fewer, every image's class is among the top five: 100 % whatever is learnt)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (2 * classes, 3, 232, 232), dtype=torch.uint8, generator=gen)
+    y = torch.arange(2 * classes) % classes
+    dataset = data.Dataset(x, y, x, y, mean=(120.0,) * 3, std=(60.0,) * 3, classes=tuple(map(str, range(classes))))
+    extractor = alexnet.AlexNet(width=0.125)
+    model = probe.Probe(extractor, 1, probe.alexnet_linear(extractor.convs[0].conv.out_channels, 12, classes))
+    s = probe.Probing(out=str(tmp_path / "p"), device="cpu", batch_size=4, classifier="linear", block=1)
+    results = probe.train_classifier(model, s, dataset, kind="alexnet-linear", epochs=1, describe={})
+    last = json.loads((tmp_path / "p" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert ("test_top5" in results) == ("test_top5" in last) == (classes > 5)
+    if classes > 5:  # measured in the last epoch's pass
+        assert results["test_top5"] == last["test_top5"] and results["test_top5"] >= results["test_acc"]
+
+
 def test_both_imagenet_tables_end_to_end(imagenet, tmp_path):
     torch.manual_seed(0)
     net = alexnet.AlexNet(width=0.125)
@@ -178,17 +195,15 @@ def test_both_imagenet_tables_end_to_end(imagenet, tmp_path):
     common = ["--data", imagenet, "--cache", tmp_path / "cache", "--checkpoint", tmp_path / "model.pt",
               "--epochs-scale", 0.03, "--batch-size", 8, "--device", "cpu", "--out", tmp_path / "tables"]
     five = run_cli("--table", 5, *common, script="probe.py")
-    assert "(18.80)" in five.stdout and "(36.50)" in five.stdout and "top-5" in five.stdout
+    assert "(18.80)" in five.stdout and "(36.50)" in five.stdout
+    assert "top-5 |" not in five.stdout and "Top-5 is not given: the data has 5 classes or fewer" in five.stdout
     table = json.loads((tmp_path / "tables" / "table5.json").read_text())
-    assert [len(row["ours"]) for row in table["rows"]] == [5, 5]
+    assert [len(row["ours"]) for row in table["rows"]] == [5]  # (3 classes: no top-5 row)
     assert (table["checkpoint"], table["width"], table["epochs"]) == (str(tmp_path / "model.pt"), 0.125, 1)
-    probed = next((tmp_path / "tables").glob("*/results.json")).parent  # top-5 measured in the last epoch's pass
-    last = json.loads((probed / "metrics.jsonl").read_text().splitlines()[-1])
-    assert json.loads((probed / "results.json").read_text())["test_top5"] == last["test_top5"]
     four = run_cli("--table", 4, *common, script="probe.py")
     assert "(50.00)" in four.stdout and "(43.80)" in four.stdout
     assert four.stdout.count("epoch 1 ") == 1  # conv4's and conv5's probes trained together
-    assert [len(row["ours"]) for row in json.loads((tmp_path / "tables" / "table4.json").read_text())["rows"]] == [2, 2]
+    assert [len(row["ours"]) for row in json.loads((tmp_path / "tables" / "table4.json").read_text())["rows"]] == [2]
     again = run_cli("--table", 5, *common, script="probe.py")  # reused, not trained again
     assert "epoch 1" not in again.stdout
     shutil.rmtree(tmp_path / "cache")  # (250 GB for ImageNet) is not prepared again to print the table
