@@ -7,6 +7,7 @@ random crop, a random horizontal flip, the quarter turns and normalisation; the 
 collated there, handed over in pinned memory and copied to the device asynchronously. Its
 batches are laid out as rot_kernel.rotation_batch's: image b's rotation r at b*R + r.
 """
+import os
 import signal
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from data import PAD
 
+WORKERS = min(8, os.cpu_count() or 1)  # worker processes, by default
 PREFETCH = 4  # batches each worker keeps ready, so that one slow batch does not stall the step
 
 

@@ -8,7 +8,6 @@ torch.compile modes with and without CUDA graphs) and prints a table last.
 import dataclasses
 import gc
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ from models import build
 from rotnet import ARCHS, Pretraining
 from train import Context, batches, make_optimizer, resolve_device, train_step
 
-WORKERS = min(8, os.cpu_count() or 1)  # the DataLoader baseline's worker processes
 
 
 @dataclass(frozen=True)
@@ -135,27 +133,27 @@ def time_dataloader(ctx, net, opt, images, s: Pretraining, steps, workers):
     then the batches the workers hold ready are taken untimed, and the last `steps` are only
     copied to the device (the loader alone, without the head start the queue would give it)."""
     ready = workers * baseline.PREFETCH  # the most batches the workers keep ready
-    batches = iter(baseline.loader(images, batch_size=s.batch_size, draws=(3 * steps + ready) * s.batch_size,
-                                   workers=workers, pin_memory=ctx.cuda, seed=s.seed, rotations=s.rotations,
-                                   mean=cifar.MEAN, std=cifar.STD))
+    loaded = iter(baseline.loader(images, batch_size=s.batch_size, draws=(3 * steps + ready) * s.batch_size,
+                                  workers=workers, pin_memory=ctx.cuda, seed=s.seed, rotations=s.rotations,
+                                  mean=cifar.MEAN, std=cifar.STD))
 
     def load_only():
         for _ in range(steps):
-            baseline.to_device(ctx, *next(batches))
+            baseline.to_device(ctx, *next(loaded))
 
     def train():
         for _ in range(steps):
-            train_step(ctx, net, opt, *baseline.to_device(ctx, *next(batches)))
+            train_step(ctx, net, opt, *baseline.to_device(ctx, *next(loaded)))
 
     net.train()
     train()  # warm-up
     t_train = seconds(ctx, train)
     for _ in range(ready):
-        next(batches)
+        next(loaded)
     return t_train, seconds(ctx, load_only)
 
 
-def measure(s: Pretraining, v: Variant, images, epoch_images, steps, workers=WORKERS):
+def measure(s: Pretraining, v: Variant, images, epoch_images, steps, workers=baseline.WORKERS):
     """Times variant v of the training step on images, with its own model and optimizer made
     from s.seed; returns its figures. Raises Skipped when it cannot run here."""
     ctx = Context(s.device, amp=v.amp, compile=v.compile, channels_last=v.channels_last, check_bounds=v.check_bounds)
@@ -183,7 +181,8 @@ def measure(s: Pretraining, v: Variant, images, epoch_images, steps, workers=WOR
                 batch_building_share=round(t_build / t_train, 4))
 
 
-def write_json(path, result):
+def write_result(path, result):
+    """The --json file; a sweep writes it again after each variant, so that one cut off keeps its rows."""
     try:
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
@@ -191,7 +190,7 @@ def write_json(path, result):
         raise UserError(f"--json {path}: cannot write it ({err.strerror})") from None
 
 
-def benchmark(s: Pretraining, steps=100, *, dataloader=False, workers=WORKERS, json_path=None):
+def benchmark(s: Pretraining, steps=100, *, dataloader=False, workers=baseline.WORKERS, json_path=None):
     """Training speed on random data of the arch's data set already on the device (CIFAR-10
     for the NIN: 32x32; ImageNet for AlexNet: 256x256 cropped to 224): images per second,
     the projected time of an epoch (and of 100), and the share of batch building. Times the
@@ -200,7 +199,7 @@ def benchmark(s: Pretraining, steps=100, *, dataloader=False, workers=WORKERS, j
     Prints one JSON line (also written to json_path if given) and returns it."""
     require(not dataloader or not baseline_unfit(s), f"--baseline: {baseline_unfit(s)}")
     if json_path:
-        write_json(json_path, {})  # a path that cannot be written stops the run before it starts
+        write_result(json_path, {})  # a path that cannot be written stops the run before it starts
     # A full-width step on a CPU can take seconds: say what is being timed before it starts.
     print(f"timing {steps} training steps ({s.arch}, width {s.width}, {s.batch_size} images x {len(s.rotations)} "
           f"rotations) on {resolve_device(s.device)}, after {steps} untimed ones to warm up", file=sys.stderr,
@@ -219,11 +218,11 @@ def benchmark(s: Pretraining, steps=100, *, dataloader=False, workers=WORKERS, j
     print(table_text(rows), file=sys.stderr)  # for the reader; the JSON line last, for programs
     print(json.dumps(result))
     if json_path:
-        write_json(json_path, result)
+        write_result(json_path, result)
     return result
 
 
-def sweep(s: Pretraining, steps=100, *, variants=SWEEP, workers=WORKERS, json_path=None):
+def sweep(s: Pretraining, steps=100, *, variants=SWEEP, workers=baseline.WORKERS, json_path=None):
     """Times each variant in this one process on the same images, each with its own model
     and optimizer made from the same seed. A variant that cannot run here is recorded as
     skipped and one that fails as failed, with the reason; neither stops the sweep (a failed
@@ -232,7 +231,7 @@ def sweep(s: Pretraining, steps=100, *, variants=SWEEP, workers=WORKERS, json_pa
     it measured); the table comes last, on stdout. Returns the rows."""
     ctx = Context(s.device)  # an unavailable device stops here, with one line
     if json_path:
-        write_json(json_path, {})
+        write_result(json_path, {})
     images, epoch_images = random_images(s, steps)
     rows = []
     for v in variants:
@@ -252,7 +251,7 @@ def sweep(s: Pretraining, steps=100, *, variants=SWEEP, workers=WORKERS, json_pa
         rows.append(row)
         print(f"sweep: {row_text(row)}", file=sys.stderr, flush=True)
         if json_path:
-            write_json(json_path, sweep_summary(s, ctx, steps, workers, rows))
+            write_result(json_path, sweep_summary(s, ctx, steps, workers, rows))
     print(table_text(rows))
     failed = [r["variant"] for r in rows if r["status"] == "failed"]
     require(not failed, f"{len(failed)} of the sweep's {len(rows)} variants failed ({', '.join(failed)}): "

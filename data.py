@@ -1,12 +1,12 @@
 """Where a run's images come from and how they reach the device.
 
     dataset = load("./data", image_size=256)        # CIFAR-10, or an image folder prepared once
-    train = on_device(dataset.train_x, device)      # held on the device, or streamed to it
-    for images, index in train.batches(perm, slices):
+    split = on_device(dataset.train_x, device)      # held on the device, or streamed to it
+    for images, index in split.batches(perm, slices):
         ...  # rot_kernel.rotation_batch(images, index, ...) builds the step's batch
 
-`--data` is CIFAR-10 in its python format (cifar.py) or a folder of images (folders.py:
-decoded once into a memory-mapped uint8 file). Either way a split is uint8 [N, 3, S, S]
+`--data` is CIFAR-10 in its python format (cifar.py) or a folder of images (listed by
+listing.py, decoded once by folders.py into a memory-mapped uint8 file). Either way a split is uint8 [N, 3, S, S]
 on the CPU. A split that fits on the device (with room to train) is copied there once and
 batches index it; a larger one is streamed: a background thread gathers the next step's
 images from the file into pinned memory and copies them on a side stream while the
@@ -130,7 +130,7 @@ def _load_folder(data, image_size, cache, val_fraction, recipe, labels_for):
     std = tuple(max(s, 1.0) for s in p.std)
     return Dataset(as_tensor(p.train.images), labels(p.train.labels), as_tensor(p.val.images), labels(p.val.labels),
                    tuple(p.mean), std, tuple(p.classes),
-                   folder_fingerprint(p.classes, {s: p.manifest["splits"][s]["sources"] for s in folders.SPLITS}))
+                   folder_fingerprint(p.classes, {s: p.manifest["splits"][s]["sources"] for s in listing.SPLITS}))
 
 
 def identity(data, *, image_size=256, val_fraction=0.1, download=False, labels_for=None):
@@ -164,8 +164,8 @@ def folder_fingerprint(classes, sources):
     BMP keeps its size); not the size they are prepared at, a setting of the run (image_size).
     sources: {split: [path, size, mtime_ns, label] of each file}, as listing.find_sources
     gives them."""
-    which = [[(path, label) for path, _, _, label in sources[s]] for s in folders.SPLITS]
-    sizes = [[size for _, size, _, _ in sources[s]] for s in folders.SPLITS]
+    which = [[(path, label) for path, _, _, label in sources[s]] for s in listing.SPLITS]
+    sizes = [[size for _, size, _, _ in sources[s]] for s in listing.SPLITS]
     # (ASCII: odd names are escaped)
     return digest(json.dumps([list(classes), *which]).encode()) + "." + digest(json.dumps(sizes).encode())
 
@@ -389,27 +389,25 @@ if __name__ == "__main__":
     import argparse
     # Only here: cli imports this module (through runs and train), but this module does not
     # import cli at import time, so there is no cycle (cli imports a second copy, as "data").
-    from cli import positive_int, user_path
+    from cli import positive_float, positive_int, run_job, user_path
+    from train import resolve_device
     ap = argparse.ArgumentParser(description="Loader benchmark: a prepared image folder into device batches")
     ap.add_argument("--data", required=True, type=user_path, help="a folder of images (prepared on first use)")
     ap.add_argument("--image-size", type=positive_int, default=256)
     ap.add_argument("--batch-size", type=positive_int, default=192)
     ap.add_argument("--steps", type=positive_int, default=50)
     ap.add_argument("--cache", type=user_path)
-    ap.add_argument("--val-fraction", type=float, default=0.1,
+    ap.add_argument("--val-fraction", type=positive_float, default=0.1,
                     help="as the training scripts' (the prepared folder depends on it)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a = ap.parse_args()
-    try:
-        if a.device == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda but no CUDA device is available")
+
+    def loader_benchmark():
+        device = resolve_device(a.device)
         if os.path.isdir(a.data) and not listing.is_image_folder(a.data):  # a missing one: prepare says so
             raise UserError(f"{a.data} is not a folder of images: the loader benchmark is for image folders "
                             "(CIFAR-10 is held in memory, nothing to benchmark)")
-        benchmark(a.data, image_size=a.image_size, batch_size=a.batch_size, steps=a.steps, device=a.device,
+        benchmark(a.data, image_size=a.image_size, batch_size=a.batch_size, steps=a.steps, device=device,
                   cache=a.cache, val_fraction=a.val_fraction)
-    except UserError as err:
-        raise SystemExit(f"error: {err}") from None
-    except KeyboardInterrupt:  # the preparation keeps what it decoded
-        print("\ninterrupted: what was prepared is kept; the same command goes on from it", file=sys.stderr)
-        raise SystemExit(130) from None
+
+    run_job(loader_benchmark)  # (a preparation stopped by Ctrl-C keeps what it decoded)

@@ -36,7 +36,7 @@ import rotnet  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
 from errors import UserError, require  # noqa: E402
-from models import fingerprint, load_model, read_checkpoint  # noqa: E402
+from models import file_hash, load_model, read_checkpoint  # noqa: E402
 from nin import NIN  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
@@ -58,7 +58,7 @@ def need(path, what):
     return path
 
 
-def load(path, device="cpu", *, is_rotnet):
+def load_nin(path, device="cpu", *, is_rotnet):
     """A NIN (the figures show its blocks); an AlexNet is a one-line error. is_rotnet: True for
     --rotnet, False for --supervised, which are told apart where the file can tell
     (rotnet.not_a_rotnet, runs.trained_as)."""
@@ -112,7 +112,7 @@ def attention_maps(model, images, power=1.0, mean=cifar.MEAN, std=cifar.STD):
     return torch.cat(maps, 1).cpu()
 
 
-def pick_images(labels, n, classes=10):
+def pick_images(labels, n, classes):
     """The first test image of each class in turn (then the rest in order): varied and fixed."""
     firsts = [int((labels == c).nonzero()[0]) for c in range(classes) if (labels == c).any()]
     chosen = set(firsts)
@@ -123,8 +123,8 @@ def attention_figure(rotnet_path, supervised_path, data_dir=None, out="runs/figu
                      device="cpu", image_size=None, cache=None):
     """data_dir, image_size, cache: None, those the RotNet was pretrained on (run_images), where
     the config.json beside rotnet_path records them; else ./data, at 256."""
-    nets = [("RotNet", load(rotnet_path, device, is_rotnet=True)),
-            ("Supervised", load(supervised_path, device, is_rotnet=False))]
+    nets = [("RotNet", load_nin(rotnet_path, device, is_rotnet=True)),
+            ("Supervised", load_nin(supervised_path, device, is_rotnet=False))]
     run = os.path.dirname(rotnet_path) or "."
     if data_dir is None and not isinstance(runs.saved_config(run).get("data"), str):
         data_dir = "./data"  # not beside the run that made it (an original checkpoint, or moved)
@@ -190,7 +190,7 @@ def filters_figure(rotnet_path, supervised_path, out):
     fig, axes = plt.subplots(1, 2, figsize=FILTERS_SIZE, layout="constrained")
     nets = [("RotNet", rotnet_path, True), ("Supervised NIN", supervised_path, False)]
     for ax, (name, path, is_rotnet) in zip(axes, nets):
-        weight = load(path, is_rotnet=is_rotnet).blocks[0][0].conv.weight
+        weight = load_nin(path, is_rotnet=is_rotnet).blocks[0][0].conv.weight
         ax.imshow(filter_grid(weight), interpolation="nearest")
         ax.set_title(f"{name}: {weight.shape[0]} first-layer filters "
                      f"({weight.shape[2]}x{weight.shape[3]}x{weight.shape[1]})", fontsize=11)
@@ -328,9 +328,9 @@ def rotation_vs_object_figure(run_dir, data_dir=None, out="runs/figures", probe_
     # anew in place, or on other images (the snapshot's path may change: the run moved).
     fix = f"delete {os.path.join(run_dir, 'figure5a_probes')} to train its probes anew"
     for p in probes:
-        probe.check_reusable(p.out, epochs=probe.schedule_epochs("nonlinear", probe_epochs),
-                             checkpoint=p.checkpoint, checkpoint_hash=fingerprint(p.checkpoint), data=made_on,
-                             fix=fix)
+        runs.check_reusable(p.out, epochs=probe.schedule_epochs("nonlinear", probe_epochs),
+                            checkpoint=p.checkpoint, checkpoint_hash=file_hash(p.checkpoint), identity=made_on,
+                            fix=fix)
     make_out(out)  # and --out made
     rows = [(epoch, rot, object_accuracy(p)) for (epoch, _), rot, p in zip(found, accuracies, probes)]
     if not train.main_rank():  # under torchrun the ranks trained the probes; rank 0 draws

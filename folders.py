@@ -55,6 +55,7 @@ from tqdm import tqdm
 
 import listing
 from errors import UserError
+from listing import SPLITS
 
 try:
     import fcntl  # a lock on the cache folder, so that two processes never prepare it at once
@@ -63,9 +64,9 @@ except ImportError:  # Windows: no lock
 
 VERSION = 1
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")  # what Pillow may decode (JPEG includes MPO); no EPS etc.
-SPLITS = ("train", "val")
 TODO, GOOD, BROKEN = 0, 1, 2     # the states in <split>.done
 WORK_FILES = [s + ext for s in SPLITS for ext in (".done", ".sums", ".skipped.jsonl")]  # while preparing
+CACHE_FILES = ["manifest.json"] + [s + ext for s in SPLITS for ext in (".u8", ".labels.npy")] + WORK_FILES
 COMMIT_SECONDS = 2.0             # how often the decoded images are flushed and recorded as done
 # Pillow refuses images above 89 M pixels as possible decompression bombs, a limit made for web
 # uploads: phones take photos of 108 and 200 M pixels. Ours: 256 M (768 MB decoded, a worker).
@@ -172,7 +173,7 @@ def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=
     workers: decoding processes (None: one per core; 0 or 1: in this process).
     progress: a tqdm bar on stderr.
     need_val: refuse, before decoding anything, a folder that would leave val empty.
-    check: called with find_sources' (layout, classes, sources) before anything is decoded, or
+    check: called with listing.find_sources' (layout, classes, sources) before anything is decoded, or
         a cache is looked at: it raises to refuse the folder."""
     if not (isinstance(image_size, int) and image_size >= 1):
         raise UserError(f"--image-size must be a positive whole number of pixels, got {image_size!r}")
@@ -189,7 +190,8 @@ def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=
     if check:
         check(layout, classes, sources)
     if need_val and not sources["val"]:
-        raise UserError(f"{data}: no images were held out for testing; {listing.why_no_val(layout, sources, val_fraction)}")
+        why = listing.why_no_val(layout, sources, val_fraction)
+        raise UserError(f"{data}: no images were held out for testing; {why}")
     wanted = {"version": VERSION, "complete": False,
               "settings": {"image_size": image_size, "val_fraction": val_fraction, "seed": seed},
               "data": data, "layout": layout, "classes": classes, "mean": None, "std": None, "skipped": [],
@@ -336,7 +338,7 @@ def _labels_fit(path, n, classes):
 def _start(root, manifest):
     """Deletes what a previous preparation left and sets up an empty one."""
     _remove(root, ["manifest.json"])  # first: a half-reset cache must never look complete
-    _remove(root, [s + ext for s in SPLITS for ext in (".u8", ".labels.npy", ".done", ".sums", ".skipped.jsonl")])
+    _remove(root, CACHE_FILES)
     item = 3 * manifest["settings"]["image_size"] ** 2
     for split in SPLITS:
         n = len(manifest["splits"][split]["sources"])
@@ -357,27 +359,34 @@ def _check_space(root, manifest, reset):
     cache's disk. reset: the cache's files are deleted first (_start), so their space counts as
     free and every image is to be decoded; otherwise the done ones are already stored."""
     S = manifest["settings"]["image_size"]
-    total = sum(len(manifest["splits"][s]["sources"]) for s in SPLITS)
-    names = ["manifest.json"] + [s + ext for s in SPLITS for ext in (".u8", ".labels.npy", ".done", ".sums",
-                                                                    ".skipped.jsonl")]
+    total = _count(manifest)
     freed, done = 0, 0
-    for name in names if reset else []:
+    for name in CACHE_FILES if reset else []:
         with contextlib.suppress(OSError):
             st = os.stat(os.path.join(root, name))
             freed += st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size  # a sparse file: what it holds
     if not reset:
-        done = sum(int((np.fromfile(os.path.join(root, s + ".done"), np.uint8) != TODO).sum()) for s in SPLITS)
+        done = _decoded(root)
     needed, free = (total - done) * 3 * S * S, shutil.disk_usage(root).free + freed
     if needed > free:
         raise UserError(f"{root}: preparing {total - done:,} images at {S}x{S} needs {needed / 1e9:,.1f} GB, "
                         f"but only {free / 1e9:,.1f} GB are free there")
 
 
+def _count(manifest):
+    """How many images the preparation decodes, both splits."""
+    return sum(len(manifest["splits"][s]["sources"]) for s in SPLITS)
+
+
+def _decoded(root):
+    """How many of them a preparation has done so far (stored, or found unreadable)."""
+    return sum(int((np.fromfile(os.path.join(root, s + ".done"), np.uint8) != TODO).sum()) for s in SPLITS)
+
+
 def _fill_and_finish(root, manifest, workers, progress):
     S = manifest["settings"]["image_size"]
     item = 3 * S * S
-    total = sum(len(manifest["splits"][s]["sources"]) for s in SPLITS)
-    done = sum(int((np.fromfile(os.path.join(root, s + ".done"), np.uint8) != TODO).sum()) for s in SPLITS)
+    total, done = _count(manifest), _decoded(root)
     size = total * item
     print(f"preparing {total:,} images at {S}x{S} into {root} "
           f"({f'{size / 1e9:.1f} GB' if size >= 1e9 else f'{size / 1e6:.1f} MB'})"

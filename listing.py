@@ -30,6 +30,8 @@ from errors import UserError
 EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff")
 CIFAR_NAMES = ("cifar-10-batches-py", "data_batch_1", "cifar-10-python.tar.gz")  # a CIFAR-10 folder, not one of images
 SPLIT_NAMES = (("train", "training"), ("val", "validation", "valid"))  # what the folders may be called, in any case
+SPLITS = ("train", "val")                  # the keys of find_sources' sources
+TEST_NAMES = ("test", "testing")           # a folder named so is refused: neither val nor a class
 HELD_OUT = ("classes", "flat")             # the layouts whose val is drawn (val_fraction, seed)
 UNLABELLED = ("flat", "flat-train-val")    # the layouts with no labels
 
@@ -163,8 +165,8 @@ def why_no_val(layout, sources, val_fraction):
 
 
 def find_sources(data, val_fraction=0.1, seed=0):
-    """(layout, classes, {"train": sources, "val": sources}) of an image folder: what prepare
-    will decode, found without decoding anything."""
+    """(layout, classes, {"train": sources, "val": sources}) of an image folder: what
+    folders.prepare will decode, found without decoding anything."""
     if os.path.isfile(data):
         raise UserError(f"{data} is a file, not a folder of images")
     if not os.path.isdir(data):
@@ -174,7 +176,7 @@ def find_sources(data, val_fraction=0.1, seed=0):
         if os.path.isdir(train_dir) and os.path.isdir(val_dir):
             return _train_val_sources(data, train_dir, val_dir)
         names = _subfolders(data)
-        trained, tested = ([n for n in names if n.lower() in split] for split in (SPLIT_NAMES[0], ("test", "testing")))
+        trained, tested = ([n for n in names if n.lower() in split] for split in (SPLIT_NAMES[0], TEST_NAMES))
         if trained and tested:
             raise UserError(f"{data} has {trained[0]}/ and {tested[0]}/ but no val/: rename {tested[0]}/ to val/ "
                             "(the images to test on, in the class folders that the training images have)")
@@ -270,7 +272,7 @@ def _held_out_sources(data, val_fraction, seed):
         train, val = _hold_out([("", *_one_place_each([_sources(data, data, None)]))], val_fraction, seed)
         return "flat", [], {"train": train, "val": val}
     train_names, val_names = SPLIT_NAMES
-    split = [c for c in classes if c.lower() in train_names[1:] + val_names + ("test", "testing")]
+    split = [c for c in classes if c.lower() in train_names[1:] + val_names + TEST_NAMES]
     if split:  # (not train/ itself: trains and buses are classes)
         raise UserError(f"{os.path.join(data, split[0])} is named like a split, not a class: give {data} a train/ "
                         "and a val/ folder, each of class folders (or rename it, if it is a class)")

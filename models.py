@@ -61,7 +61,7 @@ def is_alexnet(saved):
     return isinstance(saved.get("network"), dict) and "_feature_blocks.0.0.weight" in saved["network"]
 
 
-def fingerprint(path):
+def file_hash(path):
     """Which weights a file holds, wherever it lies: the start of its SHA-256 (a probe records
     it, so one trained on other weights of the same path is not reused)."""
     digest = hashlib.sha256()

@@ -33,10 +33,9 @@ import nin
 import rotnet
 import runs
 import train
-from data import same_images
 from errors import require
-from models import NETWORKS, fingerprint, is_alexnet, load_model, read_checkpoint
-from nin import NIN, ConvBNReLU, init_conv_
+from models import NETWORKS, file_hash, is_alexnet, load_model, read_checkpoint
+from nin import NIN, init_conv_
 from rotnet import FOUR
 
 # ----------------------------------------------------------------------------- settings
@@ -88,10 +87,10 @@ class Probing(runs.Run):
     def __post_init__(self):
         super().__post_init__()
         require(self.classifier in ("nonlinear", "linear", "conv"),
-                f"classifier: nonlinear, linear or conv, got {self.classifier!r}")
+                f"--classifier: nonlinear, linear or conv, got {self.classifier!r}")
         require(self.init in ("checkpoint", "random"), f"--init: checkpoint or random, got {self.init!r}")
         require(not (self.checkpoint and (self.supervised or self.init == "random")),
-                f"checkpoint: {'supervised' if self.supervised else 'init=random'} trains from random weights, "
+                f"--checkpoint: {'--supervised' if self.supervised else '--init random'} trains from random weights, "
                 "so the checkpoint would not be used: give one or the other")
         require(self.blocks in (3, 4, 5), f"--blocks: 3, 4 or 5, got {self.blocks}")
         require(self.block >= 0, f"--block: at least 1 (0: every conv of an AlexNet), got {self.block}")
@@ -132,7 +131,7 @@ def make_classifier(kind, feature_shape, num_classes=10, width=1.0):
             init_linear(nn.Linear(HIDDEN, num_classes)))
     if kind == "conv":  # a fresh copy of NIN block 3, global average pooling, a linear layer
         c = nin.channels(width)[0]
-        block = nn.Sequential(ConvBNReLU(C, c, 3), ConvBNReLU(c, c, 1), ConvBNReLU(c, c, 1),
+        block = nn.Sequential(nin.ConvBNReLU(C, c, 3), nin.ConvBNReLU(c, c, 1), nin.ConvBNReLU(c, c, 1),
                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), init_linear(nn.Linear(c, num_classes)))
         for m in block.modules():  # (the original's, as for the others: its classifiers set their own)
             if isinstance(m, nn.Conv2d):
@@ -188,9 +187,11 @@ def alexnet_nonlinear(extractor, block, num_classes):
                alexnet.LinearBNReLU(hidden, hidden),
                nn.Linear(hidden, num_classes)]
     head = nn.Sequential(*layers)
-    for m in head.modules():  # the original's: conv weights N(0, sqrt(2 / (k * k * out))), linear
-        if isinstance(m, nn.Conv2d):  # ones N(0, sqrt(2 / out)) with biases 0, BatchNorm1d scales
-            init_conv_(m)             # U(0, 1) (PyTorch 0.2's default)
+    # The original's: conv weights N(0, sqrt(2 / (k * k * out))), linear ones N(0, sqrt(2 / out))
+    # with biases 0, BatchNorm1d scales U(0, 1) (PyTorch 0.2's default)
+    for m in head.modules():
+        if isinstance(m, nn.Conv2d):
+            init_conv_(m)
         elif isinstance(m, nn.Linear):
             init_linear(m)
         elif isinstance(m, nn.BatchNorm1d):
@@ -257,7 +258,7 @@ def train_classifier(model, s: runs.Run, dataset, *, kind, epochs, describe, sub
                   data_fingerprint=dataset.fingerprint)
     # A supervised NIN's checkpoint.pt loads with models.load_model, as a RotNet's does.
     extra = dict(model_config=model.config) if isinstance(model, NIN) else {}
-    train.epoch_steps(ctx, epoch_size or len(train_x), batch_size)
+    train.epoch_steps(ctx, epoch_size or len(train_x), batch_size)  # a run of no step: refused before config.json
     first, metrics = runs.restore(ctx, s.out, config, s.resume, model, opt, sched)
     for epoch in range(first, epochs + 1):
         lr, t0 = opt.param_groups[0]["lr"], time.perf_counter()
@@ -304,7 +305,7 @@ def best_epoch(out):
 
 def probe(s: Probing):
     """The probe s describes (or the supervised NIN); returns its results."""
-    require(s.supervised or s.init == "random" or s.checkpoint, "a probe needs a checkpoint (or init='random')")
+    require(s.supervised or s.init == "random" or s.checkpoint, "a probe needs a --checkpoint (or --init random)")
     with s.claim_out():  # out held until the run ends (checked first)
         extractor = load_model(s.checkpoint) if not s.supervised and s.init == "checkpoint" else None
         if extractor is not None:  # config.json records the network probed, not --width and --blocks
@@ -326,7 +327,7 @@ def probe(s: Probing):
             describe = dict(classifier="supervised", block=None, checkpoint=None, finetune=True, init="random")
         else:
             describe = dict(classifier=s.classifier, block=s.block, checkpoint=s.checkpoint, finetune=s.finetune,
-                            init=s.init, checkpoint_hash=fingerprint(s.checkpoint) if extractor else None)
+                            init=s.init, checkpoint_hash=file_hash(s.checkpoint) if extractor else None)
         schedule = dict(kind=kind, describe=describe, epochs=schedule_epochs(kind, s.epochs, s.epochs_scale))
         dataset = s.load_data(train.Context(s.device), SCHEDULES[kind].recipe, labels_for="a probe",
                               recorded=recorded_settings(s, **schedule))
@@ -349,29 +350,6 @@ def probe(s: Probing):
 
 
 # ----------------------------------------------------------------------------- tables
-def check_reusable(out, data=None, fix="give this run another --out", **wanted):
-    """A run in out (finished or stopped) is reused only if it was made with these settings
-    (and, given data, Run.data_identity, on these images prepared so), and, if finished, its
-    results.json is whole (a damaged one stops here, before any training). fix: what the
-    refusal tells the user to do."""
-    wanted = dict(wanted, networks=NETWORKS, **data or {})
-    data_fingerprint = wanted.pop("data_fingerprint", None)
-    path = os.path.join(out, "config.json")
-    if os.path.exists(path):
-        saved = runs.read_json(path)
-        if runs.by_weights(saved, wanted):
-            wanted.pop("checkpoint", None)
-        # (a run of an older version lacks a record of how its networks started: not reused)
-        differ = [runs.setting_change(k, saved[k], v) if k in saved else
-                  f"{k} (unrecorded: an older version) there, {v} here" for k, v in wanted.items() if saved.get(k) != v]
-        require(not differ, f"{out} was made with other settings ({'; '.join(differ)}): {fix}")
-        require(data_fingerprint is None or same_images(saved.get("data_fingerprint"), data_fingerprint),
-                f"{out} was made on other images than --data holds now (images added, removed or edited, held out "
-                f"otherwise, or another data set), so its numbers are not this data's: {fix}")
-    if os.path.exists(os.path.join(out, "results.json")):
-        runs.read_json(os.path.join(out, "results.json"))
-
-
 def rotnet_for(s, blocks, rotations=FOUR):
     """The pretraining a table (or sweep) needs, in its own folder under s.out: the original
     schedule x epochs_scale at the paper's lr, s's width."""
@@ -409,13 +387,13 @@ def table2(s):
 
 def table3(s):
     net = rotnet_for(s, 4)
-    runs = {"Supervised NIN": probe_for(s, supervised=True),
-            "Random Init. + conv": probe_for(s, init="random", classifier="conv"),
-            "RotNet + non-linear": probe_for(s, net),
-            "RotNet + conv": probe_for(s, net, classifier="conv"),
-            "RotNet + non-linear (fine-tuned)": probe_for(s, net, finetune=True),
-            "RotNet + conv (fine-tuned)": probe_for(s, net, classifier="conv", finetune=True)}
-    return ["accuracy"], [(method, [p], [PAPER_TABLE3[method]]) for method, p in runs.items()], [net]
+    probes = {"Supervised NIN": probe_for(s, supervised=True),
+              "Random Init. + conv": probe_for(s, init="random", classifier="conv"),
+              "RotNet + non-linear": probe_for(s, net),
+              "RotNet + conv": probe_for(s, net, classifier="conv"),
+              "RotNet + non-linear (fine-tuned)": probe_for(s, net, finetune=True),
+              "RotNet + conv (fine-tuned)": probe_for(s, net, classifier="conv", finetune=True)}
+    return ["accuracy"], [(method, [p], [PAPER_TABLE3[method]]) for method, p in probes.items()], [net]
 
 
 def table4(s):
@@ -426,18 +404,19 @@ def table5(s):
     return ["conv1", "conv2", "conv3", "conv4", "conv5"], [("RotNet + linear", [imagenet_probe(s)], PAPER_TABLE5)], []
 
 
-def imagenet_probe(s, block=0, classifier="linear"):
-    """A probe of the AlexNet in s.checkpoint (block 0: every conv the classifier sits on, at once)."""
+def imagenet_probe(s, classifier="linear"):
+    """The probe of the AlexNet in s.checkpoint on every conv the classifier sits on, at once
+    (block 0): linear on conv1-5 (Table 5), non-linear on conv4-5 (Table 4)."""
     require(s.checkpoint, "Tables 4 and 5 probe an AlexNet RotNet: give --checkpoint (rotnet.py --arch alexnet)")
-    convs = f"conv{block}" if block else "conv1-5" if classifier == "linear" else "conv4-5"
+    convs = "conv1-5" if classifier == "linear" else "conv4-5"
     name = f"{os.path.basename(os.path.dirname(os.path.abspath(s.checkpoint)))}_{convs}_{classifier}"
-    return dataclasses.replace(s, out=os.path.join(s.out, name), block=block, classifier=classifier, resume=True)
+    return dataclasses.replace(s, out=os.path.join(s.out, name), block=0, classifier=classifier, resume=True)
 
 
-def format_table(number, columns, rows, data):
+def format_table(number, columns, rows, measured_on):
     """Markdown: each cell 'ours (paper)', in % of test accuracy (top-1 unless a row says), or,
-    where rows give the best epoch's too (the CIFAR tables), 'last / best (paper)'; data: what
-    ours were measured on (--data)."""
+    where rows give the best epoch's too (the CIFAR tables), 'last / best (paper)'; measured_on:
+    the --data ours were measured on."""
     data_set = "ImageNet" if number in (4, 5) else "CIFAR-10"
     lines = [f"| Table {number} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, ours, paper, best in rows:
@@ -446,7 +425,8 @@ def format_table(number, columns, rows, data):
         lines.append(f"| {name} | " + " | ".join(cells + ["–"] * (len(columns) - len(ours))) + " |")
     which = (" at the last epoch / the best epoch (the paper's probes are the best epoch's: the original "
              "keeps that one; its supervised NIN keeps the last)" if any(best for *_, best in rows) else "")
-    return "\n".join(lines) + f"\n\nTest accuracy, %: ours on {data}{which}, the paper's on {data_set} in brackets.\n"
+    return "\n".join(lines) + (f"\n\nTest accuracy, %: ours on {measured_on}{which}, the paper's on {data_set} in "
+                               "brackets.\n")
 
 
 def run_plan(nets, probes, imagenet=False):
@@ -457,8 +437,8 @@ def run_plan(nets, probes, imagenet=False):
     # (no run made on other images is reused; a folder without labels is refused before its RotNets train)
     made_on = probes[0].data_identity(train.Context(probes[0].device), labels_for="a probe")
     for net in nets:
-        check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed, batch_size=net.batch_size,
-                       data=made_on)
+        runs.check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed, batch_size=net.batch_size,
+                            identity=made_on)
     finished = lambda p: os.path.exists(os.path.join(p.out, "results.json"))
     for p in probes:
         kind = schedule_kind(p, imagenet)
@@ -466,10 +446,10 @@ def run_plan(nets, probes, imagenet=False):
         # Tables 4 and 5 probe the file --checkpoint names, known by its weights (its path may be
         # written otherwise, the file trained anew since); the other tables probe the RotNets they
         # train themselves, checked above, each named in its probes' folders.
-        which = (dict(checkpoint=p.checkpoint, checkpoint_hash=fingerprint(p.checkpoint)) if imagenet
+        which = (dict(checkpoint=p.checkpoint, checkpoint_hash=file_hash(p.checkpoint)) if imagenet
                  else {} if p.checkpoint else dict(width=p.width))  # (no RotNet: it trains a NIN of this width)
-        check_reusable(p.out, epochs=schedule_epochs(kind, p.epochs, p.epochs_scale), seed=p.seed, lr=lr,
-                       batch_size=batch_size, data=made_on, **which)
+        runs.check_reusable(p.out, epochs=schedule_epochs(kind, p.epochs, p.epochs_scale), seed=p.seed, lr=lr,
+                            batch_size=batch_size, identity=made_on, **which)
     needed = {p.checkpoint for p in probes if not finished(p)}
     for net in nets:
         model = os.path.join(net.out, "model.pt")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+import baseline
 import data
 from cli import add_common_flags, positive_int, run_job, user_path
 from errors import UserError, require
@@ -50,7 +51,7 @@ class Arch:
     epochs: int
 
 
-# CIFAR-10: 100 epochs, the slide deck's rerun of the original (PAPER.md), whose own 200
+# CIFAR-10: 100 epochs, the second slide deck's rerun of the original, whose own 200
 # the tables pretrain with (probe.PRETRAIN_EPOCHS); the milestones keep their fractions.
 ARCHS = {"nin": Arch(data.Recipe("pad-crop"), lr=0.1, decay=LR_DECAY, milestones=MILESTONES, batch_size=128,
                      epochs=100),
@@ -112,7 +113,7 @@ def pretrain(s: Pretraining):
         opt, sched = make_optimizer(net.parameters(), s.lr, s.epochs, arch.milestones, arch.decay)
         config = dict(dataclasses.asdict(s), model_config=model.config, data_fingerprint=dataset.fingerprint,
                       networks=NETWORKS)
-        epoch_steps(ctx, len(train_x), s.batch_size)
+        epoch_steps(ctx, len(train_x), s.batch_size)  # a run of no step is refused before config.json is written
         first, metrics = restore(ctx, s.out, config, s.resume, model, opt, sched)
 
         def save_model(name, metrics):
@@ -169,7 +170,7 @@ def parse_args(argv=None):
                     help="with --benchmark: also time the step fed by a conventional DataLoader (baseline.py)")
     ap.add_argument("--sweep", action="store_true", help="with --benchmark: time each variant (fp32, contiguous, "
                     "fused SGD, the DataLoader baseline, torch.compile modes) in one run; a table at the end")
-    ap.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1),
+    ap.add_argument("--workers", type=positive_int, default=baseline.WORKERS,
                     help="the DataLoader baseline's worker processes (default: %(default)s)")
     ap.add_argument("--json", metavar="PATH", type=user_path,
                     help="with --benchmark: also write the result (--sweep: every row) here")

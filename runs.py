@@ -4,9 +4,12 @@ trains) and the files it writes there, each whole or not at all:
     config.json     the settings and the machine it ran with
     metrics.jsonl   one line an epoch
     checkpoint.pt   everything --resume needs (the one before it kept as checkpoint.prev.pt)
+    model.pt        a finished pretraining's network (rotnet.py), results.json a finished probe's
 
 restore starts a run or resumes it, refusing a resume with other settings, on other images
-or of another kind of run; end_epoch writes an epoch.
+or of another kind of run; end_epoch writes an epoch; check_reusable says whether a table or
+sweep may reuse a run it finds. run_kind and trained_as tell which kind of run made a folder
+or a checkpoint file (a RotNet pretraining, a probe, a supervised NIN, a sweep's arm).
 """
 import contextlib
 import dataclasses
@@ -25,7 +28,7 @@ import data
 import listing
 import rot_kernel
 from errors import UserError, require
-from models import read_checkpoint
+from models import NETWORKS, read_checkpoint
 from train import main_first, main_rank
 
 try:
@@ -40,7 +43,11 @@ WIDTHS = (1 / 64, 16)                # --width: from every layer keeping a chann
 # probe's --checkpoint path, where its weights decide: by_weights).
 MAY_CHANGE_ON_RESUME = {"resume", "device", "compile", "amp", "out", "data", "cache", "download", "eval_every",
                         "save_every"}
-last_kept = None                     # (out, epochs kept) of the run this job is in: what Ctrl-C keeps (cli)
+# The kinds of run (run_kind), as a refusal names them
+ROTNET, PROBE, SUPERVISED, ARM = "a RotNet pretraining", "a probe", "a supervised NIN", "a label-scarcity arm"
+
+# The run this job is in, and how many epochs it has kept: what cli says that Ctrl-C keeps
+last_kept = None                     # (out, epochs) once restore has begun a run
 
 
 # ----------------------------------------------------------------------------- the run and its folder
@@ -66,7 +73,7 @@ class Run:
     download: bool = False
 
     def __post_init__(self):
-        # BatchNorm needs two images a step: a batch of one trains nothing (train.batches)
+        # BatchNorm needs two images a step: a batch of one trains nothing (train.epoch_steps)
         require(self.epochs is None or self.epochs >= 1, f"--epochs: at least 1, got {self.epochs}")
         require(self.batch_size is None or self.batch_size >= 2, f"--batch-size: at least 2, got {self.batch_size}")
         require(self.eval_every >= 1, f"--eval-every: at least 1, got {self.eval_every}")
@@ -284,9 +291,9 @@ def restore(ctx, out, config, resume, model, opt, sched):
         if ctx.cuda and isinstance(ckpt["rng"].get("cuda"), torch.Tensor):  # made on a GPU
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], ctx.device)
         if ctx.main:
-            done = isinstance(config.get("epochs"), int) and ckpt["epoch"] >= config["epochs"]
+            finished = isinstance(config.get("epochs"), int) and ckpt["epoch"] >= config["epochs"]
             print(f"resuming {out} after epoch {ckpt['epoch']}" + (": it was finished; nothing is trained, its "
-                  "last epoch's files are written again" if done else ""), file=sys.stderr)
+                  "last epoch's files are written again" if finished else ""), file=sys.stderr)
     if ctx.main:
         os.makedirs(out, exist_ok=True)
         # amp as it ran (bf16 autocast is for CUDA only, whatever --no-amp says), and the layout
@@ -336,9 +343,6 @@ def saved_config(out):
     return saved if isinstance(saved, dict) else {}
 
 
-ROTNET, PROBE, SUPERVISED, ARM = "a RotNet pretraining", "a probe", "a supervised NIN", "a label-scarcity arm"
-
-
 def run_kind(config):
     """What a run trains, from its config (config.json): ROTNET, PROBE, SUPERVISED or ARM (one
     of the sweep's, either kind); None for a config that does not say."""
@@ -382,6 +386,29 @@ def changed_settings(out, config):
     as_saved = lambda v: json.loads(json.dumps(v))  # tuples as lists, as config.json holds them
     return {k: (saved[k], as_saved(v)) for k, v in config.items() if k in saved and k not in may_change
             and not (data.same_images(saved[k], v) if k == "data_fingerprint" else saved[k] == as_saved(v))}
+
+
+def check_reusable(out, identity=None, fix="give this run another --out", **wanted):
+    """A run in out (finished or stopped) is reused only if it was made with these settings
+    (and, given identity, Run.data_identity, on these images prepared so), and, if finished, its
+    results.json is whole (a damaged one stops here, before any training). fix: what the
+    refusal tells the user to do."""
+    wanted = dict(wanted, networks=NETWORKS, **identity or {})
+    data_fingerprint = wanted.pop("data_fingerprint", None)
+    path = os.path.join(out, "config.json")
+    if os.path.exists(path):
+        saved = read_json(path)
+        if by_weights(saved, wanted):
+            wanted.pop("checkpoint", None)
+        # (a run of an older version lacks a record of how its networks started: not reused)
+        differ = [setting_change(k, saved[k], v) if k in saved else
+                  f"{k} (unrecorded: an older version) there, {v} here" for k, v in wanted.items() if saved.get(k) != v]
+        require(not differ, f"{out} was made with other settings ({'; '.join(differ)}): {fix}")
+        require(data_fingerprint is None or data.same_images(saved.get("data_fingerprint"), data_fingerprint),
+                f"{out} was made on other images than --data holds now (images added, removed or edited, held out "
+                f"otherwise, or another data set), so its numbers are not this data's: {fix}")
+    if os.path.exists(os.path.join(out, "results.json")):
+        read_json(os.path.join(out, "results.json"))
 
 
 def epoch_of(line):

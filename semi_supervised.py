@@ -25,7 +25,7 @@ import rotnet
 import runs
 import train
 from errors import require
-from models import fingerprint, load_model
+from models import file_hash, load_model
 from nin import NIN, channels
 
 # ----------------------------------------------------------------------------- settings
@@ -98,7 +98,7 @@ def run_arm(s, dataset, arm, per_class, subset, checkpoint):
             model = NIN(blocks=3, num_classes=len(dataset.classes), width=s.width)
         describe = dict(arm=arm, per_class=per_class, classifier=kind, block=BLOCK if kind == "conv" else None,
                         checkpoint=checkpoint if kind == "conv" else None, subset_seed=s.subset_seed,
-                        checkpoint_hash=fingerprint(checkpoint) if kind == "conv" else None)
+                        checkpoint_hash=file_hash(checkpoint) if kind == "conv" else None)
         return probe.train_classifier(model, run, dataset, kind=kind, epochs=epochs, describe=describe,
                                       subset=subset, epoch_size=s.epoch_size)
 
@@ -160,11 +160,11 @@ def sweep(s: Sweep):
                 f"--width {s.width!r}: the RotNet in --checkpoint is {given.config['width']!r} wide, and the "
                 "supervised NIN it is compared with must be as wide: leave --width out to take the RotNet's")
     else:
-        probe.check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed, batch_size=net.batch_size,
-                             data=made_on)
+        runs.check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed, batch_size=net.batch_size,
+                            identity=made_on)
     # The RotNet the conv arms train on is known by its weights (not by how its path is written;
     # a file trained anew in place is another), or by its path until the sweep has trained it
-    weights = dict(checkpoint=checkpoint, **({"checkpoint_hash": fingerprint(checkpoint)}
+    weights = dict(checkpoint=checkpoint, **({"checkpoint_hash": file_hash(checkpoint)}
                                              if os.path.exists(checkpoint) else {}))
     for k in s.per_class:
         for arm in ("rotnet_conv", "supervised"):
@@ -172,10 +172,10 @@ def sweep(s: Sweep):
             schedule = probe.SCHEDULES[kind]
             # what the arm trains from: the RotNet's checkpoint, or a NIN of this width
             source = weights if kind == "conv" else dict(width=s.width)
-            probe.check_reusable(run.out, epochs=epochs, seed=s.seed, epoch_size=s.epoch_size,
-                                 subset_seed=s.subset_seed, lr=s.lr or schedule.lr,
-                                 batch_size=s.batch_size or schedule.batch_size,
-                                 data=made_on, **source)
+            runs.check_reusable(run.out, epochs=epochs, seed=s.seed, epoch_size=s.epoch_size,
+                                subset_seed=s.subset_seed, lr=s.lr or schedule.lr,
+                                batch_size=s.batch_size or schedule.batch_size,
+                                identity=made_on, **source)
     if net and not os.path.exists(checkpoint):
         runs.header(f"pretraining {net.out} ({net.epochs} epoch{'s' * (net.epochs != 1)})")
         rotnet.pretrain(net)

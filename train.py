@@ -1,10 +1,11 @@
-"""The training loop's pieces that every script shares, written once: its settings, where a
-run computes (device, precision, ranks), one SGD step, one epoch, evaluation. The run's folder
-(config.json, metrics.jsonl, checkpoint.pt, --resume) is runs.py; the flags and the error
-path every script shares are cli.py.
+"""The training loop's pieces that every script shares, written once: the schedule's
+constants, where a run computes (device, precision, ranks), one SGD step, one epoch,
+evaluation. A run's settings and folder (config.json, metrics.jsonl, checkpoint.pt, --resume)
+are runs.py's; the flags and the error path every script shares are cli.py's.
 
 A script's own loop reads (rotnet.pretrain, probe.train_classifier):
 
+    epoch_steps(ctx, len(train), batch_size)  # refuses a run of no step before restore writes
     first, metrics = runs.restore(ctx, out, config, resume, model, opt, sched)
     for epoch in range(first, epochs + 1):
         loss, acc, seen = train_epoch(ctx, net, opt, train, ...)
@@ -223,7 +224,7 @@ def percent(correct, total):
 
 
 def train_epoch(ctx, net, opt, images, targets=None, *, recipe, mean, std, epoch, seed, batch_size,
-                rotations=(0,), epoch_size=None, desc=None):
+                rotations=(0,), epoch_size=None):
     """One epoch over images (a data.Resident or Streamed split; epoch_size draws of it if
     given), viewed as the recipe says; targets are class labels (rotations=(0,)) or None
     (the rotation is the label). Returns (mean loss, accuracy % (one per head), source
@@ -237,7 +238,7 @@ def train_epoch(ctx, net, opt, images, targets=None, *, recipe, mean, std, epoch
     correct = torch.zeros((), device=ctx.device, dtype=torch.int64)
     outputs = seen = 0
     steps = epoch_steps(ctx, len(perm), batch_size)
-    bar = tqdm(steps, desc=desc or f"epoch {epoch}", leave=False, disable=not ctx.main or None, file=sys.stderr)
+    bar = tqdm(steps, desc=f"epoch {epoch}", leave=False, disable=not ctx.main or None, file=sys.stderr)
     for s, (source, index) in zip(bar, images.batches(perm, steps)):
         x, y = ctx.batch(source, index, rotations=rotations, mean=mean, std=std, size=size,
                          **{k: v[s] for k, v in view.items()})
@@ -250,7 +251,7 @@ def train_epoch(ctx, net, opt, images, targets=None, *, recipe, mean, std, epoch
         seen += s.stop - s.start
     heads = correct.dim() == 1  # one count per head
     loss_sum, *correct, outputs, seen = ctx.sum([loss_sum.item(), *correct.reshape(-1).tolist(), outputs, seen])
-    # Stopped here, before end_epoch: checkpoint.pt keeps the last good epoch.
+    # Stopped here, before runs.end_epoch: checkpoint.pt keeps the last good epoch.
     require(math.isfinite(loss_sum), f"the training loss became {loss_sum} in epoch {epoch}: training diverged "
                                      "(try a lower --lr); the epochs before it are kept")
     return loss_sum / max(outputs, 1), percent(correct if heads else correct[0], outputs), int(seen)

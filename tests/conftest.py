@@ -170,7 +170,8 @@ def free_port():
 
 
 def paper_convs(blocks):
-    """(k, in, out) of every conv of the paper's NIN, block by block (PAPER.md)."""
+    """(k, in, out) of every conv of the paper's NIN, block by block (the original code's
+    architectures/NetworkInNetwork.py)."""
     return ([(5, 3, 192), (1, 192, 160), (1, 160, 96), (5, 96, 192), (1, 192, 192), (1, 192, 192)]
             + [(3, 192, 192), (1, 192, 192), (1, 192, 192)] * (blocks - 2))
 

@@ -14,6 +14,7 @@ import cli
 import data
 import probe
 import rotnet
+import runs
 import semi_supervised
 import train
 from conftest import assert_one_line_error, free_port, metrics_of, run_cli, write_cifar, write_folder
@@ -391,12 +392,12 @@ def test_a_run_resumed_on_images_edited_in_place_is_refused_and_on_a_copy_is_not
     (tmp_path / "run" / "config.json").write_text(json.dumps(dict(config, data_fingerprint=names)))
     rotnet.pretrain(rotnet.Pretraining(**dict(settings, data=str(copy), cache=str(tmp_path / "c2")), resume=True))
     found = data.identity(str(copy), image_size=16)
-    probe.check_reusable(str(tmp_path / "run"), data=found)
+    runs.check_reusable(str(tmp_path / "run"), identity=found)
     os.remove(copy / "dog" / "003.png")  # but not on other names
     with pytest.raises(data.UserError, match=r"run was trained on other images"):
         rotnet.pretrain(rotnet.Pretraining(**dict(settings, data=str(copy), cache=str(tmp_path / "c2")), resume=True))
     with pytest.raises(data.UserError, match=r"made on other images than --data holds now"):
-        probe.check_reusable(str(tmp_path / "run"), data=data.identity(str(copy), image_size=16))
+        runs.check_reusable(str(tmp_path / "run"), identity=data.identity(str(copy), image_size=16))
 
 
 def test_block_0_of_a_nin_is_refused_before_preparing(tmp_path, capfd):

@@ -1,4 +1,5 @@
-"""folders.py: image folders prepared into a memory-mapped uint8 cache.
+"""listing.py and folders.py: image folders listed, then prepared into a memory-mapped uint8
+cache.
 
 Every image is compared with an independent Pillow decode, resize and crop done here. The
 folders are written by the tests (tiny images, S = 24): every format and colour mode, EXIF

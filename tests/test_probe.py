@@ -138,8 +138,8 @@ def test_bad_arguments(cifar_dir, tmp_path):
 
 
 @pytest.mark.parametrize("flags, named", [
-    (["--supervised"], "supervised trains from random weights"),
-    (["--init", "random"], "init=random trains from random weights"),
+    (["--supervised"], "--supervised trains from random weights"),
+    (["--init", "random"], "--init random trains from random weights"),
     (["--table", "3"], "Table 3 pretrains its own RotNets"),
 ])
 def test_a_checkpoint_that_would_not_be_used_is_refused(cifar_dir, tmp_path, flags, named):
@@ -181,25 +181,25 @@ def test_a_run_is_reused_only_where_its_record_matches(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(epochs=3, seed=0, checkpoint_hash="ab12")))
     with pytest.raises(UserError, match=r"other settings \(networks \(unrecorded: an older version\) there, "
                                         r"original-init here\)"):
-        probe.check_reusable(str(tmp_path), epochs=3, seed=0, checkpoint_hash="ab12")
+        runs.check_reusable(str(tmp_path), epochs=3, seed=0, checkpoint_hash="ab12")
     record = lambda **saved: (tmp_path / "config.json").write_text(json.dumps(dict(saved, networks=NETWORKS)))
     record(epochs=3, seed=0, checkpoint_hash="ab12", data_fingerprint="cd34")
-    probe.check_reusable(str(tmp_path), epochs=3, seed=0, checkpoint_hash="ab12", data_fingerprint="cd34")
+    runs.check_reusable(str(tmp_path), epochs=3, seed=0, checkpoint_hash="ab12", data_fingerprint="cd34")
     with pytest.raises(UserError, match="other settings \\(epochs 3 there, 4 here\\)"):
-        probe.check_reusable(str(tmp_path), epochs=4, seed=0, checkpoint_hash="ab12")
+        runs.check_reusable(str(tmp_path), epochs=4, seed=0, checkpoint_hash="ab12")
     record(epochs=3, checkpoint_hash="ef56", data_fingerprint="cd34")
     with pytest.raises(UserError, match=r"checkpoint_hash ef56 there, ab12 here \(--checkpoint holds other weights"):
-        probe.check_reusable(str(tmp_path), epochs=3, checkpoint_hash="ab12")
+        runs.check_reusable(str(tmp_path), epochs=3, checkpoint_hash="ab12")
     record(epochs=3)  # (no hash recorded: said so, not that the weights differ)
     with pytest.raises(UserError, match=r"checkpoint_hash \(unrecorded: an older version\) there, ab12 here\)"):
-        probe.check_reusable(str(tmp_path), epochs=3, checkpoint_hash="ab12")
+        runs.check_reusable(str(tmp_path), epochs=3, checkpoint_hash="ab12")
     with pytest.raises(UserError, match="made on other images"):
-        probe.check_reusable(str(tmp_path), epochs=3, data_fingerprint="0000")
+        runs.check_reusable(str(tmp_path), epochs=3, data_fingerprint="0000")
     # The weights decide, however the checkpoint's path is written.
     record(checkpoint="a/model.pt", checkpoint_hash="ef56")
-    probe.check_reusable(str(tmp_path), checkpoint="./a/model.pt", checkpoint_hash="ef56")
+    runs.check_reusable(str(tmp_path), checkpoint="./a/model.pt", checkpoint_hash="ef56")
     with pytest.raises(UserError, match="checkpoint_hash ef56 there, 0000 here"):
-        probe.check_reusable(str(tmp_path), checkpoint="a/model.pt", checkpoint_hash="0000")
+        runs.check_reusable(str(tmp_path), checkpoint="a/model.pt", checkpoint_hash="0000")
     # and so on --resume (restore's changed_settings), by the path where no weights are recorded
     changed = lambda **here: set(runs.changed_settings(str(tmp_path), here))
     (tmp_path / "config.json").write_text(json.dumps(dict(checkpoint="a/model.pt")))
