@@ -52,7 +52,7 @@ class Arch:
 
 
 # CIFAR-10: 100 epochs, the second slide deck's rerun of the original, whose own 200
-# the tables pretrain with (probe.PRETRAIN_EPOCHS); the milestones keep their fractions.
+# the tables pretrain with (tables.PRETRAIN_EPOCHS); the milestones keep their fractions.
 ARCHS = {"nin": Arch(data.Recipe("pad-crop"), lr=0.1, decay=LR_DECAY, milestones=MILESTONES, batch_size=128,
                      epochs=100),
          # ImageNet: lr 0.01 x0.1 at epochs 15, 30, 45 of 50 (the config's lr 0.1 is overridden

@@ -23,6 +23,7 @@ import cli
 import probe
 import rotnet
 import runs
+import tables
 import train
 from errors import require
 from models import file_hash, load_model
@@ -147,7 +148,7 @@ def sweep(s: Sweep):
     dataset = s.load_data(ctx, labels_for="the label-scarcity sweep")
     subsets = {k: labelled_subset(dataset.train_y, k, s.subset_seed, dataset.classes) for k in s.per_class}
     made_on = s.data_identity(ctx)  # no run made on other images is reused
-    net = None if s.checkpoint else probe.rotnet_for(s, 4)
+    net = None if s.checkpoint else tables.rotnet_for(s, 4)
     checkpoint = s.checkpoint or os.path.join(net.out, "model.pt")
     if s.checkpoint:  # (an unreadable checkpoint stops here, not after a run)
         given = load_model(s.checkpoint)

@@ -16,6 +16,7 @@ import probe
 import rotnet
 import runs
 import semi_supervised
+import tables
 import train
 from conftest import assert_one_line_error, free_port, metrics_of, run_cli, write_cifar, write_folder
 
@@ -365,7 +366,7 @@ def test_an_out_inside_the_image_folder_is_refused(tmp_path, capfd):
         assert not out.exists() and not (tmp_path / "c").exists()
     # A table's or the sweep's --out, named as given (not the run under it), before the data is prepared
     with pytest.raises(data.UserError, match=r"--out \S*pictures/run is inside"):
-        probe.run_table(3, probe.Probing(**settings, out=str(pictures / "run")))
+        tables.run_table(3, probe.Probing(**settings, out=str(pictures / "run")))
     with pytest.raises(data.UserError, match=r"--out \S*pictures/run is inside"):
         semi_supervised.sweep(semi_supervised.Sweep(**settings, out=str(pictures / "run"), per_class=(2,)))
     assert not (pictures / "run").exists() and not (tmp_path / "c").exists()

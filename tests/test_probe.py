@@ -11,6 +11,7 @@ import torch
 
 import probe
 import runs
+import tables
 import train
 from conftest import (RunsCode, assert_one_line_error, free_port, metrics_of, run_cli, save_nin, to_original_names,
                       write_cifar)
@@ -167,13 +168,13 @@ def test_a_tables_rotnet_is_reused_only_at_its_batch_size(cifar_dir, tmp_path):
     # --batch-size reaches a table's RotNets too (rotnet_for): one made at another is not reused
     s = probe.Probing(data=cifar_dir, out=str(tmp_path), epochs_scale=0.005, width=0.125, device="cpu",
                       batch_size=64)
-    _, rows, nets = probe.table3(s)
+    _, rows, nets = tables.table3(s)
     made_on = s.data_identity(train.Context("cpu"), labels_for="a probe")
     os.makedirs(nets[0].out)
     with open(os.path.join(nets[0].out, "config.json"), "w") as f:
         json.dump(dict(epochs=nets[0].epochs, width=0.125, seed=0, batch_size=128, networks=NETWORKS, **made_on), f)
     with pytest.raises(UserError, match="rotnet_4blocks.* other settings \\(batch_size 128 there, 64 here\\)"):
-        probe.run_plan(nets, [p for _, probes, _ in rows for p in probes])
+        tables.run_plan(nets, [p for _, probes, _ in rows for p in probes])
 
 
 def test_a_run_is_reused_only_where_its_record_matches(tmp_path):
@@ -216,9 +217,9 @@ def test_the_best_epoch_is_given_beside_the_last_as_the_papers_figures_are(tmp_p
     assert probe.best_epoch(str(tmp_path)) == (45.5, 2)  # the first of equals; untested epochs skipped
     (tmp_path / "metrics.jsonl").write_text(json.dumps(dict(epoch=1, test_acc=[1.0, 2.0])) + "\n")
     assert probe.best_epoch(str(tmp_path)) is None  # several heads: no one best
-    text = probe.format_table(3, ["accuracy"], [("RotNet + conv", [40.0], [91.16], [45.5])], "data")
+    text = tables.format_table(3, ["accuracy"], [("RotNet + conv", [40.0], [91.16], [45.5])], "data")
     assert "| RotNet + conv | 40.00 / 45.50 (91.16) |" in text and "last epoch / the best epoch" in text
-    text = probe.format_table(5, ["conv1"], [("RotNet", [18.0], [18.8], None)], "data")
+    text = tables.format_table(5, ["conv1"], [("RotNet", [18.0], [18.8], None)], "data")
     assert "| RotNet | 18.00 (18.80) |" in text and "best" not in text
 
 
