@@ -161,8 +161,9 @@ def attention_figure(rotnet_path, supervised_path, data_dir=None, out="runs/figu
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"Attention maps: mean over channels of |activation|$^{{{power:g}}}$ of each block's output, "
-                 "scaled to [0, 1] per map", fontsize=10)
+    what = "|activation|" + (f"$^{{{power:g}}}$" if power != 1 else "")
+    fig.suptitle(f"Attention maps: mean over channels of {what} of each block's output, scaled to [0, 1] per map",
+                 fontsize=10)
     fig.subplots_adjust(left=0.3 / (columns * ATTENTION_CELL), right=0.99, bottom=0.01, wspace=0.05, hspace=0.05,
                         top=1 - ATTENTION_HEADER / (len(index) * ATTENTION_CELL + ATTENTION_HEADER))
     return save(fig, out, "attention.png")
