@@ -6,11 +6,11 @@
         ...  # rot_kernel.rotation_batch(images, index, ...) builds the step's batch
 
 `--data` is CIFAR-10 in its python format (cifar.py) or a folder of images (listed by
-listing.py, decoded once by folders.py into a memory-mapped uint8 file). Either way a split is uint8 [N, 3, S, S]
-on the CPU. A split that fits on the device (with room to train) is copied there once and
-batches index it; a larger one is streamed: a background thread gathers the next step's
-images from the file into pinned memory and copies them on a side stream while the
-current step runs. Both give the same batches for the same draws.
+listing.py, decoded once by folders.py into a memory-mapped uint8 file). Either way a split
+is uint8 [N, 3, S, S] on the CPU. A split that fits on the device (with room to train) is
+copied there once and batches index it; a larger one is streamed: a background thread
+gathers the next step's images from the file into pinned memory and copies them on a side
+stream while the current step runs. Both give the same batches for the same draws.
 """
 import contextlib
 import ctypes
