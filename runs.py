@@ -228,6 +228,7 @@ def read_json(path):
         raise UserError(f"{path} is damaged ({err}): delete its folder to run that run again") from None
 
 
+# ----------------------------------------------------------------------------- resuming and reusing a run
 def load_resume_checkpoint(ctx, out):
     """The newest good checkpoint in out: checkpoint.pt, else (damaged or cut short) the
     one before it. None when out has none; a UserError when none of them is good."""
@@ -247,12 +248,6 @@ def load_resume_checkpoint(ctx, out):
     require(not problems, f"{problems[0] if problems else path}; there is no earlier good checkpoint: "
             f"delete {out} (or run without --resume into another --out) to start again")
     return None
-
-
-def header(text):
-    """A line above the epoch lines of one run of several (a table's, a sweep's), naming it."""
-    if main_rank():
-        print(f"== {text}", flush=True)
 
 
 def say_if_nothing_to_resume(out):
@@ -409,6 +404,13 @@ def check_reusable(out, identity=None, fix="give this run another --out", **want
                 f"otherwise, or another data set), so its numbers are not this data's: {fix}")
     if os.path.exists(os.path.join(out, "results.json")):
         read_json(os.path.join(out, "results.json"))
+
+
+# ----------------------------------------------------------------------------- an epoch's lines and files
+def header(text):
+    """A line above the epoch lines of one run of several (a table's, a sweep's), naming it."""
+    if main_rank():
+        print(f"== {text}", flush=True)
 
 
 def epoch_of(line):
