@@ -210,6 +210,15 @@ def save_alexnet(path, width=0.05):
 # (test_rotation_batch.py against the reference, test_cuda_kernel.py against the CPU kernel)
 
 
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    """300 training and 100 test images in --data layout, shared by a module's command-line runs
+    (which only read it); test_probe.py and test_figures.py make smaller ones of their own."""
+    folder = tmp_path_factory.mktemp("cifar")
+    write_cifar(folder, 60, 100)
+    return folder
+
+
 @pytest.fixture
 def poison_outputs():
     """With deterministic algorithms on, torch fills each new tensor (the op's outputs

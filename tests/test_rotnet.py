@@ -27,16 +27,7 @@ import rot_kernel
 import rotnet
 import train
 from errors import UserError
-from conftest import REPO, cli_command, cli_env, free_port, metrics_of, run_cli, tiny_run_flags, write_cifar
-
-
-@pytest.fixture(scope="module")
-def cifar_dir(tmp_path_factory):
-    """300 training and 100 test images in --data layout, shared by the command-line runs
-    (which only read it)."""
-    folder = tmp_path_factory.mktemp("cifar")
-    write_cifar(folder, 60, 100)
-    return folder
+from conftest import REPO, cli_command, cli_env, free_port, metrics_of, run_cli, tiny_run_flags
 
 
 def test_cli_short_run_writes_its_files(cifar_dir, tmp_path):

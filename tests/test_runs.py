@@ -21,17 +21,7 @@ import rotnet
 import runs
 import train
 from errors import UserError
-from conftest import (REPO, assert_one_line_error, cli_command, cli_env, metrics_of, run_cli, tiny_run_flags,
-                      write_cifar)
-
-
-@pytest.fixture(scope="module")
-def cifar_dir(tmp_path_factory):
-    """300 training and 100 test images in --data layout, shared by the command-line runs
-    (which only read it)."""
-    folder = tmp_path_factory.mktemp("cifar")
-    write_cifar(folder, 60, 100)
-    return folder
+from conftest import REPO, assert_one_line_error, cli_command, cli_env, metrics_of, run_cli, tiny_run_flags
 
 
 def test_resume_from_a_damaged_checkpoint_continues_from_the_previous_one(cifar_dir, tmp_path):
