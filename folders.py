@@ -66,7 +66,7 @@ VERSION = 1
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")  # what Pillow may decode (JPEG includes MPO); no EPS etc.
 TODO, GOOD, BROKEN = 0, 1, 2     # the states in <split>.done
 WORK_FILES = [s + ext for s in SPLITS for ext in (".done", ".sums", ".skipped.jsonl")]  # while preparing
-CACHE_FILES = ["manifest.json"] + [s + ext for s in SPLITS for ext in (".u8", ".labels.npy")] + WORK_FILES
+CACHE_FILES = ["manifest.json"] + [s + ext for s in SPLITS for ext in (".u8", ".labels.npy")] + WORK_FILES  # (in order)
 COMMIT_SECONDS = 2.0             # how often the decoded images are flushed and recorded as done
 # Pillow refuses images above 89 M pixels as possible decompression bombs, a limit made for web
 # uploads: phones take photos of 108 and 200 M pixels. Ours: 256 M (768 MB decoded, a worker).
@@ -337,8 +337,7 @@ def _labels_fit(path, n, classes):
 
 def _start(root, manifest):
     """Deletes what a previous preparation left and sets up an empty one."""
-    _remove(root, ["manifest.json"])  # first: a half-reset cache must never look complete
-    _remove(root, CACHE_FILES)
+    _remove(root, CACHE_FILES)  # manifest.json first: a half-reset cache must never look complete
     item = 3 * manifest["settings"]["image_size"] ** 2
     for split in SPLITS:
         n = len(manifest["splits"][split]["sources"])
