@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+import decode
 import folders
 import listing
 from errors import UserError
@@ -168,14 +169,14 @@ def count_decodes(monkeypatch):
     """Counts the images decoded in this process (workers=0); `fail_after` raises
     KeyboardInterrupt on that call, like a Ctrl-C in the middle."""
     calls = {"n": 0, "fail_after": None}
-    real = folders.load_image
+    real = decode.load_image
 
     def counted(path, image_size):
         if calls["fail_after"] is not None and calls["n"] >= calls["fail_after"]:
             raise KeyboardInterrupt
         calls["n"] += 1
         return real(path, image_size)
-    monkeypatch.setattr(folders, "load_image", counted)
+    monkeypatch.setattr(decode, "load_image", counted)
     return calls
 
 
@@ -367,13 +368,13 @@ def test_resume_after_kill(tmp_path, count_decodes, workers):
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {REPO!r})
-        import folders
+        import decode, folders
         folders.COMMIT_SECONDS = 0
-        real = folders.load_image
+        real = decode.load_image
         def slow(path, size):
             time.sleep(0.05)
             return real(path, size)
-        folders.load_image = slow
+        decode.load_image = slow
         folders.prepare({str(data)!r}, image_size={S}, cache={str(cache)!r}, workers={workers}, progress=False)
     """)
     child = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
