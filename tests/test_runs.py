@@ -6,6 +6,7 @@ folder, a checkpoint that carries code, direct calls validated as the command li
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,11 +25,26 @@ from errors import UserError
 from conftest import REPO, assert_one_line_error, cli_command, cli_env, metrics_of, run_cli, tiny_run_flags
 
 
+@pytest.fixture(scope="module")
+def trained(cifar_dir, tmp_path_factory):
+    """Runs trained once for the module's tests, which work on copies (copy_run): "finished"
+    (1 epoch) and "stopped" (2 epochs, then its model.pt removed: a run stopped after its last
+    checkpoint). Both with tiny_run_flags; a run's folder may move (--out may change on resume)."""
+    root = tmp_path_factory.mktemp("trained")
+    run_cli(*tiny_run_flags(cifar_dir, root / "finished", "--epochs", "1"))
+    run_cli(*tiny_run_flags(cifar_dir, root / "stopped", "--epochs", "2"))
+    os.remove(root / "stopped" / "model.pt")
+    return root
+
+
+def copy_run(trained, name, to):
+    return shutil.copytree(trained / name, to)
+
+
 def test_resume_from_a_damaged_checkpoint_continues_from_the_previous_one(cifar_dir, tmp_path):
     flags = lambda out: tiny_run_flags(cifar_dir, out, "--epochs", "3", "--seed", "5")
     run_cli(*flags(tmp_path / "a"))
-    run_cli(*flags(tmp_path / "b"))
-    b = tmp_path / "b"
+    b = shutil.copytree(tmp_path / "a", tmp_path / "b")  # resumed, it must end as a did
     assert torch.load(b / "checkpoint.prev.pt", weights_only=True)["epoch"] == 2  # the one before is kept
     raw = (b / "checkpoint.pt").read_bytes()
     (b / "checkpoint.pt").write_bytes(raw[: len(raw) // 3])  # cut short, as a full disk would leave it
@@ -44,9 +60,8 @@ def test_resume_from_a_damaged_checkpoint_continues_from_the_previous_one(cifar_
     assert [m["epoch"] for m in metrics_of(b)] == [1, 2, 3]
 
 
-def test_a_finished_run_is_not_overwritten_without_resume(cifar_dir, tmp_path):
-    out = tmp_path / "out"
-    run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1"))
+def test_a_finished_run_is_not_overwritten_without_resume(cifar_dir, trained, tmp_path):
+    out = copy_run(trained, "finished", tmp_path / "out")
     before = {name: (out / name).read_bytes() for name in ("model.pt", "checkpoint.pt", "metrics.jsonl")}
     proc = run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1"), check=False)  # the same command again
     message = assert_one_line_error(proc, str(out), "holds a finished run (model.pt)", "another --out")
@@ -64,12 +79,12 @@ def test_a_finished_run_is_not_overwritten_without_resume(cifar_dir, tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="runs are locked where fcntl is (not Windows)")
-def test_two_processes_never_train_into_one_folder(cifar_dir, tmp_path):
+def test_two_processes_never_train_into_one_folder(cifar_dir, trained, tmp_path):
     # Another process holds out (as a run training into it does): a run, a probe, and a
     # table's probe (which claims its folder in train_classifier) each stop at once.
     import fcntl
     out = tmp_path / "out"
-    run_cli(*tiny_run_flags(cifar_dir, tmp_path / "net", "--epochs", "1"))
+    copy_run(trained, "finished", tmp_path / "net")
     os.makedirs(out)
     held = os.open(out, os.O_RDONLY)
     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -135,9 +150,8 @@ def test_run_files_are_written_whole_or_not_at_all(cifar_dir, tmp_path, monkeypa
     assert not os.path.exists(tmp_path / "run" / "config.json")
 
 
-def test_resume_with_no_good_checkpoint_says_what_to_delete(cifar_dir, tmp_path):
-    out = tmp_path / "out"
-    run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1"))
+def test_resume_with_no_good_checkpoint_says_what_to_delete(cifar_dir, trained, tmp_path):
+    out = copy_run(trained, "finished", tmp_path / "out")
     (out / "checkpoint.pt").write_bytes(b"\0" * 100)
     proc = run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1", "--resume"), check=False)
     assert_one_line_error(proc, "checkpoint.pt", f"delete {out}")
@@ -153,10 +167,9 @@ def test_resume_into_a_missing_folder_says_it_starts_from_the_beginning(cifar_di
     assert "there is no" not in proc.stderr
 
 
-def test_resume_refuses_a_checkpoint_that_carries_code(cifar_dir, tmp_path):
+def test_resume_refuses_a_checkpoint_that_carries_code(cifar_dir, trained, tmp_path):
     from conftest import RunsCode
-    out = tmp_path / "out"
-    run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1"))
+    out = copy_run(trained, "finished", tmp_path / "out")
     marker = tmp_path / "code-ran"
     torch.save({"model": RunsCode(marker), "epoch": 1}, out / "checkpoint.pt")
     proc = run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "1", "--resume"), check=False)
@@ -191,16 +204,14 @@ def test_every_script_checks_its_settings_the_same_way(settings, named):
     assert rotnet.Pretraining(width=1 / 64).width == probe.Probing(width=16).width / 1024
 
 
-def test_resume_keeps_the_whole_lines_of_a_metrics_file_cut_short(cifar_dir, tmp_path):
+def test_resume_keeps_the_whole_lines_of_a_metrics_file_cut_short(cifar_dir, trained, tmp_path):
     # A kill while an epoch's line is appended leaves half a line: --resume must neither fail
     # on it for ever nor lose the lines before it.
-    out = tmp_path / "out"
-    run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "3"))
-    os.remove(out / "model.pt")
+    out = copy_run(trained, "stopped", tmp_path / "out")
     with open(out / "metrics.jsonl", "a") as f:
-        f.write('{"epoch": 4, "lr": 0.1, "train_lo')
-    run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "3", "--resume"))
-    assert [m["epoch"] for m in metrics_of(out)] == [1, 2, 3]
+        f.write('{"epoch": 3, "lr": 0.1, "train_lo')
+    run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "2", "--resume"))
+    assert [m["epoch"] for m in metrics_of(out)] == [1, 2]
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -209,11 +220,9 @@ def test_resume_keeps_the_whole_lines_of_a_metrics_file_cut_short(cifar_dir, tmp
     (["--seed", "3"], "seed"),
     (["--width", "0.25"], "width"),
 ])
-def test_resume_refuses_other_settings(cifar_dir, tmp_path, flags, named):
+def test_resume_refuses_other_settings(cifar_dir, trained, tmp_path, flags, named):
     # Resumed with other settings, a run would record them and train something else.
-    out = tmp_path / "out"
-    run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "2"))
-    os.remove(out / "model.pt")
+    out = copy_run(trained, "stopped", tmp_path / "out")
     before = (out / "checkpoint.pt").read_bytes()
     proc = run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "2", "--resume", *flags), check=False)
     assert_one_line_error(proc, str(out), named, "another --out")
