@@ -1,19 +1,21 @@
 """The command line every script shares: the flags, declared once with one meaning
 everywhere, and run_job, every script's main, which turns a problem the user can fix into one
-`error: ...` line (errors.UserError), and Ctrl-C, SIGTERM, a full disk or a closed pipe into
-one line that says what the run kept and how to go on.
+`error: ...` line (errors.UserError, and running out of memory), and Ctrl-C, SIGTERM, a full
+disk or a closed pipe into one line that says what the run kept and how to go on.
 """
 import argparse
 import errno
 import gc
 import math
 import os
+import re
 import select
 import signal
 import sys
 import threading
 import time
 
+import torch
 import torch.distributed as dist
 
 import runs
@@ -54,9 +56,10 @@ def add_common_flags(ap, epochs, out, scaled=False, out_help=None, width_of_chec
                     help="CIFAR-10 (its folder, the folder holding it or its archive) or a folder of images: "
                     "train/<class>/ + val/<class>/, <class>/ folders, or unlabelled images (default: ./data)")
     ap.add_argument("--download", action="store_true", help="fetch CIFAR-10 into --data if it is missing")
-    ap.add_argument("--image-size", type=positive_int, default=256, metavar="S",
+    ap.add_argument("--image-size", type=positive_int, metavar="S",
                     help="a folder's images are prepared once at S x S (shorter side to S, centre crop; "
-                    "default: 256)")
+                    "default: the network's, 32 for the NIN and 256 for the AlexNet, or the size a "
+                    "--checkpoint was pretrained at)")
     ap.add_argument("--cache", type=user_path, help="where a folder is prepared (default: prepared/NAME-S)")
     ap.add_argument("--val-fraction", type=positive_float, default=0.1,
                     help="share of a folder held out for testing when it has no val/ (a fixed, seeded split; "
@@ -109,7 +112,13 @@ def run_job(job):
         return result
     except UserError as err:
         stop(f"error: {err}", rank_delay=True)
-    except RuntimeError as err:
+    except (MemoryError, RuntimeError) as err:  # (torch's OutOfMemoryError is a RuntimeError)
+        asked = out_of_memory(err)
+        if asked is not None:
+            stop(f"error: out of memory{asked}: give a smaller --batch-size, --width or --image-size "
+                 "(an image folder's)", rank_delay=True)
+        if isinstance(err, MemoryError):
+            raise
         # A rank whose peer has stopped (rank 0 refusing the data, say) fails in its next
         # collective ("Connection reset by peer"): one line, not a traceback that buries
         # the peer's own error.
@@ -137,6 +146,21 @@ def run_job(job):
             signal.signal(signal.SIGTERM, previous)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def out_of_memory(err):
+    """For an error that says the memory ran out (torch's allocators on the GPU and the CPU,
+    Python's MemoryError): what it asked for, as " (N GiB asked for at once)" where it says,
+    else ""; None for any other error."""
+    text = str(err)
+    if not isinstance(err, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in text:
+        return None
+    asked = re.search(r"[Tt]ried to allocate ([\d.]+) (bytes|[KMGT]iB)", text)
+    if not asked:
+        return ""
+    number, unit = float(asked[1]), asked[2]
+    mib = number / 2**20 if unit == "bytes" else number * 1024.0 ** ("KMGT".index(unit[0]) - 1)
+    return f" ({mib / 1024:.1f} GiB asked for at once)" if mib >= 1024 else f" ({mib:.0f} MiB asked for at once)"
 
 
 def _stdout_closed():

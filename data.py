@@ -367,7 +367,7 @@ def benchmark(data_dir, *, image_size=256, batch_size=192, steps=50, device="cpu
     slices = [s for _, s in zip(range(steps), ((slice(i, i + batch_size)) for i in range(0, len(images), batch_size)))]
     if len(slices) < steps:
         made = f"{len(slices)} batch" + ("es" if len(slices) != 1 else "")
-        print(f"note: {len(images):,} training images make {made} of {batch_size}, not {steps}: timing those",
+        print(f"note: {len(images):,} training images make {made} of up to {batch_size}, not {steps}: timing those",
               file=sys.stderr)
     result = dict(images=len(images), image_size=image_size, batch_size=batch_size, steps=len(slices), device=str(device),
                   file_GB=round(images.numel() / 1e9, 3))

@@ -36,7 +36,7 @@ import rotnet  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
 from errors import UserError, require  # noqa: E402
-from models import file_hash, load_model, read_checkpoint  # noqa: E402
+from models import IMAGE_SIZE, file_hash, load_model, read_checkpoint  # noqa: E402
 from nin import NIN  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
@@ -294,7 +294,8 @@ def run_images(run_dir, data_dir=None, image_size=None, cache=None, doing="Figur
                 "images: not checked to be the same)"
             print(f"{doing} the run's own images, {made['data']}{unchecked}; --data for others",
                   file=sys.stderr)
-    size = image_size or made.get("image_size") or 256  # the size the network learnt at, on any images
+    # the size the network learnt at, on any images (a run that does not say: its kind's)
+    size = image_size or made.get("image_size") or IMAGE_SIZE.get(made.get("arch"), IMAGE_SIZE["nin"])
     # its cache only at its size: at another, prepare would rebuild it (hours, for ImageNet)
     reuse = own and size == made.get("image_size")
     images = dict(data=made["data"] if own else data_dir, image_size=size,
@@ -373,7 +374,7 @@ def parse_args(argv=None):
 
     def images(p, help, whose):  # as the training scripts take them; by default, the run's own (run_images)
         p.add_argument("--data", type=cli.user_path, help=help)
-        p.add_argument("--image-size", type=cli.positive_int, help=f"S of an image folder (default: {whose}, else 256)")
+        p.add_argument("--image-size", type=cli.positive_int, help=f"S of an image folder (default: {whose}, else 32)")
         p.add_argument("--cache", type=cli.user_path, help=f"where the image folder is prepared (default: {whose}, "
                        "for its own images at its size; else prepared/NAME-S)")
 
@@ -394,7 +395,9 @@ def parse_args(argv=None):
     p = command("rotation-vs-object",
                 "Figure 5(a): rotation and object accuracy of every model_epochNNN.pt of a run "
                 "(rotnet.py --save-every N). Trains one non-linear probe on ConvB2 PER SNAPSHOT, in "
-                "RUN_DIR/figure5a_probes/epochNNN, and reuses those already finished with the same settings.",
+                "RUN_DIR/figure5a_probes/epochNNN, and reuses those already finished; probes made with other "
+                "settings (--probe-epochs, other images) are refused, not overwritten: the error names the "
+                "folder to delete to train them anew.",
                 runs_models=True)
     p.add_argument("run", metavar="RUN_DIR")
     images(p, "CIFAR-10 or an image folder (default: the run's own, as its config.json records it)",

@@ -21,6 +21,10 @@ from nin import NIN, nin_from_saved
 # How the networks start, recorded in every run's config.json: a run made before (the NIN's convs
 # N(0, sqrt(2 / n)), a conv classifier 192 wide at any --width) lacks it and is not reused.
 NETWORKS = "original-init"
+# The size a folder's images are prepared at for each network unless --image-size says
+# otherwise: what it was made for (the NIN CIFAR-10's 32 x 32: at 256 its 128 x 4 images of a
+# step would keep about 280 GB of activations, in fp32; the AlexNet ImageNet's 256, for its 224 crops).
+IMAGE_SIZE = {"nin": 32, "alexnet": 256}
 
 
 def build(arch, num_classes, width=1.0, blocks=4):

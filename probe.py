@@ -33,7 +33,7 @@ import nin
 import runs
 import train
 from errors import require
-from models import NETWORKS, file_hash, load_model
+from models import IMAGE_SIZE, NETWORKS, file_hash, is_alexnet, load_model, read_checkpoint
 from nin import NIN, init_conv_
 
 # ----------------------------------------------------------------------------- settings
@@ -83,6 +83,18 @@ class Probing(runs.Run):
         require(self.block >= 0, f"--block: at least 1 (0: every conv of an AlexNet), got {self.block}")
         require(0 < self.epochs_scale < math.inf,
                 f"--epochs-scale: must be positive and finite, got {self.epochs_scale}")
+        if self.image_size is None:  # the size the network learnt at (a table's: the NIN's)
+            object.__setattr__(self, "image_size", probed_size(self.checkpoint))
+
+
+def probed_size(checkpoint):
+    """The --image-size a probe of the network in checkpoint takes by default: the one it was
+    pretrained at (its run's config.json), else the one its kind is made for; the NIN's
+    without a checkpoint (--init random, --supervised). Reads the file only without a record."""
+    if not checkpoint:
+        return IMAGE_SIZE["nin"]
+    recorded = runs.pretrained_size(checkpoint)
+    return recorded or IMAGE_SIZE["alexnet" if is_alexnet(read_checkpoint(checkpoint)) else "nin"]
 
 
 def schedule_epochs(kind, epochs=None, epochs_scale=1.0):
@@ -316,7 +328,8 @@ def probe(s: Probing):
             describe = dict(classifier=s.classifier, block=s.block, checkpoint=s.checkpoint, finetune=s.finetune,
                             init=s.init, checkpoint_hash=file_hash(s.checkpoint) if extractor else None)
         schedule = dict(kind=kind, describe=describe, epochs=schedule_epochs(kind, s.epochs, s.epochs_scale))
-        dataset = s.load_data(train.Context(s.device), SCHEDULES[kind].recipe, labels_for="a probe",
+        dataset = s.load_data(train.Context(s.device), SCHEDULES[kind].recipe,
+                              labels_for="the supervised NIN" if s.supervised else "a probe",
                               recorded=recorded_settings(s, **schedule))
         classes, size = len(dataset.classes), dataset.train_x.shape[-1]
         torch.manual_seed(s.seed)

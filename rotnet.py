@@ -4,7 +4,7 @@ ImageNet or any folder of images.
 
     python rotnet.py --epochs 100                     # the paper's 4-block NIN on CIFAR-10
     python rotnet.py --data DIR --download            # fetch CIFAR-10 first
-    python rotnet.py --data FOLDER --image-size 32    # your own images, prepared once
+    python rotnet.py --data FOLDER                    # your own images, prepared once (at 32 x 32)
     python rotnet.py --arch alexnet --data IMAGENET   # the ImageNet model
     python rotnet.py --benchmark                      # training speed, no data needed
     python rotnet.py --benchmark --sweep --json P     # ... of each variant (compile, fp32, a DataLoader)
@@ -29,7 +29,7 @@ import baseline
 import data
 from cli import add_common_flags, positive_int, run_job, user_path
 from errors import UserError, require
-from models import NETWORKS, build
+from models import IMAGE_SIZE, NETWORKS, build
 from runs import ROTNET, Run, atomic_save, end_epoch, epoch_metrics, restore, say_if_nothing_to_resume, trained_as
 from train import LR_DECAY, MILESTONES, Context, epoch_steps, evaluate, make_optimizer, train_epoch, world_size
 
@@ -91,6 +91,8 @@ class Pretraining(Run):
         for name in ("epochs", "lr", "batch_size"):  # the arch's own where not given
             if getattr(self, name) is None:
                 object.__setattr__(self, name, getattr(ARCHS[self.arch], name))
+        if self.image_size is None:
+            object.__setattr__(self, "image_size", IMAGE_SIZE[self.arch])
         super().__post_init__()
         object.__setattr__(self, "rotations", check_rotations(self.rotations))
         require(self.blocks in (3, 4, 5), f"--blocks: the paper's NIN has 3, 4 or 5 blocks, got {self.blocks}")

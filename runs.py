@@ -56,7 +56,7 @@ class Run:
     """The settings every training run shares (each script adds its own); config.json
     records them. Checked when made, so a direct call is validated as the command line is."""
     data: str = "./data"              # CIFAR-10 (its folder, parent or archive) or a folder of images
-    image_size: int = 256            # S: a folder's images are prepared at S x S (CIFAR is 32)
+    image_size: Optional[int] = None  # S x S, a folder's images (CIFAR's are 32); None: the network's
     cache: Optional[str] = None      # where a folder is prepared (None: prepared/NAME-S)
     val_fraction: float = 0.1        # of a folder without val/: held out for testing
     out: str = "runs/rotnet"
@@ -81,7 +81,7 @@ class Run:
         require(WIDTHS[0] <= self.width <= WIDTHS[1], f"--width: from 1/64 to 16 (1 is the paper's), got {self.width}")
         require(-SEED_LIMIT < self.seed < SEED_LIMIT, f"--seed: below 2^40 in size, got {self.seed}")
         require(self.device in ("auto", "cpu", "cuda"), f"--device: auto, cpu or cuda, got {self.device!r}")
-        require(self.image_size >= 8, f"--image-size: at least 8, got {self.image_size}")
+        require(self.image_size is None or self.image_size >= 8, f"--image-size: at least 8, got {self.image_size}")
         require(0 < self.val_fraction < 1, f"--val-fraction: between 0 and 1, got {self.val_fraction}")
 
     def check_out(self):
@@ -363,6 +363,17 @@ def trained_as(path):
     return None if kind == PROBE else kind  # (a probe's own checkpoint.pt holds no network alone)
 
 
+def pretrained_size(path):
+    """The --image-size the network in checkpoint file path learnt at, as its run's config.json
+    (beside it) records it; None where that does not tell (the original code's files, a file
+    copied out of its run, a run on CIFAR-10, whose images are 32 x 32 whatever it records)."""
+    config = saved_config(os.path.dirname(os.path.realpath(path)))
+    size, images = config.get("image_size"), config.get("data")
+    if isinstance(images, str) and os.path.exists(images) and not listing.is_image_folder(images):
+        return None  # CIFAR-10 (runs made before 2026-12-07 record the flag's old default, 256)
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
 def by_weights(saved, here):
     """Whether a probe's checkpoint is told by its weights, where both records hold their hash
     (checkpoint_hash), rather than by its path, which may be written otherwise or moved."""
@@ -378,6 +389,8 @@ def changed_settings(out, config):
     if there and here and there != here:
         return {"kind": (there, here)}  # (every other setting would differ too)
     may_change = MAY_CHANGE_ON_RESUME | ({"checkpoint"} if by_weights(saved, config) else set())
+    if not (isinstance(config.get("data"), str) and listing.is_image_folder(config["data"])):
+        may_change = may_change | {"image_size"}  # CIFAR-10's images are 32 x 32 whatever it says
     as_saved = lambda v: json.loads(json.dumps(v))  # tuples as lists, as config.json holds them
     return {k: (saved[k], as_saved(v)) for k, v in config.items() if k in saved and k not in may_change
             and not (data.same_images(saved[k], v) if k == "data_fingerprint" else saved[k] == as_saved(v))}

@@ -48,6 +48,8 @@ class Sweep(runs.Run):
     def __post_init__(self):
         if self.width is None:  # (an unreadable checkpoint is a one-line error here already)
             object.__setattr__(self, "width", load_model(self.checkpoint).config["width"] if self.checkpoint else 1.0)
+        if self.image_size is None:  # the size the RotNet learnt at
+            object.__setattr__(self, "image_size", probe.probed_size(self.checkpoint))
         super().__post_init__()
         object.__setattr__(self, "per_class", tuple(sorted(set(self.per_class))))
         require(self.per_class and min(self.per_class) >= 1, f"--per-class: at least 1, got {list(self.per_class)}")

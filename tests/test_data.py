@@ -18,7 +18,8 @@ import runs
 import semi_supervised
 import tables
 import train
-from conftest import assert_one_line_error, free_port, metrics_of, run_cli, write_cifar, write_folder
+from conftest import (assert_one_line_error, free_port, metrics_of, run_cli, save_alexnet, save_nin, write_cifar,
+                      write_folder)
 
 
 @pytest.fixture(scope="module")
@@ -160,19 +161,42 @@ def test_ranks_streaming_their_shares_train_as_resident_ones(folder, tmp_path):
 
 
 def test_the_scripts_run_on_a_folder(folder, tmp_path):
-    common = ["--data", folder, "--image-size", 32, "--cache", tmp_path / "cache", "--width", 0.125,
-              "--device", "cpu", "--batch-size", 8]
+    # Without --image-size: the NIN's 32 x 32, then the size the RotNet learnt at (one cache)
+    common = ["--data", folder, "--cache", tmp_path / "cache", "--width", 0.125, "--device", "cpu", "--batch-size", 8]
+    size = lambda run: json.loads((tmp_path / run / "config.json").read_text())["image_size"]
     run_cli(*common, "--epochs", 2, "--out", tmp_path / "run")
-    assert [m["epoch"] for m in metrics_of(tmp_path / "run")] == [1, 2]
+    assert [m["epoch"] for m in metrics_of(tmp_path / "run")] == [1, 2] and size("run") == 32
     model = tmp_path / "run" / "model.pt"
     proc = run_cli(*common, "--checkpoint", model, "--block", 2, "--classifier", "nonlinear", "--epochs", 1,
                    "--out", tmp_path / "probe", script="probe.py")
     results = json.loads((tmp_path / "probe" / "results.json").read_text())
     assert 0 <= results["test_acc"] <= 100 and "test accuracy" in proc.stdout
-    run_cli(*common, "--per-class", 2, "--checkpoint", model, "--epochs", 1, "--epoch-size", 16,
-            "--out", tmp_path / "semi", script="semi_supervised.py")
+    assert size("probe") == 32 and "rebuilding" not in proc.stderr
+    proc = run_cli(*common, "--per-class", 2, "--checkpoint", model, "--epochs", 1, "--epoch-size", 16,
+                   "--out", tmp_path / "semi", script="semi_supervised.py")
     rows = json.loads((tmp_path / "semi" / "results.json").read_text())["rows"]
     assert [r["per_class"] for r in rows] == [2]
+    assert size("semi/K2_rotnet_conv") == 32 and "rebuilding" not in proc.stderr
+
+
+def test_the_image_size_is_the_networks_or_the_one_the_checkpoint_learnt_at(tmp_path):
+    # A NIN at 256 x 256 needs about a hundred GB a step: it is made for 32 x 32
+    assert rotnet.Pretraining().image_size == 32 and rotnet.Pretraining(image_size=64).image_size == 64
+    assert rotnet.Pretraining(arch="alexnet").image_size == 256
+    save_nin(tmp_path / "nin.pt")
+    save_alexnet(tmp_path / "alexnet.pt")
+    for given, size in (("nin.pt", 32), ("alexnet.pt", 256)):  # no run's record beside them: their kind's
+        assert probe.Probing(checkpoint=str(tmp_path / given)).image_size == size
+    assert probe.Probing(supervised=True).image_size == probe.Probing(init="random").image_size == 32
+    with pytest.raises(data.UserError, match="missing.pt: not a readable checkpoint"):  # (one line, from the CLI)
+        probe.Probing(checkpoint=str(tmp_path / "missing.pt"))
+    (tmp_path / "config.json").write_text(json.dumps(dict(image_size=48)))  # the record of the run that made them
+    assert probe.Probing(checkpoint=str(tmp_path / "alexnet.pt")).image_size == 48
+    assert semi_supervised.Sweep(checkpoint=str(tmp_path / "nin.pt")).image_size == 48
+    assert probe.Probing(checkpoint=str(tmp_path / "nin.pt"), image_size=20).image_size == 20
+    write_cifar(tmp_path / "cifar", 2, 2)  # a run on CIFAR-10 learnt at 32, whatever it records
+    (tmp_path / "config.json").write_text(json.dumps(dict(image_size=256, data=str(tmp_path / "cifar"))))
+    assert probe.Probing(checkpoint=str(tmp_path / "nin.pt")).image_size == 32
 
 
 def test_a_probe_on_unlabelled_images_says_it_needs_labels(tmp_path):
@@ -186,6 +210,8 @@ def test_a_probe_on_unlabelled_images_says_it_needs_labels(tmp_path):
     proc = run_cli(*common, "--checkpoint", tmp_path / "run" / "model.pt", "--out", tmp_path / "probe",
                    check=False, script="probe.py")
     assert_one_line_error(proc, "a probe needs labels")
+    proc = run_cli(*common, "--supervised", "--out", tmp_path / "nin", check=False, script="probe.py")
+    assert_one_line_error(proc, "the supervised NIN needs labels")
     proc = run_cli(*common, "--table", 3, "--epochs-scale", 0.05, "--out", tmp_path / "table", check=False,
                    script="probe.py")  # nor after pretraining the table's RotNets
     assert_one_line_error(proc, "a probe needs labels")

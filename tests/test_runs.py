@@ -230,6 +230,17 @@ def test_resume_refuses_other_settings(cifar_dir, trained, tmp_path, flags, name
     run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "2", "--resume", "--eval-every", "2"))  # how often it tests may change
 
 
+def test_a_cifar_run_resumes_whatever_image_size_it_records(cifar_dir, trained, tmp_path):
+    # CIFAR-10's images are 32 x 32 whatever --image-size says (the NIN's default since
+    # 2026-12-07, where runs made before record the flag's old default, 256)
+    out = copy_run(trained, "stopped", tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert config["image_size"] == 32
+    (out / "config.json").write_text(json.dumps(dict(config, image_size=256)))
+    run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "2", "--resume"))
+    assert (out / "model.pt").exists()
+
+
 def test_resuming_the_run_of_another_script_says_what_the_folder_holds(tmp_path):
     from errors import UserError
     out = str(tmp_path)
@@ -318,6 +329,20 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mon
 
     with pytest.raises(FileNotFoundError):
         cli.run_job(missing)
+
+
+def test_running_out_of_memory_is_one_line_that_says_what_to_make_smaller(capsys):
+    # An --image-size, --batch-size or --width too large for the machine: torch's allocator
+    # refuses (the CPU's here: 1 PiB), and the user reads what to change, not a traceback
+    with pytest.raises(SystemExit) as stop:
+        cli.run_job(lambda: torch.empty(2**50, dtype=torch.uint8))
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == "error: out of memory (1048576.0 GiB asked for at once): give a smaller " \
+                                      "--batch-size, --width or --image-size (an image folder's)\n"
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of")
+    assert cli.out_of_memory(cuda) == " (20 MiB asked for at once)" and cli.out_of_memory(MemoryError()) == ""
+    with pytest.raises(RuntimeError, match="same dtype"):  # any other error: a bug, with its traceback
+        cli.run_job(lambda: torch.ones(2).matmul(torch.ones(2, dtype=torch.int64)))
 
 
 def test_sigterm_stops_a_run_as_ctrl_c_does(capsys):
