@@ -257,7 +257,8 @@ def train_classifier(model, s: runs.Run, dataset, *, kind, epochs, describe, sub
                   data_fingerprint=dataset.fingerprint)
     # A supervised NIN's checkpoint.pt loads with models.load_model, as a RotNet's does.
     extra = dict(model_config=model.config) if isinstance(model, NIN) else {}
-    train.epoch_steps(ctx, epoch_size or len(train_x), batch_size)  # a run of no step: refused before config.json
+    steps = train.epoch_steps(ctx, epoch_size or len(train_x), batch_size)  # a run of no step: refused before config.json
+    train.say_if_too_few_steps(ctx, model, len(steps), epochs)
     first, metrics = runs.restore(ctx, s.out, config, s.resume, model, opt, sched)
     for epoch in range(first, epochs + 1):
         lr, t0 = opt.param_groups[0]["lr"], time.perf_counter()

@@ -31,7 +31,8 @@ from cli import add_common_flags, positive_int, run_job, user_path
 from errors import UserError, require
 from models import IMAGE_SIZE, NETWORKS, build
 from runs import ROTNET, Run, atomic_save, end_epoch, epoch_metrics, restore, say_if_nothing_to_resume, trained_as
-from train import LR_DECAY, MILESTONES, Context, epoch_steps, evaluate, make_optimizer, train_epoch, world_size
+from train import (LR_DECAY, MILESTONES, Context, epoch_steps, evaluate, make_optimizer, say_if_too_few_steps,
+                   train_epoch, world_size)
 
 # ----------------------------------------------------------------------------- settings
 FOUR = (0, 90, 180, 270)             # the paper's rotations
@@ -115,7 +116,8 @@ def pretrain(s: Pretraining):
         opt, sched = make_optimizer(net.parameters(), s.lr, s.epochs, arch.milestones, arch.decay)
         config = dict(dataclasses.asdict(s), model_config=model.config, data_fingerprint=dataset.fingerprint,
                       networks=NETWORKS)
-        epoch_steps(ctx, len(train_x), s.batch_size)  # a run of no step is refused before config.json is written
+        steps = epoch_steps(ctx, len(train_x), s.batch_size)  # a run of no step is refused before config.json is written
+        say_if_too_few_steps(ctx, model, len(steps), s.epochs)
         first, metrics = restore(ctx, s.out, config, s.resume, model, opt, sched)
 
         def save_model(name, metrics):

@@ -5,7 +5,8 @@ are runs.py's; the flags and the error path every script shares are cli.py's.
 
 A script's own loop reads (rotnet.pretrain, probe.train_classifier):
 
-    epoch_steps(ctx, len(train), batch_size)  # refuses a run of no step before restore writes
+    steps = epoch_steps(ctx, len(train), batch_size)  # refuses a run of no step before restore writes
+    say_if_too_few_steps(ctx, model, len(steps), epochs)
     first, metrics = runs.restore(ctx, out, config, resume, model, opt, sched)
     for epoch in range(first, epochs + 1):
         loss, acc, seen = train_epoch(ctx, net, opt, train, ...)
@@ -34,6 +35,7 @@ MILESTONES = (0.3, 0.6, 0.8)         # lr x0.2 at these fractions of the run
 LR_DECAY = 0.2
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
 EVAL_BATCH = 500                     # test images per forward pass (x rotations)
+SETTLED_STEPS = 30                   # BatchNorm's running statistics (momentum 0.1) keep 4 % of their start
 
 
 # ----------------------------------------------------------------------------- where a run computes
@@ -193,6 +195,19 @@ def epoch_steps(ctx, n, batch_size):
     require(steps, f"{n} training images an epoch make no step of at least 2 images a rank "
                    f"(--batch-size {batch_size}, {ctx.world} rank(s)): BatchNorm needs 2")
     return steps
+
+
+def say_if_too_few_steps(ctx, model, steps, epochs):
+    """A note where a run makes too few steps in all for the BatchNorm running statistics it
+    trains, which testing uses, to settle: its test accuracy then says little (a RotNet's
+    sits at chance), which a user of a tiny folder would otherwise take for a bug."""
+    model.train()  # (a frozen feature extractor stays in eval mode: its statistics are not trained)
+    trained = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+                  for m in model.modules())
+    if ctx.main and trained and steps * epochs < SETTLED_STEPS:
+        print(f"note: {steps} step{'s' * (steps != 1)} an epoch, {steps * epochs} in all: too few for BatchNorm's "
+              f"running statistics, which testing uses, to settle (about {SETTLED_STEPS}), so the test accuracy "
+              "will say little; a smaller --batch-size, or more --epochs, makes more", file=sys.stderr, flush=True)
 
 
 def train_step(ctx, net, opt, x, y):

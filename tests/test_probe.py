@@ -278,3 +278,15 @@ def test_a_table_on_two_cpu_ranks(cifar_dir, tmp_path):
     saved = json.loads((tmp_path / "table3.json").read_text())
     assert len(saved["rows"]) == 6 and proc.stdout.count("| Table 3 |") == 1
     assert json.loads((tmp_path / "supervised_nin" / "config.json").read_text())["world_size"] == 2
+
+
+def test_too_few_steps_for_the_batchnorm_a_probe_trains_is_said(capsys):
+    # Its test accuracy would say little; a linear probe on frozen features trains no BatchNorm
+    ctx, net = train.Context("cpu"), NIN(3, 4, 0.125)
+    for classifier, finetune, said in (("linear", False, False), ("linear", True, True), ("nonlinear", False, True)):
+        head = probe.make_classifier(classifier, probe.feature_shape(net, 1), 10, 0.125)
+        train.say_if_too_few_steps(ctx, probe.Probe(net, 1, head, finetune), steps=2, epochs=14)
+        err = capsys.readouterr().err
+        assert ("note: 2 steps an epoch, 28 in all: too few for BatchNorm's running statistics" in err) == said, err
+    train.say_if_too_few_steps(ctx, net, steps=2, epochs=15)  # 30: settled
+    assert capsys.readouterr().err == ""

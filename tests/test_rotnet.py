@@ -32,8 +32,10 @@ from conftest import REPO, cli_command, cli_env, free_port, metrics_of, run_cli,
 
 def test_cli_short_run_writes_its_files(cifar_dir, tmp_path):
     out = tmp_path / "out"
-    run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "2"))
+    proc = run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "2"))
     assert {"config.json", "metrics.jsonl", "checkpoint.pt", "model.pt"} <= set(os.listdir(out))
+    # 300 images in steps of up to 32: too few for BatchNorm's running statistics, said once
+    assert proc.stderr.count("note: 10 steps an epoch, 20 in all: too few for BatchNorm's running statistics") == 1
     config = json.loads((out / "config.json").read_text())
     assert config["torch"] == torch.__version__
     assert config["rot_kernel"] == rot_kernel.backend()
