@@ -258,8 +258,8 @@ def train_classifier(model, s: runs.Run, dataset, *, kind, epochs, describe, sub
     # A supervised NIN's checkpoint.pt loads with models.load_model, as a RotNet's does.
     extra = dict(model_config=model.config) if isinstance(model, NIN) else {}
     steps = train.epoch_steps(ctx, epoch_size or len(train_x), batch_size)  # a run of no step: refused before config.json
-    train.say_if_too_few_steps(ctx, model, len(steps), epochs)
     first, metrics = runs.restore(ctx, s.out, config, s.resume, model, opt, sched)
+    train.say_if_too_few_steps(ctx, model, len(steps), epochs, first)
     for epoch in range(first, epochs + 1):
         lr, t0 = opt.param_groups[0]["lr"], time.perf_counter()
         loss, acc, seen = train.train_epoch(ctx, net, opt, train_x, train_y, epoch=epoch, seed=s.seed,

@@ -117,8 +117,8 @@ def pretrain(s: Pretraining):
         config = dict(dataclasses.asdict(s), model_config=model.config, data_fingerprint=dataset.fingerprint,
                       networks=NETWORKS)
         steps = epoch_steps(ctx, len(train_x), s.batch_size)  # a run of no step is refused before config.json is written
-        say_if_too_few_steps(ctx, model, len(steps), s.epochs)
         first, metrics = restore(ctx, s.out, config, s.resume, model, opt, sched)
+        say_if_too_few_steps(ctx, model, len(steps), s.epochs, first)
 
         def save_model(name, metrics):
             atomic_save(dict(model=model.state_dict(), model_config=model.config, rotations=list(s.rotations),

@@ -6,8 +6,8 @@ are runs.py's; the flags and the error path every script shares are cli.py's.
 A script's own loop reads (rotnet.pretrain, probe.train_classifier):
 
     steps = epoch_steps(ctx, len(train), batch_size)  # refuses a run of no step before restore writes
-    say_if_too_few_steps(ctx, model, len(steps), epochs)
     first, metrics = runs.restore(ctx, out, config, resume, model, opt, sched)
+    say_if_too_few_steps(ctx, model, len(steps), epochs, first)
     for epoch in range(first, epochs + 1):
         loss, acc, seen = train_epoch(ctx, net, opt, train, ...)
         test_acc = evaluate(ctx, net, test, ...)
@@ -197,10 +197,13 @@ def epoch_steps(ctx, n, batch_size):
     return steps
 
 
-def say_if_too_few_steps(ctx, model, steps, epochs):
+def say_if_too_few_steps(ctx, model, steps, epochs, first=1):
     """A note where a run makes too few steps in all for the BatchNorm running statistics it
     trains, which testing uses, to settle: its test accuracy then says little (a RotNet's
-    sits at chance), which a user of a tiny folder would otherwise take for a bug."""
+    sits at chance), which a user of a tiny folder would otherwise take for a bug. Said
+    where epochs first..epochs are still to train, after restore (an error stays one line)."""
+    if first > epochs:
+        return
     model.train()  # (a frozen feature extractor stays in eval mode: its statistics are not trained)
     trained = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
                   for m in model.modules())

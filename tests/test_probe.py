@@ -289,4 +289,5 @@ def test_too_few_steps_for_the_batchnorm_a_probe_trains_is_said(capsys):
         err = capsys.readouterr().err
         assert ("note: 2 steps an epoch, 28 in all: too few for BatchNorm's running statistics" in err) == said, err
     train.say_if_too_few_steps(ctx, net, steps=2, epochs=15)  # 30: settled
+    train.say_if_too_few_steps(ctx, net, steps=2, epochs=3, first=4)  # a finished run resumed: nothing to train
     assert capsys.readouterr().err == ""
