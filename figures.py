@@ -295,7 +295,7 @@ def run_images(run_dir, data_dir=None, image_size=None, cache=None, doing="Figur
             print(f"{doing} the run's own images, {made['data']}{unchecked}; --data for others",
                   file=sys.stderr)
     # the size the network learnt at, on any images (a run that does not say: its kind's)
-    size = image_size or made.get("image_size") or IMAGE_SIZE.get(made.get("arch"), IMAGE_SIZE["nin"])
+    size = image_size or runs.learnt_size(made) or IMAGE_SIZE.get(made.get("arch"), IMAGE_SIZE["nin"])
     # its cache only at its size: at another, prepare would rebuild it (hours, for ImageNet)
     reuse = own and size == made.get("image_size")
     images = dict(data=made["data"] if own else data_dir, image_size=size,

@@ -363,15 +363,19 @@ def trained_as(path):
     return None if kind == PROBE else kind  # (a probe's own checkpoint.pt holds no network alone)
 
 
-def pretrained_size(path):
-    """The --image-size the network in checkpoint file path learnt at, as its run's config.json
-    (beside it) records it; None where that does not tell (the original code's files, a file
-    copied out of its run, a run on CIFAR-10, whose images are 32 x 32 whatever it records)."""
-    config = saved_config(os.path.dirname(os.path.realpath(path)))
+def learnt_size(config):
+    """The --image-size a run learnt at, as its config records it; None where that does not
+    tell (no record, or a run on CIFAR-10, whose images are 32 x 32 whatever it records)."""
     size, images = config.get("image_size"), config.get("data")
     if isinstance(images, str) and os.path.exists(images) and not listing.is_image_folder(images):
         return None  # CIFAR-10 (runs made before 2026-12-07 record the flag's old default, 256)
     return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def pretrained_size(path):
+    """learnt_size of the run that made the network in checkpoint file path (its config.json
+    beside it); None for the original code's files, or a file copied out of its run."""
+    return learnt_size(saved_config(os.path.dirname(os.path.realpath(path))))
 
 
 def by_weights(saved, here):

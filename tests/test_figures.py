@@ -409,3 +409,15 @@ def test_a_figure_that_trains_nothing_refuses_torchrun(monkeypatch):
     for argv in (["filters", "--rotnet", "r.pt", "--supervised", "s.pt"], ["curves", "runs/x"]):
         with pytest.raises(UserError, match="runs in one process: run it without torchrun"):
             figures.figure(figures.parse_args(argv))
+
+
+def test_other_images_are_shown_at_the_size_the_run_learnt_at(tmp_path):
+    # A CIFAR-10 run learnt at 32 whatever it records (runs made before 2026-12-07: 256)
+    write_cifar(tmp_path / "cifar", 2, 2)
+    write_folder(tmp_path / "photos", classes=("x", "y"), per_class=4, size=(20, 18))
+    run = tmp_path / "run"
+    run.mkdir()
+    for recorded, data, size in ((256, "cifar", 32), (48, "photos", 48)):
+        (run / "config.json").write_text(json.dumps(dict(image_size=recorded, data=str(tmp_path / data), arch="nin")))
+        images, _ = figures.run_images(str(run), data_dir=str(tmp_path / "photos"))
+        assert images["image_size"] == size
