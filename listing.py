@@ -13,7 +13,8 @@ and pipes or devices named like images are ignored):
              class may be called train/ (of images only) where two or more others stand beside it.
   flat       DIR/*.jpg: unlabelled; val_fraction of the images held out for val at random.
   flat-train-val  DIR/train/*.jpg and DIR/val/*.jpg: unlabelled, split by their folders.
-A class folder is searched recursively; sources are taken in the order of their relative paths.
+A class folder is searched recursively; one that holds no image (nor has val/ images) is no class.
+Sources are taken in the order of their relative paths.
 A file reached twice (through links, or hard links) is read once; one reached in two classes or
 two splits is refused: it would be tested on, or taught as two classes.
 """
@@ -218,7 +219,11 @@ def _train_val_sources(data, train_dir, val_dir):
         empty, full = (train_dir, val_dir) if unsorted[1] else (val_dir, train_dir)
         raise UserError(f"{empty} holds no images ({' '.join(EXTENSIONS)}) beside {full}'s: give it images too "
                         "(unlabelled), or give both class folders of images")
-    classes = _subfolders(train_dir)
+    # (a class with val images but none to train on is kept: pretraining ignores labels, and
+    # what needs them refuses it, data.require_classes)
+    in_val = {unicodedata.normalize("NFC", name) for name in sorted_in[1]}
+    classes = [c for c in _subfolders(train_dir) if c in sorted_in[0] or unicodedata.normalize("NFC", c) in in_val]
+    _note_not_classes(train_dir, classes)
     for folder, loose in zip((train_dir, val_dir), unsorted):
         if loose:
             raise UserError(f"{folder} holds {len(loose)} images outside class folders (e.g. {loose[0]}); "
@@ -227,22 +232,18 @@ def _train_val_sources(data, train_dir, val_dir):
     train = []
     for label, name in enumerate(classes):
         train.append(_sources(data, os.path.join(train_dir, name), label))
-        if not train[-1]:
-            print(f"note: class folder {os.path.join(train_dir, name)} holds no images", file=sys.stderr)
     # (a name copied from a Mac may spell é as e and an accent: the same class, where train/
     # does not hold both spellings)
     label_of = {unicodedata.normalize("NFC", name): label for label, name in enumerate(classes)}
     label_of.update((name, label) for label, name in enumerate(classes))
     val = []
-    for name in _subfolders(val_dir):
+    for name in sorted_in[1]:  # (a folder of no images is no class here either: no refusal)
         folder = os.path.join(val_dir, name)
         label = label_of.get(name, label_of.get(unicodedata.normalize("NFC", name)))
         if label is None:
             raise UserError(f"{folder}: class {name!r} is not one of the {len(classes)} "
                             f"class folders of {train_dir}")
         val.append(_sources(data, folder, label))
-        if not val[-1]:
-            raise UserError(f"{folder} holds no images")
     kept = _one_place_each(train + val)
     train, val = ([row for rows in part for row in rows] for part in (kept[:len(train)], kept[len(train):]))
     for folder, found in ((train_dir, train), (val_dir, val)):
@@ -250,6 +251,16 @@ def _train_val_sources(data, train_dir, val_dir):
             raise UserError(f"{folder} holds no images in class folders")
     _note_untested(classes, train, val, f"with no images in {val_dir}")
     return "train-val", classes, {"train": sorted(train), "val": sorted(val)}
+
+
+def _note_not_classes(folder, classes):
+    """A note naming the folders beside the classes that hold no image: no class (a class with
+    nothing to train on would only widen the classifier and lower its chance level)."""
+    others = [n for n in _subfolders(folder) if n not in classes]
+    if others:
+        print(f"note: {len(others)} folder{'s' if len(others) > 1 else ''} of {folder} ({', '.join(others[:3])}"
+              f"{', ...' if len(others) > 3 else ''}) hold{'' if len(others) > 1 else 's'} no images: "
+              f"not {'classes' if len(others) > 1 else 'a class'}", file=sys.stderr)
 
 
 def _note_untested(classes, train, val, why):
@@ -263,11 +274,11 @@ def _note_untested(classes, train, val, why):
 
 def _held_out_sources(data, val_fraction, seed):
     """The classes layout (a folder per class) or the flat one (only images), val held out."""
-    loose, classes = _loose_images(data), _subfolders(data)
+    loose = _loose_images(data)
+    classes = [c for c in _subfolders(data) if _has_images(os.path.join(data, c))]
     if loose:
-        mixed = [c for c in classes if _has_images(os.path.join(data, c))]
-        if mixed:
-            raise UserError(f"{data} holds both images ({len(loose)}) and folders of images ({mixed[0]}/...); "
+        if classes:
+            raise UserError(f"{data} holds both images ({len(loose)}) and folders of images ({classes[0]}/...); "
                             "use one class folder per class, or only images")
         train, val = _hold_out([("", *_one_place_each([_sources(data, data, None)]))], val_fraction, seed)
         return "flat", [], {"train": train, "val": val}
@@ -276,13 +287,11 @@ def _held_out_sources(data, val_fraction, seed):
     if split:  # (not train/ itself: trains and buses are classes)
         raise UserError(f"{os.path.join(data, split[0])} is named like a split, not a class: give {data} a train/ "
                         "and a val/ folder, each of class folders (or rename it, if it is a class)")
+    if not classes:
+        raise UserError(f"{data} holds no images ({' '.join(EXTENSIONS)})")
+    _note_not_classes(data, classes)
     groups = list(zip(classes, _one_place_each([_sources(data, os.path.join(data, name), label)
                                                 for label, name in enumerate(classes)])))
-    for name, items in groups:
-        if not items:
-            print(f"note: class folder {os.path.join(data, name)} holds no images", file=sys.stderr)
-    if not any(items for _, items in groups):
-        raise UserError(f"{data} holds no images ({' '.join(EXTENSIONS)})")
     train, val = _hold_out(groups, val_fraction, seed)
     if val:
         _note_untested(classes, train, val, f"too small to hold out any image at --val-fraction {val_fraction}")

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -29,6 +30,7 @@ import torch.nn as nn
 import alexnet
 import cli
 import data
+import listing
 import nin
 import runs
 import train
@@ -95,6 +97,17 @@ def probed_size(checkpoint):
         return IMAGE_SIZE["nin"]
     recorded = runs.pretrained_size(checkpoint)
     return recorded or IMAGE_SIZE["alexnet" if is_alexnet(read_checkpoint(checkpoint)) else "nin"]
+
+
+def say_if_not_learnt_size(ctx, s):
+    """A note where s (a probe, the sweep) is given an --image-size other than the one its
+    checkpoint's run learnt at, on an image folder (CIFAR-10's images are 32 x 32 whatever it is
+    given). Said once the data is loaded, so that a refusal stays one line."""
+    learnt = runs.pretrained_size(s.checkpoint) if s.checkpoint else None
+    if ctx.main and learnt and learnt != s.image_size and listing.is_image_folder(os.path.expanduser(s.data)):
+        print(f"note: --image-size {s.image_size}, but {s.checkpoint} learnt at {learnt} (its run's config.json): "
+              f"its features may do worse at another size; leave --image-size out to use {learnt}",
+              file=sys.stderr, flush=True)
 
 
 def schedule_epochs(kind, epochs=None, epochs_scale=1.0):
@@ -329,9 +342,11 @@ def probe(s: Probing):
             describe = dict(classifier=s.classifier, block=s.block, checkpoint=s.checkpoint, finetune=s.finetune,
                             init=s.init, checkpoint_hash=file_hash(s.checkpoint) if extractor else None)
         schedule = dict(kind=kind, describe=describe, epochs=schedule_epochs(kind, s.epochs, s.epochs_scale))
-        dataset = s.load_data(train.Context(s.device), SCHEDULES[kind].recipe,
+        ctx = train.Context(s.device)
+        dataset = s.load_data(ctx, SCHEDULES[kind].recipe,
                               labels_for="the supervised NIN" if s.supervised else "a probe",
                               recorded=recorded_settings(s, **schedule))
+        say_if_not_learnt_size(ctx, s)
         classes, size = len(dataset.classes), dataset.train_x.shape[-1]
         torch.manual_seed(s.seed)
         if s.supervised:

@@ -148,6 +148,7 @@ def sweep(s: Sweep):
     runs.refuse_out_in_images(s.out, s.data)  # (before the data, and naming the --out given)
     ctx = train.Context(s.device)  # the ranks (each run makes its own Context, with s's precision)
     dataset = s.load_data(ctx, labels_for="the label-scarcity sweep")
+    probe.say_if_not_learnt_size(ctx, s)
     subsets = {k: labelled_subset(dataset.train_y, k, s.subset_seed, dataset.classes) for k in s.per_class}
     made_on = s.data_identity(ctx)  # no run made on other images is reused
     net = None if s.checkpoint else tables.rotnet_for(s, 4)

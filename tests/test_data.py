@@ -2,6 +2,8 @@
 split giving the same batches (also to two ranks, each streaming its share), and the scripts
 end to end on a folder of images (CPU, tiny models, images the tests write).
 """
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -171,7 +173,11 @@ def test_the_scripts_run_on_a_folder(folder, tmp_path):
                    "--out", tmp_path / "probe", script="probe.py")
     results = json.loads((tmp_path / "probe" / "results.json").read_text())
     assert 0 <= results["test_acc"] <= 100 and "test accuracy" in proc.stdout
-    assert size("probe") == 32 and "rebuilding" not in proc.stderr
+    assert size("probe") == 32 and "rebuilding" not in proc.stderr and "note: --image-size" not in proc.stderr
+    proc = run_cli(*common[:2], *common[4:], "--cache", tmp_path / "cache16", "--image-size", 16, "--checkpoint", model,
+                   "--epochs", 1, "--out", tmp_path / "probe16", script="probe.py")  # said, then done as asked
+    assert f"note: --image-size 16, but {model} learnt at 32 (its run's config.json)" in proc.stderr
+    assert size("probe16") == 16
     proc = run_cli(*common, "--per-class", 2, "--checkpoint", model, "--epochs", 1, "--epoch-size", 16,
                    "--out", tmp_path / "semi", script="semi_supervised.py")
     rows = json.loads((tmp_path / "semi" / "results.json").read_text())["rows"]
@@ -194,6 +200,13 @@ def test_the_image_size_is_the_networks_or_the_one_the_checkpoint_learnt_at(tmp_
     assert probe.Probing(checkpoint=str(tmp_path / "alexnet.pt")).image_size == 48
     assert semi_supervised.Sweep(checkpoint=str(tmp_path / "nin.pt")).image_size == 48
     assert probe.Probing(checkpoint=str(tmp_path / "nin.pt"), image_size=20).image_size == 20
+    shapes = str(write_folder(tmp_path / "shapes", classes=("a", "b"), per_class=2, size=(8, 8)))
+    for sweep, said in ((semi_supervised.Sweep(checkpoint=str(tmp_path / "nin.pt"), data=shapes), False),
+                        (semi_supervised.Sweep(checkpoint=str(tmp_path / "nin.pt"), data=shapes, image_size=16), True),
+                        (semi_supervised.Sweep(image_size=16, data=shapes), False)):  # (its own RotNet, at 16)
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            probe.say_if_not_learnt_size(train.Context("cpu"), sweep)
+        assert ("note: --image-size 16, but" in err.getvalue()) == said, err.getvalue()
     write_cifar(tmp_path / "cifar", 2, 2)  # a run on CIFAR-10 learnt at 32, whatever it records
     (tmp_path / "config.json").write_text(json.dumps(dict(image_size=256, data=str(tmp_path / "cifar"))))
     assert probe.Probing(checkpoint=str(tmp_path / "nin.pt")).image_size == 32

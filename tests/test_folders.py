@@ -234,7 +234,7 @@ def test_exif_orientation_is_applied(everything):
 
 def test_labels_classes_and_ignored_files(everything):
     _, prepared, _, _ = everything
-    assert prepared.classes == ["a", "b", "empty"]
+    assert prepared.classes == ["a", "b"]  # a folder of no images is no class
     for path, (_, label) in by_path(prepared).items():
         assert label == "ab".index(path[0]), path
     listed = [s[0] for name in ("train", "val") for s in prepared.manifest["splits"][name]["sources"]]
@@ -251,7 +251,7 @@ def test_broken_files_are_skipped_and_listed(everything):
     assert "not a readable JPEG" in skipped["b/text.jpg"]
     said = "; ".join(f"{path}: {skipped[path]}" for path in sorted(BROKEN))  # each named, with its reason
     assert f"skipped 3 unreadable files ({said}; all listed in {prepared.root}{os.sep}manifest.json)" in err
-    assert "preparing 20 images at 24x24 into" in err and "note: class folder" in err
+    assert "preparing 20 images at 24x24 into" in err and "(empty) holds no images: not a class" in err
     counts = prepared.manifest["splits"]
     assert counts["train"]["count"] + counts["val"]["count"] == 17
     assert counts["train"]["skipped"] + counts["val"]["skipped"] == 3
@@ -330,7 +330,9 @@ def test_changes_rebuild_with_one_line_saying_why(tmp_path, count_decodes):
     rebuilt("image_size changed (16 -> 24)")
     rebuilt("val_fraction changed (0.1 -> 0.5)", val_fraction=0.5)
     rebuilt("seed changed (0 -> 1)", val_fraction=0.5, seed=1)
-    os.makedirs(f"{data}/z")
+    os.makedirs(f"{data}/z")  # no images: no class, nothing to rebuild
+    assert "rebuilding" not in prepare(data, cache, val_fraction=0.5, seed=1)[1]
+    save(f"{data}/z/0.png", rgb())
     rebuilt("the class folders changed (2 -> 3 classes)", val_fraction=0.5, seed=1)
 
 
@@ -414,9 +416,8 @@ def test_train_val_layout(tmp_path):
     with pytest.raises(UserError, match=r"val/n09: class 'n09' is not one of the 3 class folders"):
         prepare(data, tmp_path / "c")
     os.remove(f"{data}/val/n09/0.png")
-    os.rename(f"{data}/val/n09", f"{data}/val/n02")  # a known class, but empty
-    with pytest.raises(UserError, match=r"val/n02 holds no images"):
-        prepare(data, tmp_path / "c")
+    os.rename(f"{data}/val/n09", f"{data}/val/n02")  # a known class, but empty: no class, as before
+    assert prepare(data, tmp_path / "c")[0].val.labels.tolist() == [0, 2, 2]
     os.rmdir(f"{data}/val/n02")
     save(f"{data}/val/loose.png", rgb())
     with pytest.raises(UserError, match=r"val holds 1 images outside class folders \(e.g. loose.png\)"):
@@ -545,6 +546,33 @@ def test_missing_and_empty_folders(tmp_path):
     write_bytes(f"{tmp_path}/empty/readme.txt", b"hi")
     with pytest.raises(UserError, match=r"empty holds no images"):
         prepare(tmp_path / "empty", tmp_path / "c")
+
+
+def test_a_folder_of_no_images_is_no_class(tmp_path):
+    # A class with nothing to train on would widen the classifier (and lower its chance level)
+    # for nothing: left out, said, in both labelled layouts. (One with val images stays a class,
+    # which pretraining may use and what needs labels refuses: test_data.)
+    data = tmp_path / "shapes"
+    write_classes(data, {"circle": 3, "star": 3})
+    os.makedirs(data / "docs")
+    write_bytes(f"{data}/docs/notes.txt", b"not an image")
+    os.makedirs(data / "nothing" / "deeper")
+    prepared, err = prepare(data, tmp_path / "c", val_fraction=0.3)
+    assert prepared.classes == ["circle", "star"] and set(prepared.train.labels.tolist()) == {0, 1}
+    assert f"note: 2 folders of {data} (docs, nothing) hold no images: not classes" in err
+
+    imagenet = tmp_path / "imagenet"
+    write_classes(imagenet / "train", {"n01": 2, "n03": 2})
+    write_classes(imagenet / "val", {"n01": 1, "n03": 1})
+    os.makedirs(imagenet / "train" / "n02")
+    os.makedirs(imagenet / "val" / "n02")
+    prepared, err = prepare(imagenet, tmp_path / "c2")
+    assert prepared.classes == ["n01", "n03"] and prepared.val.labels.tolist() == [0, 1]
+    assert f"note: 1 folder of {imagenet / 'train'} (n02) holds no images: not a class" in err
+    save(f"{imagenet}/val/n02/0.png", rgb())
+    prepared, err = prepare(imagenet, tmp_path / "c2")
+    assert prepared.classes == ["n01", "n02", "n03"] and prepared.val.labels.tolist() == [0, 1, 2]
+    assert "not a class" not in err
 
 
 def test_bad_settings_and_cache_inside_data(tmp_path):
