@@ -287,7 +287,7 @@ def run_images(run_dir, data_dir=None, image_size=None, cache=None, doing="Figur
         require(isinstance(made.get("data"), str),
                 f"{recorded} does not say which images the run was pretrained on: give --data")
         require(os.path.exists(made["data"]),
-                f"{made['data']} (the --data {recorded} records, typed where the run ran) is not "
+                f"{made['data']} (the --data {recorded} records) is not "
                 "here: give --data")
         if train.main_rank():
             unchecked = "" if made.get("data_fingerprint") else " (recorded before runs recorded their " \

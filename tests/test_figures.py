@@ -175,7 +175,7 @@ def test_attention_figure_shows_the_rotnets_own_images(nets, tmp_path, monkeypat
     run = tmp_path / "run"
     run.mkdir()
     rotnet = save_nin(run / "model.pt", 4, 4, rotations=[0, 90, 180, 270])
-    (run / "config.json").write_text(json.dumps(dict(  # as rotnet.py records it: --data as typed
+    (run / "config.json").write_text(json.dumps(dict(  # as older runs recorded it: as typed
         data="photos", image_size=16, cache="c", val_fraction=0.25,
         data_fingerprint=data.identity(str(photos), image_size=16, val_fraction=0.25)["data_fingerprint"])))
     common = ["--supervised", nets[1], "--images", "2", "--device", "cpu", "--out", str(tmp_path / "figs")]
@@ -297,14 +297,15 @@ def test_rotation_vs_object_probes_on_the_runs_own_images(tmp_path, monkeypatch,
     run = tmp_path / "run"
     run.mkdir()
     save_nin(run / "model_epoch001.pt", 4, 4, rotations=[0, 90, 180, 270], metrics=dict(epoch=1, test_acc=40.0))
-    (run / "config.json").write_text(json.dumps(dict(  # as rotnet.py records it: --data as typed
+    (run / "config.json").write_text(json.dumps(dict(  # as older runs recorded it: as typed
         data="photos", image_size=16, cache="c", val_fraction=0.25,
         data_fingerprint=data.identity(str(photos), image_size=16, val_fraction=0.25)["data_fingerprint"])))
     common = ["--probe-epochs", "1", "--device", "cpu", "--out", str(tmp_path / "figs")]
     made = lambda: json.load(open(run / "figure5a_probes" / "epoch001" / "config.json"))
     figures.main(["rotation-vs-object", str(run), *common])
     assert "probing on the run's own images, photos" in capsys.readouterr().err
-    assert (made()["data"], made()["image_size"], made()["cache"], made()["val_fraction"]) == ("photos", 16, "c", 0.25)
+    assert (made()["data"], made()["image_size"], made()["cache"], made()["val_fraction"]) == \
+        (str(photos), 16, str(tmp_path / "work" / "c"), 0.25)  # where they lie (runs.restore)
     assert os.path.exists("c/manifest.json")
 
     # Given: others, at the run's size and share unless given; the run's cache only at its size

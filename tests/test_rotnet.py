@@ -32,7 +32,7 @@ from conftest import REPO, cli_command, cli_env, free_port, metrics_of, run_cli,
 
 def test_cli_short_run_writes_its_files(cifar_dir, tmp_path):
     out = tmp_path / "out"
-    proc = run_cli(*tiny_run_flags(cifar_dir, out, "--epochs", "2"))
+    proc = run_cli(*tiny_run_flags(os.path.relpath(cifar_dir, REPO), out, "--epochs", "2"))  # (run from REPO)
     assert {"config.json", "metrics.jsonl", "checkpoint.pt", "model.pt"} <= set(os.listdir(out))
     # 300 images in steps of up to 32: too few for BatchNorm's running statistics, said once
     assert proc.stderr.count("note: 10 steps an epoch, 20 in all: too few for BatchNorm's running statistics") == 1
@@ -40,6 +40,7 @@ def test_cli_short_run_writes_its_files(cifar_dir, tmp_path):
     assert config["torch"] == torch.__version__
     assert config["rot_kernel"] == rot_kernel.backend()
     assert config["device"] == "cpu"
+    assert config["data"] == str(cifar_dir)  # where it lies, wherever the run's files are read from
     # the machine, whose instruction set and thread count can decide the last bits of a figure
     assert config["threads"] == 1  # run_cli's OMP_NUM_THREADS
     assert config["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
