@@ -167,6 +167,7 @@ def measure(s: Pretraining, v: Variant, images, epoch_images, steps, workers=bas
     model = build(s.arch, num_classes=len(s.rotations), width=s.width, blocks=s.blocks)
     net = ctx.prepare(model)
     opt, _ = make_optimizer(net.parameters(), s.lr, 100, fused=v.fused_sgd)
+    skips = cudagraph_skips()
     t_train, t_build = (time_dataloader(ctx, net, opt, images, s, steps, workers) if v.dataloader
                         else time_fused(ctx, net, opt, images, s, steps))
     ips = steps * s.batch_size / t_train
@@ -178,7 +179,15 @@ def measure(s: Pretraining, v: Variant, images, epoch_images, steps, workers=bas
                 **(dict(workers=workers) if v.dataloader else {}), images_per_s=round(ips, 1),
                 minutes_per_epoch=round(epoch_images / ips / 60, 2),
                 minutes_per_100_epochs=round(100 * epoch_images / ips / 60, 2),
-                batch_building_share=round(t_build / t_train, 4))
+                batch_building_share=round(t_build / t_train, 4),
+                **(dict(cudagraph_skips=cudagraph_skips() - skips) if ctx.cudagraphs else {}))
+
+
+def cudagraph_skips():
+    """How many graphs inductor has run without CUDA graphs so far (it logs why, and goes on):
+    a reduce-overhead or max-autotune row with any did not time what its name says."""
+    from torch._dynamo.utils import counters  # (torch.compiler.reset() leaves it: compared before/after)
+    return counters["inductor"]["cudagraph_skips"]
 
 
 def write_result(path, result):
@@ -267,8 +276,9 @@ def table_text(rows):
 def row_text(row):
     if row["status"] != "ok":
         return f"{row['variant']:36} {row['status']}: {row.get('reason') or row.get('error')}"
+    skipped = f"  (without CUDA graphs {row['cudagraph_skips']}x: the log says why)" if row.get("cudagraph_skips") else ""
     return (f"{row['variant']:36} {row['images_per_s']:>10} {row['minutes_per_100_epochs']:>11} "
-            f"{row['batch_building_share']:>12} {row.get('ratio', '-'):>8}")
+            f"{row['batch_building_share']:>12} {row.get('ratio', '-'):>8}{skipped}")
 
 
 def sweep_summary(s: Pretraining, ctx, steps, workers, rows):

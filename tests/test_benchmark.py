@@ -107,6 +107,22 @@ def test_sweep_records_a_failing_variant_and_goes_on(tmp_path, capsys):
     assert "\n" not in rows[1]["error"]
 
 
+def test_a_cuda_graphs_row_that_ran_without_them_says_so(monkeypatch, capsys):
+    # Inductor may run a graph without CUDA graphs (it logs why and goes on): the row's name
+    # would then claim what it did not time. Simulated: a timing during which inductor skips.
+    from torch._dynamo.utils import counters
+
+    def timed_with_skips(*args):
+        counters["inductor"]["cudagraph_skips"] += 2
+        return 1.0, 0.01
+    monkeypatch.setattr(benchmark, "time_fused", timed_with_skips)
+    variants = (benchmark.Variant("eager"), benchmark.Variant("graphs", compile="reduce-overhead"))
+    rows = benchmark.sweep(rotnet.Pretraining(device="cpu", width=0.125, batch_size=8), steps=1, variants=variants)
+    assert "cudagraph_skips" not in rows[0] and rows[1]["cudagraph_skips"] == 2
+    table = capsys.readouterr().out.splitlines()
+    assert "without CUDA graphs" not in table[-2] and table[-1].endswith("(without CUDA graphs 2x: the log says why)")
+
+
 @pytest.mark.parametrize("settings, named", [(dict(arch="alexnet"), "AlexNet"),
                                              (dict(rotations=(0, 45, 90)), "quarter turns")])
 def test_baseline_refuses_what_it_cannot_do(settings, named):
