@@ -294,7 +294,8 @@ def restore(ctx, out, config, resume, model, opt, sched):
         # the data and cache where they lie (read from another folder, a relative path would
         # name other files), amp as it ran (bf16 autocast is for CUDA only, whatever --no-amp
         # says), and the layout
-        where = {k: os.path.abspath(config[k]) for k in ("data", "cache") if isinstance(config.get(k), str)}
+        where = {k: os.path.abspath(os.path.expanduser(config[k])) for k in ("data", "cache")
+                 if isinstance(config.get(k), str)}
         write_json(dict(config, **where, amp=ctx.amp, channels_last=ctx.channels_last, torch=torch.__version__,
                         rot_kernel=rot_kernel.backend(), device=str(ctx.device),
                         world_size=ctx.world, distributed=ctx.distributed, **ctx.machine()),
