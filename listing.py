@@ -223,15 +223,12 @@ def _train_val_sources(data, train_dir, val_dir):
     # what needs them refuses it, data.require_classes)
     in_val = {unicodedata.normalize("NFC", name) for name in sorted_in[1]}
     classes = [c for c in _subfolders(train_dir) if c in sorted_in[0] or unicodedata.normalize("NFC", c) in in_val]
-    _note_not_classes(train_dir, classes)
     for folder, loose in zip((train_dir, val_dir), unsorted):
         if loose:
             raise UserError(f"{folder} holds {len(loose)} images outside class folders (e.g. {loose[0]}); "
                             f"sort them into {os.path.basename(folder)}/<class>/ folders (or, unlabelled, "
                             "give both train/ and val/ only images)")
-    train = []
-    for label, name in enumerate(classes):
-        train.append(_sources(data, os.path.join(train_dir, name), label))
+    train = [_sources(data, os.path.join(train_dir, name), label) for label, name in enumerate(classes)]
     # (a name copied from a Mac may spell é as e and an accent: the same class, where train/
     # does not hold both spellings)
     label_of = {unicodedata.normalize("NFC", name): label for label, name in enumerate(classes)}
@@ -249,6 +246,7 @@ def _train_val_sources(data, train_dir, val_dir):
     for folder, found in ((train_dir, train), (val_dir, val)):
         if not found:
             raise UserError(f"{folder} holds no images in class folders")
+    _note_not_classes(train_dir, classes)  # (the notes last: a refusal above stays one line)
     _note_untested(classes, train, val, f"with no images in {val_dir}")
     return "train-val", classes, {"train": sorted(train), "val": sorted(val)}
 
@@ -289,10 +287,10 @@ def _held_out_sources(data, val_fraction, seed):
                         "and a val/ folder, each of class folders (or rename it, if it is a class)")
     if not classes:
         raise UserError(f"{data} holds no images ({' '.join(EXTENSIONS)})")
-    _note_not_classes(data, classes)
     groups = list(zip(classes, _one_place_each([_sources(data, os.path.join(data, name), label)
                                                 for label, name in enumerate(classes)])))
     train, val = _hold_out(groups, val_fraction, seed)
+    _note_not_classes(data, classes)
     if val:
         _note_untested(classes, train, val, f"too small to hold out any image at --val-fraction {val_fraction}")
     return "classes", classes, {"train": train, "val": val}

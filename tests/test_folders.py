@@ -569,6 +569,12 @@ def test_a_folder_of_no_images_is_no_class(tmp_path):
     prepared, err = prepare(imagenet, tmp_path / "c2")
     assert prepared.classes == ["n01", "n03"] and prepared.val.labels.tolist() == [0, 1]
     assert f"note: 1 folder of {imagenet / 'train'} (n02) holds no images: not a class" in err
+    save(f"{imagenet}/val/loose.png", rgb())  # refused: the one line, with no note before it
+    said = io.StringIO()
+    with pytest.raises(UserError, match="images outside class folders"), contextlib.redirect_stderr(said):
+        folders.prepare(str(imagenet), image_size=S, cache=str(tmp_path / "c2"), workers=0, progress=False)
+    assert said.getvalue() == ""
+    os.remove(f"{imagenet}/val/loose.png")
     save(f"{imagenet}/val/n02/0.png", rgb())
     prepared, err = prepare(imagenet, tmp_path / "c2")
     assert prepared.classes == ["n01", "n02", "n03"] and prepared.val.labels.tolist() == [0, 1, 2]
