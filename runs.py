@@ -218,6 +218,12 @@ def write_text(text, path):
     os.replace(path + ".tmp", path)
 
 
+def absolute(path):
+    """A path recorded in a run's or a table's files: ~ expanded and made absolute, so that
+    it names the same files when they are read from another folder (None stays None)."""
+    return os.path.abspath(os.path.expanduser(path)) if isinstance(path, str) else path
+
+
 def read_json(path):
     """A run file written by this project (results.json, config.json); a damaged one is a
     UserError that names it, not a traceback."""
@@ -294,8 +300,7 @@ def restore(ctx, out, config, resume, model, opt, sched):
         # the data and cache where they lie (read from another folder, a relative path would
         # name other files), amp as it ran (bf16 autocast is for CUDA only, whatever --no-amp
         # says), and the layout
-        where = {k: os.path.abspath(os.path.expanduser(config[k])) for k in ("data", "cache")
-                 if isinstance(config.get(k), str)}
+        where = {k: absolute(config[k]) for k in ("data", "cache") if k in config}
         write_json(dict(config, **where, amp=ctx.amp, channels_last=ctx.channels_last, torch=torch.__version__,
                         rot_kernel=rot_kernel.backend(), device=str(ctx.device),
                         world_size=ctx.world, distributed=ctx.distributed, **ctx.machine()),

@@ -197,8 +197,8 @@ def sweep(s: Sweep):
     if not ctx.main:
         return
     os.makedirs(s.out, exist_ok=True)
-    runs.write_json(dict(rows=rows, checkpoint=checkpoint, data=s.data, width=s.width, seed=s.seed,
-                         subset_seed=s.subset_seed, epochs=s.epochs, epochs_scale=s.epochs_scale,
+    runs.write_json(dict(rows=rows, checkpoint=runs.absolute(checkpoint), data=runs.absolute(s.data), width=s.width,
+                         seed=s.seed, subset_seed=s.subset_seed, epochs=s.epochs, epochs_scale=s.epochs_scale,
                          epoch_size=s.epoch_size),
                     os.path.join(s.out, "results.json"))
     runs.write_text(markdown(rows), os.path.join(s.out, "semi_supervised.md"))

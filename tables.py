@@ -186,10 +186,10 @@ def run_table(number, s: probe.Probing):
     runs.write_text(text, os.path.join(s.out, f"table{number}.md"))
     if number in (4, 5):  # the network probed is the checkpoint's, as its probe recorded it
         probed = runs.read_json(os.path.join(rows[0][1][0].out, "config.json"))
-        made = dict(checkpoint=s.checkpoint, width=probed["width"], epochs=probed["epochs"])
+        made = dict(checkpoint=runs.absolute(s.checkpoint), width=probed["width"], epochs=probed["epochs"])
     else:  # --epochs, if given, is the probes' (the RotNets keep 200 x epochs_scale)
         made = dict(epochs_scale=s.epochs_scale, width=s.width, epochs=s.epochs)
-    runs.write_json(dict(table=number, columns=columns, **made, seed=s.seed, data=s.data,
+    runs.write_json(dict(table=number, columns=columns, **made, seed=s.seed, data=runs.absolute(s.data),
                          rows=[dict(name=n, ours=o, paper=p, **({"best": b} if b and None not in b else {}))
                                for n, o, p, b in table]),
                     os.path.join(s.out, f"table{number}.json"))

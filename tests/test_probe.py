@@ -13,7 +13,7 @@ import probe
 import runs
 import tables
 import train
-from conftest import (RunsCode, assert_one_line_error, free_port, metrics_of, run_cli, save_nin, to_original_names,
+from conftest import (REPO, RunsCode, assert_one_line_error, free_port, metrics_of, run_cli, save_nin, to_original_names,
                       write_cifar)
 from errors import UserError
 from models import NETWORKS
@@ -226,13 +226,15 @@ def test_the_best_epoch_is_given_beside_the_last_as_the_papers_figures_are(tmp_p
 @pytest.mark.parametrize("table", [1, 3])
 def test_a_whole_table_at_a_tiny_scale(cifar_dir, tmp_path, table):
     # One pretraining epoch per RotNet and one epoch per probe: the plumbing, not the numbers.
-    flags = ["--table", table, "--data", cifar_dir, "--out", tmp_path, "--epochs-scale", 0.005, "--width", 0.125,
+    # --data relative (to the repository, where run_probe runs): table.json records it absolute.
+    data_dir = os.path.relpath(cifar_dir, REPO)
+    flags = ["--table", table, "--data", data_dir, "--out", tmp_path, "--epochs-scale", 0.005, "--width", 0.125,
              "--device", "cpu", "--batch-size", 32]
     first = run_probe(*flags)
     paper = {1: ["85.45", "89.76", "50.37"], 3: ["92.80", "72.50", "92.17"]}[table]
     assert all(f"({p})" in first.stdout for p in paper), first.stdout
     saved = json.loads((tmp_path / f"table{table}.json").read_text())
-    assert len(saved["rows"]) == {1: 3, 3: 6}[table]
+    assert len(saved["rows"]) == {1: 3, 3: 6}[table] and saved["data"] == str(cifar_dir)
     assert all(0 <= acc <= 100 for row in saved["rows"] for acc in row["ours"])
     # Each probe's best epoch, but the supervised NIN's, whose last the original keeps
     assert all(row["best"] == row["ours"] for row in saved["rows"] if row["name"] != "Supervised NIN")
@@ -259,7 +261,7 @@ def test_a_whole_table_at_a_tiny_scale(cifar_dir, tmp_path, table):
     assert_one_line_error(other, "other settings", "lr")
     # Nor on other images: another sample, or the folder changed since (its labels differ here).
     write_cifar(tmp_path / "other_data", 40, 60, seed=1)
-    other = run_probe(*[tmp_path / "other_data" if f == cifar_dir else f for f in flags], check=False)
+    other = run_probe(*[tmp_path / "other_data" if f == data_dir else f for f in flags], check=False)
     assert_one_line_error(other, "rotnet_", "made on other images")
     # A results.json damaged (by hand, or a disk) stops the table before anything trains.
     damaged = next(tmp_path.glob("*/results.json"))

@@ -1,5 +1,6 @@
 """semi_supervised.py: the labelled subset and one tiny run end to end (CPU, tiny models)."""
 import json
+import os
 import shutil
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 import data
 import semi_supervised
-from conftest import RunsCode, assert_one_line_error, run_cli, save_alexnet, save_nin, write_cifar
+from conftest import REPO, RunsCode, assert_one_line_error, run_cli, save_alexnet, save_nin, write_cifar
 from errors import UserError
 
 
@@ -46,11 +47,14 @@ def test_one_tiny_run_writes_both_arms_and_the_figure(tmp_path):
     write_cifar(tmp_path / "data", 30, 50)
     save_nin(tmp_path / "model.pt", width=0.125)  # as wide as --width, the supervised arm's
     out = tmp_path / "out"
-    flags = ["--per-class", "3", "--data", tmp_path / "data", "--epochs", "1", "--epoch-size", "96", "--width", "0.125",
+    # --data relative (to the repository, where run_cli runs): results.json records it absolute.
+    data_dir = os.path.relpath(tmp_path / "data", REPO)
+    flags = ["--per-class", "3", "--data", data_dir, "--epochs", "1", "--epoch-size", "96", "--width", "0.125",
              "--batch-size", "32", "--device", "cpu", "--out", out]
     proc = run_cli(*flags, "--checkpoint", tmp_path / "model.pt", timeout=300, script="semi_supervised.py")
-    rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [r["per_class"] for r in rows] == [3]
+    made = json.loads((out / "results.json").read_text())
+    rows = made["rows"]
+    assert [r["per_class"] for r in rows] == [3] and made["data"] == str(tmp_path / "data")
     assert all(0 <= rows[0][arm] <= 100 for arm in ("rotnet_conv", "supervised"))
     assert rows[0]["rotnet_conv_best"] == rows[0]["rotnet_conv"]  # (one epoch)
     assert f"| 3 | {rows[0]['rotnet_conv']:.2f} / {rows[0]['rotnet_conv']:.2f} | " in proc.stdout
@@ -81,7 +85,7 @@ def test_one_tiny_run_writes_both_arms_and_the_figure(tmp_path):
     # nor on other images (another sample, or the folder changed since)
     save_nin(tmp_path / "model.pt", width=0.125)
     write_cifar(tmp_path / "other_data", 30, 50, seed=1)
-    again = run_cli(*[tmp_path / "other_data" if f == tmp_path / "data" else f for f in flags], "--checkpoint",
+    again = run_cli(*[tmp_path / "other_data" if f == data_dir else f for f in flags], "--checkpoint",
                     tmp_path / "model.pt", check=False, script="semi_supervised.py")
     assert_one_line_error(again, "K3_", "made on other images")
 
