@@ -51,6 +51,7 @@ class Dataset:
     std: tuple
     classes: tuple
     fingerprint: str = ""            # which images, in which split, with which labels (config.json)
+    cache: Optional[str] = None      # the folder a folder of images was prepared in (absolute)
 
     def require_labels(self, what):
         """self, refused (what names the run, for the message) without labels or with fewer
@@ -130,7 +131,7 @@ def _load_folder(data, image_size, cache, val_fraction, recipe, labels_for):
     std = tuple(max(s, 1.0) for s in p.std)
     return Dataset(as_tensor(p.train.images), labels(p.train.labels), as_tensor(p.val.images), labels(p.val.labels),
                    tuple(p.mean), std, tuple(p.classes),
-                   folder_fingerprint(p.classes, {s: p.manifest["splits"][s]["sources"] for s in listing.SPLITS}))
+                   folder_fingerprint(p.classes, {s: p.manifest["splits"][s]["sources"] for s in listing.SPLITS}), p.root)
 
 
 def identity(data, *, image_size=256, val_fraction=0.1, download=False, labels_for=None):

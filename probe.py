@@ -267,7 +267,7 @@ def train_classifier(model, s: runs.Run, dataset, *, kind, epochs, describe, sub
     trained = [p for p in net.parameters() if p.requires_grad]
     opt, sched = train.make_optimizer(trained, lr, epochs, schedule.milestones)
     config = dict(recorded, networks=NETWORKS, milestones=train.milestones(epochs, schedule.milestones),
-                  data_fingerprint=dataset.fingerprint)
+                  data_fingerprint=dataset.fingerprint, cache=dataset.cache)
     # A supervised NIN's checkpoint.pt loads with models.load_model, as a RotNet's does.
     extra = dict(model_config=model.config) if isinstance(model, NIN) else {}
     steps = train.epoch_steps(ctx, epoch_size or len(train_x), batch_size)  # a run of no step: refused before config.json

@@ -115,7 +115,7 @@ def pretrain(s: Pretraining):
         net = ctx.prepare(model)
         opt, sched = make_optimizer(net.parameters(), s.lr, s.epochs, arch.milestones, arch.decay)
         config = dict(dataclasses.asdict(s), model_config=model.config, data_fingerprint=dataset.fingerprint,
-                      networks=NETWORKS)
+                      cache=dataset.cache, networks=NETWORKS)
         steps = epoch_steps(ctx, len(train_x), s.batch_size)  # a run of no step is refused before config.json is written
         first, metrics = restore(ctx, s.out, config, s.resume, model, opt, sched)
         say_if_too_few_steps(ctx, model, len(steps), s.epochs, first)

@@ -365,6 +365,28 @@ def test_the_data_identity_is_found_without_preparing_anything(tmp_path, monkeyp
     assert len(held_out) == 2  # other images held out: other data
 
 
+def test_a_folder_prepared_by_default_is_found_again_from_another_folder(folder, tmp_path, monkeypatch, capfd):
+    # Without --cache a folder is prepared under the current folder's prepared/; config.json
+    # records where, and a resume or a probe of the run's model started elsewhere uses it
+    # (ImageNet would otherwise be prepared again, for hours, wherever the command is typed).
+    (tmp_path / "here").mkdir(), (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    settings = dict(data=str(folder), image_size=16, epochs=1, width=0.125, batch_size=8, device="cpu")
+    rotnet.pretrain(rotnet.Pretraining(**settings, out=str(tmp_path / "run")))
+    cache = tmp_path / "here" / "prepared" / "pictures-16"
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["cache"] == str(cache)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capfd.readouterr()
+    rotnet.pretrain(rotnet.Pretraining(**settings, out=str(tmp_path / "run"), resume=True))  # (finished: rewritten)
+    probe.probe(probe.Probing(**settings, checkpoint=str(tmp_path / "run" / "model.pt"), out=str(tmp_path / "probe")))
+    assert json.loads((tmp_path / "probe" / "config.json").read_text())["cache"] == str(cache)
+    assert "preparing" not in capfd.readouterr().err and not (tmp_path / "elsewhere" / "prepared").exists()
+    # Not at another size, nor held out otherwise: those are other preparations (here, the default)
+    probe.probe(probe.Probing(**dict(settings, image_size=12), checkpoint=str(tmp_path / "run" / "model.pt"),
+                              out=str(tmp_path / "probe12")))
+    assert (tmp_path / "elsewhere" / "prepared" / "pictures-12").exists()
+
+
 def test_a_supervised_probe_resumed_at_another_size_is_refused_before_preparing(tmp_path, capfd):
     # It records its own block, classifier, ... (not the command line's): only the settings every
     # run records as given are compared before the data is prepared.

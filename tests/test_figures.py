@@ -312,7 +312,8 @@ def test_rotation_vs_object_probes_on_the_runs_own_images(tmp_path, monkeypatch,
     refused(capsys, ["rotation-vs-object", str(run), "--data", "./data", *common], "./data: no such folder")
     shutil.rmtree(run / "figure5a_probes")
     figures.main(["rotation-vs-object", str(run), "--image-size", "12", *common])
-    assert (made()["image_size"], made()["cache"], made()["val_fraction"]) == (12, None, 0.25)
+    assert (made()["image_size"], made()["cache"], made()["val_fraction"]) == \
+        (12, str(tmp_path / "work" / "prepared" / "photos-12"), 0.25)  # the default, recorded where it lies
     assert json.load(open("c/manifest.json"))["settings"]["image_size"] == 16  # not rebuilt at 12
     capsys.readouterr()
     # The run's own --data, relative to where it ran, is not here, or holds other images: refused
