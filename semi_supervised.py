@@ -33,6 +33,7 @@ from nin import NIN, channels
 BLOCK = 2               # the paper's semi-supervised classifier sits on ConvB2
 EPOCH_SIZE = 50_000     # samples per epoch, whatever K is
 PAPER_CROSSOVER = 1000  # below about this many labels per class RotNet + conv wins (Fig. 5b)
+OTHER_OUT = "give the sweep another --out, or delete that folder to train it anew"  # (as tables.OTHER_OUT)
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ def sweep(s: Sweep):
                 "supervised NIN it is compared with must be as wide: leave --width out to take the RotNet's")
     else:
         runs.check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed, batch_size=net.batch_size,
-                            identity=made_on)
+                            identity=made_on, fix=OTHER_OUT)
     # The RotNet the conv arms train on is known by its weights (not by how its path is written;
     # a file trained anew in place is another), or by its path until the sweep has trained it
     weights = dict(checkpoint=checkpoint, **({"checkpoint_hash": file_hash(checkpoint)}
@@ -179,7 +180,7 @@ def sweep(s: Sweep):
             runs.check_reusable(run.out, epochs=epochs, seed=s.seed, epoch_size=s.epoch_size,
                                 subset_seed=s.subset_seed, lr=s.lr or schedule.lr,
                                 batch_size=s.batch_size or schedule.batch_size,
-                                identity=made_on, **source)
+                                identity=made_on, fix=OTHER_OUT, **source)
     if net and not os.path.exists(checkpoint):
         runs.header(f"pretraining {net.out} ({net.epochs} epoch{'s' * (net.epochs != 1)})")
         rotnet.pretrain(net)

@@ -26,6 +26,8 @@ PAPER_TABLE3 = {"Supervised NIN": 92.80, "Random Init. + conv": 72.50, "RotNet +
                 "RotNet + conv (fine-tuned)": 92.17}
 PAPER_TABLE4 = (50.0, 43.8)                     # ImageNet top-1: conv4, conv5
 PAPER_TABLE5 = (18.8, 31.7, 38.7, 38.2, 36.5)   # ImageNet top-1: conv1..conv5
+# A run in the table's --out made otherwise is refused, naming its folder (which the user did not type)
+OTHER_OUT = "give the table another --out, or delete that folder to train it anew"
 
 
 # ----------------------------------------------------------------------------- the tables' runs
@@ -117,7 +119,7 @@ def run_plan(nets, probes, imagenet=False):
     made_on = probes[0].data_identity(train.Context(probes[0].device), labels_for="a probe")
     for net in nets:
         runs.check_reusable(net.out, epochs=net.epochs, width=net.width, seed=net.seed, batch_size=net.batch_size,
-                            identity=made_on)
+                            identity=made_on, fix=OTHER_OUT)
     finished = lambda p: os.path.exists(os.path.join(p.out, "results.json"))
     for p in probes:
         kind = probe.schedule_kind(p, imagenet)
@@ -128,7 +130,7 @@ def run_plan(nets, probes, imagenet=False):
         which = (dict(checkpoint=p.checkpoint, checkpoint_hash=file_hash(p.checkpoint)) if imagenet
                  else {} if p.checkpoint else dict(width=p.width))  # (no RotNet: it trains a NIN of this width)
         runs.check_reusable(p.out, epochs=probe.schedule_epochs(kind, p.epochs, p.epochs_scale), seed=p.seed, lr=lr,
-                            batch_size=batch_size, identity=made_on, **which)
+                            batch_size=batch_size, identity=made_on, fix=OTHER_OUT, **which)
     needed = {p.checkpoint for p in probes if not finished(p)}
     for net in nets:
         model = os.path.join(net.out, "model.pt")

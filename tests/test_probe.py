@@ -256,7 +256,7 @@ def test_a_whole_table_at_a_tiny_scale(cifar_dir, tmp_path, table):
     assert not list(tmp_path.glob("rotnet_*/model.pt"))
     # Runs made at another scale are not silently taken for this one.
     other = run_probe(*[0.01 if f == 0.005 else f for f in flags], check=False)
-    assert_one_line_error(other, "other settings", "epochs")
+    assert_one_line_error(other, "other settings", "epochs", "give the table another --out, or delete that folder")
     other = run_probe(*flags, "--lr", 0.5, check=False)  # nor at another learning rate
     assert_one_line_error(other, "other settings", "lr")
     # Nor on other images: another sample, or the folder changed since (its labels differ here).

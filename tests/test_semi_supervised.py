@@ -74,7 +74,7 @@ def test_one_tiny_run_writes_both_arms_and_the_figure(tmp_path):
                            (["--checkpoint", tmp_path / "other.pt"], "checkpoint_hash"),
                            ([], "rotnet_4blocks")):
         again = run_cli(*flags, *changed, check=False, script="semi_supervised.py")
-        assert_one_line_error(again, "K3_", named, "other settings")
+        assert_one_line_error(again, "K3_", named, "other settings", "give the sweep another --out")
     # The same weights by another path (a copy, a path written otherwise) are the same RotNet.
     shutil.copy(tmp_path / "model.pt", tmp_path / "copy.pt")
     again = run_cli(*flags, "--checkpoint", tmp_path / "copy.pt", script="semi_supervised.py")
