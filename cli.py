@@ -10,6 +10,7 @@ import math
 import os
 import re
 import select
+import shlex
 import signal
 import sys
 import threading
@@ -93,9 +94,11 @@ def _terminated(signum, frame):
     raise Terminated
 
 
-def run_job(job):
+def run_job(job, single_run=False):
     """Every script's main: run the job, turn a problem the user can fix into one line
-    (exit status 1), end the ranks. The ranks of a finished run leave together: a DDP model
+    (exit status 1), end the ranks. single_run: the job is one run (rotnet.py, a probe),
+    which a stop tells to go on with --resume; a table, sweep or figure goes on by the same
+    command. The ranks of a finished run leave together: a DDP model
     that only the garbage collector would free (its hooks make cycles) and a peer still at
     work (rank 0 writing files) both make gloo abort the process at teardown.
     SIGTERM stops a single process as Ctrl-C does, with the same line; not under torchrun,
@@ -130,17 +133,17 @@ def run_job(job):
         if not _stdout_closed():  # another pipe (a worker's): not this
             raise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (nothing left to flush at exit)
-        stop(f"stopped: its standard output was closed (a pipe ended); {_kept()}", status=1)
+        stop(f"stopped: its standard output was closed (a pipe ended); {_kept(single_run)}", status=1)
     except OSError as err:
         if err.errno not in WRITE_ERRORS:
             raise
         stop(f"error: {err.filename or 'a run file'}: {err.strerror}; the files written before it are whole: "
-             "make room, then run the same command again (a single run with --resume)")
+             f"make room, then {_go_on(single_run)}")
     except KeyboardInterrupt as err:  # the files are whole (atomic): say how to go on, not where it stopped
         how, status = ("stopped by SIGTERM", 143) if isinstance(err, Terminated) else ("interrupted", 130)
         if not main_rank():  # Ctrl-C reaches every rank: rank 0 says it
             sys.exit(status)
-        stop(f"\n{how}: {_kept()}", status=status)
+        stop(f"\n{how}: {_kept(single_run)}", status=status)
     finally:
         if on_term:
             signal.signal(signal.SIGTERM, previous)
@@ -174,14 +177,24 @@ def _stdout_closed():
         return False
 
 
-def _kept():
+def _kept(single_run):
     """What a run stopped midway keeps, and how to go on from it."""
     out, epochs = runs.last_kept or (None, 0)
     kept = (f"{out} is kept up to epoch {epochs}, and all finished before it" if epochs else
             f"{out} had not ended an epoch yet; what was finished before it is kept" if out else
             "no run had started yet; what was finished before is kept")
-    return (f"{kept} (epochs, finished runs, a folder's preparation); the same command goes on from it "
-            "(a single run with --resume)")
+    return f"{kept} (epochs, finished runs, a folder's preparation); to go on, {_go_on(single_run)}"
+
+
+def _go_on(single_run):
+    """How a stopped job goes on: a single run given without --resume, by its command with
+    --resume added, spelt out where it can be (run by python, not torchrun); else by the same
+    command (a table, sweep or figure resumes the run it stopped by itself)."""
+    if not single_run or "--resume" in sys.argv[1:]:
+        return "run the same command again"
+    if dist.is_torchelastic_launched():
+        return "run the same torchrun command again with --resume added"
+    return f"run it again with --resume: {shlex.join(['python', sys.argv[0], *sys.argv[1:], '--resume'])}"
 
 
 def stop(message, status=1, rank_delay=False):

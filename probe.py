@@ -401,7 +401,7 @@ def main(argv=None):
     else:
         if args.resume:
             runs.say_if_nothing_to_resume(args.out)
-        cli.run_job(lambda: probe(Probing.from_args(args)))
+        cli.run_job(lambda: probe(Probing.from_args(args)), single_run=True)
 
 
 if __name__ == "__main__":

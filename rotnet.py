@@ -204,7 +204,7 @@ def main(argv=None):
     else:
         if args.resume:
             say_if_nothing_to_resume(args.out)
-        run_job(lambda: pretrain(Pretraining.from_args(args)))
+        run_job(lambda: pretrain(Pretraining.from_args(args)), single_run=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ folder, a checkpoint that carries code, direct calls validated as the command li
 """
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -312,7 +313,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mon
         cli.run_job(lambda: runs.atomic_save({"epoch": 2}, path, keep_previous=True))
     assert stop.value.code == 1
     assert capsys.readouterr().err == f"error: {path}: No space left on device; the files written before it are " \
-                                      "whole: make room, then run the same command again (a single run with --resume)\n"
+                                      "whole: make room, then run the same command again\n"
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]  # no .tmp left, the previous one untouched
     assert torch.load(path, weights_only=True) == {"epoch": 1}
@@ -375,6 +376,10 @@ def test_cli_sigterm_says_how_to_go_on_in_one_line(cifar_dir, tmp_path):
     # (a signal just after the last rename, before end_epoch notes it, names the epoch before)
     said = [f"stopped by SIGTERM: {out} is kept up to epoch {e}, and all finished before it" for e in (kept, kept - 1)]
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(tuple(said)), err
+    # and spells out the command that goes on: this one, with --resume
+    command = err.strip().split("; to go on, run it again with --resume: ")[1]
+    assert shlex.split(command) == ["python", *cli_command(*tiny_run_flags(cifar_dir, out, "--epochs", "30"))[1:],
+                                    "--resume"]
 
 
 def test_cli_output_piped_into_head_stops_the_run_in_one_line(cifar_dir, tmp_path):
@@ -406,7 +411,7 @@ def test_a_broken_pipe_not_stdouts_is_not_taken_for_it(monkeypatch):
         assert cli._stdout_closed()  # (what `| head` leaves once it is done)
 
 
-def test_ctrl_c_says_how_to_go_on_and_names_the_run_it_stopped(tmp_path, capsys):
+def test_ctrl_c_says_how_to_go_on_and_names_the_run_it_stopped(tmp_path, capsys, monkeypatch):
     # A job of several runs (a table): the message names the run under way, not the last one
     # that ended an epoch.
     ctx, model = train.Context("cpu"), torch.nn.Linear(2, 2)
@@ -425,4 +430,13 @@ def test_ctrl_c_says_how_to_go_on_and_names_the_run_it_stopped(tmp_path, capsys)
         with pytest.raises(SystemExit) as stop:
             cli.run_job(lambda: interrupted(then))
         assert stop.value.code == 130
-        assert capsys.readouterr().err.strip().startswith(said)
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(said) and err.endswith("; to go on, run the same command again")  # (a table: resumes)
+    # A single run goes on with --resume added, the command spelt out; given --resume, the same one
+    for argv, go_on in ((["rotnet.py", "--out", "a b"],
+                         "run it again with --resume: python rotnet.py --out 'a b' --resume"),
+                        (["rotnet.py", "--resume"], "run the same command again")):
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit):
+            cli.run_job(interrupted, single_run=True)
+        assert capsys.readouterr().err.strip().endswith(f"; to go on, {go_on}")
