@@ -32,7 +32,7 @@ from errors import UserError, require
 from models import IMAGE_SIZE, NETWORKS, build
 from runs import ROTNET, Run, atomic_save, end_epoch, epoch_metrics, restore, say_if_nothing_to_resume, trained_as
 from train import (LR_DECAY, MILESTONES, Context, epoch_steps, evaluate, make_optimizer, say_if_too_few_steps,
-                   train_epoch, world_size)
+                   say_start, train_epoch, world_size)
 
 # ----------------------------------------------------------------------------- settings
 FOUR = (0, 90, 180, 270)             # the paper's rotations
@@ -118,6 +118,7 @@ def pretrain(s: Pretraining):
                       cache=dataset.cache, networks=NETWORKS)
         steps = epoch_steps(ctx, len(train_x), s.batch_size)  # a run of no step is refused before config.json is written
         first, metrics = restore(ctx, s.out, config, s.resume, model, opt, sched)
+        say_start(ctx, s.out, s.data, len(train_x), len(test_x), len(steps), s.epochs, first)
         say_if_too_few_steps(ctx, model, len(steps), s.epochs, first)
 
         def save_model(name, metrics):

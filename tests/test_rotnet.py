@@ -8,6 +8,7 @@ the tests write themselves in CIFAR-10's python format.
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -34,6 +35,9 @@ def test_cli_short_run_writes_its_files(cifar_dir, tmp_path):
     out = tmp_path / "out"
     proc = run_cli(*tiny_run_flags(os.path.relpath(cifar_dir, REPO), out, "--epochs", "2"))  # (run from REPO)
     assert {"config.json", "metrics.jsonl", "checkpoint.pt", "model.pt"} <= set(os.listdir(out))
+    # What it trains on, said before it does: which data (a sample, the full set), how long
+    assert re.search(rf"^{re.escape(str(out))}: 300 training and \d+ test images from \S+; 10 steps an epoch, "
+                     r"epochs 1 to 2, on cpu$", proc.stderr, re.M), proc.stderr
     # 300 images in steps of up to 32: too few for BatchNorm's running statistics, said once
     assert proc.stderr.count("note: 10 steps an epoch, 20 in all: too few for BatchNorm's running statistics") == 1
     config = json.loads((out / "config.json").read_text())
