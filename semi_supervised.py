@@ -33,6 +33,7 @@ from nin import NIN, channels
 BLOCK = 2               # the paper's semi-supervised classifier sits on ConvB2
 EPOCH_SIZE = 50_000     # samples per epoch, whatever K is
 PAPER_CROSSOVER = 1000  # below about this many labels per class RotNet + conv wins (Fig. 5b)
+PLOT_LEAST_SPAN = 10.0  # points of accuracy the figure's y axis spans at least: a 0.2 gap must not fill it
 OTHER_OUT = "give the sweep another --out, or delete that folder to train it anew"  # (as tables.OTHER_OUT)
 
 
@@ -107,6 +108,16 @@ def run_arm(s, dataset, arm, per_class, subset, checkpoint):
                                       subset=subset, epoch_size=s.epoch_size)
 
 
+def y_limits(accuracies, least=PLOT_LEAST_SPAN):
+    """The figure's accuracy axis: the accuracies with a margin, widened around them to span
+    at least `least` points, kept within 0-100 %."""
+    lo, hi = min(accuracies), max(accuracies)
+    grow = max(least - (hi - lo), 0.1 * (hi - lo)) / 2
+    lo, hi = lo - grow, hi + grow
+    shift = max(-lo, 0.0) - max(hi - 100.0, 0.0)
+    return lo + shift, hi + shift
+
+
 def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -119,6 +130,7 @@ def plot(rows, path):
     ax.plot(ks, [r["supervised"] for r in rows], "s--", label="Supervised NIN")
     if min(ks) <= PAPER_CROSSOVER <= max(ks):
         ax.axvline(PAPER_CROSSOVER, color="gray", lw=0.8, ls=":")
+    ax.set_ylim(*y_limits([r[arm] for r in rows for arm in ("rotnet_conv", "supervised")]))
     ax.set_xscale("log")
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())

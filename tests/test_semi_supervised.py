@@ -43,6 +43,14 @@ def test_the_table_gives_the_conv_arms_best_epoch_as_the_original_keeps_it():
     assert "| 20 | 40.00 / – | 30.25 | +9.75 |" in text  # (no metrics.jsonl to tell the best)
 
 
+def test_the_figure_shows_a_small_gap_as_small():
+    # One K whose arms differ by 0.2 points: not a plot filled by the gap (the axis spans 10)
+    assert semi_supervised.y_limits([31.0, 30.8]) == pytest.approx((25.9, 35.9))
+    assert semi_supervised.y_limits([0.5, 1.0]) == pytest.approx((0.0, 10.0))  # within 0-100
+    assert semi_supervised.y_limits([99.0, 99.5]) == pytest.approx((90.0, 100.0))
+    assert semi_supervised.y_limits([20.0, 80.0]) == pytest.approx((17.0, 83.0))  # wide: a margin only
+
+
 def test_one_tiny_run_writes_both_arms_and_the_figure(tmp_path):
     write_cifar(tmp_path / "data", 30, 50)
     save_nin(tmp_path / "model.pt", width=0.125)  # as wide as --width, the supervised arm's
