@@ -150,17 +150,20 @@ class Run:
     def prepared_before(self):
         """Without --cache: the cache folder its image folder was prepared in already, by this
         run (resumed) or by the run that made its --checkpoint (a probe's, the sweep's), where
-        that run's config.json records one of the same folder, size and split; else None
-        (prepared/NAME-S under the current folder). Run from another folder than theirs, it
-        would otherwise prepare the images again: hours, for ImageNet."""
+        that run's config.json records one, still there, of the same folder, size and split;
+        else None (prepared/NAME-S under the current folder). Run from another folder than
+        theirs, it would otherwise prepare the images again: hours, for ImageNet."""
         made_by = [self.out] if self.resume else []
         if getattr(self, "checkpoint", None):  # (the fields of Probing and Sweep)
             made_by.append(os.path.dirname(os.path.realpath(self.checkpoint)))
-        same = lambda made: (isinstance(made.get("data"), str) and isinstance(made.get("cache"), str)
-                             and os.path.isabs(made["cache"]) and os.path.realpath(made["data"]) ==
-                             os.path.realpath(os.path.expanduser(self.data)) and made.get("image_size") ==
-                             self.image_size and made.get("val_fraction") == self.val_fraction)
-        return next((made["cache"] for made in map(saved_config, made_by) if same(made)), None)
+        here = os.path.realpath(os.path.expanduser(self.data))
+        for made in map(saved_config, made_by):
+            cache = made.get("cache")
+            if (isinstance(cache, str) and os.path.isabs(cache) and os.path.isdir(cache)
+                    and isinstance(made.get("data"), str) and os.path.realpath(made["data"]) == here
+                    and (made.get("image_size"), made.get("val_fraction")) == (self.image_size, self.val_fraction)):
+                return cache
+        return None
 
     def check_resumed_data(self, ctx, recorded):
         """Refuses, as restore would, a resume of a checkpoint in out made with other settings

@@ -385,6 +385,10 @@ def test_a_folder_prepared_by_default_is_found_again_from_another_folder(folder,
     probe.probe(probe.Probing(**dict(settings, image_size=12), checkpoint=str(tmp_path / "run" / "model.pt"),
                               out=str(tmp_path / "probe12")))
     assert (tmp_path / "elsewhere" / "prepared" / "pictures-12").exists()
+    # nor once it is gone (deleted to make room): then here too, not where it was
+    shutil.rmtree(cache)
+    probe.probe(probe.Probing(**settings, checkpoint=str(tmp_path / "run" / "model.pt"), out=str(tmp_path / "p2")))
+    assert (tmp_path / "elsewhere" / "prepared" / "pictures-16").exists() and not cache.exists()
 
 
 def test_a_supervised_probe_resumed_at_another_size_is_refused_before_preparing(tmp_path, capfd):
