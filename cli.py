@@ -98,9 +98,9 @@ def run_job(job, single_run=False):
     """Every script's main: run the job, turn a problem the user can fix into one line
     (exit status 1), end the ranks. single_run: the job is one run (rotnet.py, a probe),
     which a stop tells to go on with --resume; a table, sweep or figure goes on by the same
-    command. The ranks of a finished run leave together: a DDP model
-    that only the garbage collector would free (its hooks make cycles) and a peer still at
-    work (rank 0 writing files) both make gloo abort the process at teardown.
+    command. The ranks of a finished run leave together: a DDP model that only the garbage
+    collector would free (its hooks make cycles) and a peer still at work (rank 0 writing
+    files) both make gloo abort the process at teardown.
     SIGTERM stops a single process as Ctrl-C does, with the same line; not under torchrun,
     whose agent sends it to the ranks left when one fails, whose lines would bury its. (A
     worker forked from here puts SIGTERM back to its default: its parent ends it so.)"""

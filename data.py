@@ -129,9 +129,9 @@ def _load_folder(data, image_size, cache, val_fraction, recipe, labels_for):
     # A channel that never varies (all-black pictures, one stain saved as RGB) has std 0: it is
     # 0 once centred, whatever it is divided by, and a grey level is the least a std may be.
     std = tuple(max(s, 1.0) for s in p.std)
+    fingerprint = folder_fingerprint(p.classes, {s: p.manifest["splits"][s]["sources"] for s in listing.SPLITS})
     return Dataset(as_tensor(p.train.images), labels(p.train.labels), as_tensor(p.val.images), labels(p.val.labels),
-                   tuple(p.mean), std, tuple(p.classes),
-                   folder_fingerprint(p.classes, {s: p.manifest["splits"][s]["sources"] for s in listing.SPLITS}), p.root)
+                   tuple(p.mean), std, tuple(p.classes), fingerprint, cache=p.root)
 
 
 def identity(data, *, image_size=256, val_fraction=0.1, download=False, labels_for=None):
