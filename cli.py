@@ -137,8 +137,11 @@ def run_job(job, single_run=False):
     except OSError as err:
         if err.errno not in WRITE_ERRORS:
             raise
-        stop(f"error: {err.filename or 'a run file'}: {err.strerror}; the files written before it are whole: "
-             f"make room, then {_go_on(single_run)}")
+        where = f"error: {err.filename or 'a run file'}: {err.strerror}"
+        if err.errno == errno.EROFS:  # (an --out or --cache there that exists already: nothing went in)
+            stop(f"{where}: give --out (or --cache) a folder that can be written to")
+        fix = "make room" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "check the disk"
+        stop(f"{where}; the files written before it are whole: {fix}, then {_go_on(single_run)}")
     except KeyboardInterrupt as err:  # the files are whole (atomic): say how to go on, not where it stopped
         how, status = ("stopped by SIGTERM", 143) if isinstance(err, Terminated) else ("interrupted", 130)
         if not main_rank():  # Ctrl-C reaches every rank: rank 0 says it

@@ -282,8 +282,14 @@ def _check_space(root, manifest, reset):
         done = _decoded(root)
     needed, free = (total - done) * 3 * S * S, shutil.disk_usage(root).free + freed
     if needed > free:
-        raise UserError(f"{root}: preparing {total - done:,} images at {S}x{S} needs {needed / 1e9:,.1f} GB, "
-                        f"but only {free / 1e9:,.1f} GB are free there")
+        raise UserError(f"{root}: preparing {total - done:,} images at {S}x{S} needs {size_text(needed)}, "
+                        f"but only {size_text(free)} are free there")
+
+
+def size_text(n):
+    """A number of bytes as a disk's free space is told: in GB, MB or kB (never "0.0 GB")."""
+    unit, scale = next((u, x) for u, x in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if n >= x or u == "kB")
+    return f"{n / scale:,.1f} {unit}"
 
 
 def _count(manifest):

@@ -14,7 +14,7 @@ import pickle
 import torch
 
 from alexnet import AlexNet, alexnet_from_saved
-from errors import UserError
+from errors import UserError, require
 from nin import NIN, nin_from_saved
 
 
@@ -79,4 +79,7 @@ def load_model(path, device="cpu"):
     """A NIN or an AlexNet in eval mode, from this project's files or the original code's."""
     saved = read_checkpoint(path)
     model = alexnet_from_saved(saved, path) if is_alexnet(saved) else nin_from_saved(saved, path)
+    # A network that diverged: probed, its features would make the probe's loss NaN an epoch later
+    require(all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()),
+            f"{path}: its weights are not all finite (NaN or inf): the run that made it diverged")
     return model.to(device).eval()

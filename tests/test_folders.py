@@ -257,6 +257,20 @@ def test_broken_files_are_skipped_and_listed(everything):
     assert counts["train"]["skipped"] + counts["val"]["skipped"] == 3
 
 
+def test_a_disk_too_small_for_the_preparation_is_refused_before_it_starts(tmp_path, monkeypatch):
+    # What it needs and what is free, in units that show them (a small disk: not "0.0 GB")
+    root = tmp_path / "pictures"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (20, 20), (40 * i, 0, 0)).save(root / c / f"{i}.png")
+    free = shutil._ntuple_diskusage(10**6, 10**6 - 4096, 4096)
+    monkeypatch.setattr(folders.shutil, "disk_usage", lambda path: free)
+    with pytest.raises(UserError, match=r"preparing 12 images at 16x16 needs 9\.2 kB, but only 4\.1 kB are free"):
+        folders.prepare(str(root), image_size=16, cache=str(tmp_path / "cache"), progress=False)
+    assert [folders.size_text(n) for n in (2.5e11, 3.2e6)] == ["250.0 GB", "3.2 MB"]
+
+
 def test_an_empty_file_is_said_so_and_many_skipped_are_named_a_few(tmp_path):
     data = tmp_path / "d"
     for i in range(4):

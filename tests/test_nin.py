@@ -95,6 +95,16 @@ def test_load_model_reads_an_old_pytorch_original_checkpoint(tmp_path):
         assert torch.equal(models.load_model(tmp_path / "old.pth.tar")(x), original(x))
 
 
+def test_load_model_refuses_weights_that_are_not_finite(tmp_path):
+    # A RotNet that diverged: refused when read, not an epoch into a probe as a NaN loss
+    model = nin.NIN(3, 4, 0.125)
+    state = model.state_dict()
+    state["blocks.1.0.conv.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(dict(model=state, model_config=model.config), tmp_path / "model.pt")
+    with pytest.raises(UserError, match=r"model.pt: its weights are not all finite \(NaN or inf\)"):
+        models.load_model(tmp_path / "model.pt")
+
+
 def test_load_model_refuses_a_checkpoint_that_carries_code(tmp_path):
     config = dict(blocks=3, num_classes=4, width=0.125)
     torch.save({"model": RunsCode(tmp_path / "control"), "model_config": config}, tmp_path / "control.pt")

@@ -325,6 +325,14 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mon
         cli.run_job(quota)
     assert "metrics.jsonl: Disk quota exceeded" in capsys.readouterr().err
 
+    def read_only(*args):  # an --out that exists on a read-only disk: nothing to resume, no room to make
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "config.json.tmp"))
+
+    with pytest.raises(SystemExit):
+        cli.run_job(read_only, single_run=True)
+    assert capsys.readouterr().err == f"error: {tmp_path / 'config.json.tmp'}: Read-only file system: give --out " \
+                                      "(or --cache) a folder that can be written to\n"
+
     def missing(*args):  # not a write that failed for want of room: a bug, with its traceback
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", "x")
 
