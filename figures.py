@@ -36,7 +36,7 @@ import rotnet  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
 from errors import UserError, require  # noqa: E402
-from models import IMAGE_SIZE, file_hash, load_model, read_checkpoint  # noqa: E402
+from models import IMAGE_SIZE, file_hash, is_alexnet, load_model, read_checkpoint  # noqa: E402
 from nin import NIN  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
@@ -257,6 +257,8 @@ def snapshots(run_dir):
 def rotation_accuracy(path):
     """A snapshot's test rotation accuracy, which rotnet.py --save-every stores in it."""
     saved = read_checkpoint(path)
+    if is_alexnet(saved):  # (the probe's own refusal would name flags figures.py has not got)
+        raise UserError(f"{path} is an AlexNet's: Figure 5a probes a NIN RotNet's ConvB2")
     if not (isinstance(saved, dict) and isinstance(saved.get("metrics"), dict) and "test_acc" in saved["metrics"]):
         raise UserError(f"{path}: not a snapshot of rotnet.py --save-every (it holds no test accuracy)")
     return saved["metrics"]["test_acc"]

@@ -332,8 +332,8 @@ def probe(s: Probing):
             require(not s.finetune and s.classifier in ("linear", "nonlinear"),
                     "an AlexNet is probed frozen, by the linear or nonlinear classifier (Tables 5 and 4)")
             require(s.classifier == "linear" or s.block in (0, 4, 5),
-                    f"--block {s.block}: the non-linear AlexNet probe (the default --classifier) sits on conv4 or "
-                    "conv5; --classifier linear probes any of conv1-5")
+                    f"--block {s.block}: the non-linear AlexNet probe (--classifier nonlinear, the default) sits "
+                    "on conv4 or conv5; --classifier linear probes any of conv1-5")
         else:
             require(s.supervised or s.block >= 1, "--block 0 (every conv at once) is for an AlexNet")
         kind = schedule_kind(s, on_alexnet)

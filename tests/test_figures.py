@@ -285,6 +285,13 @@ def test_rotation_vs_object(cifar_dir, tmp_path, monkeypatch, capsys):
             "other images")
     save_nin(run / "model_epoch002.pt", 4, 4, seed=7, rotations=[0, 90, 180, 270], metrics=dict(epoch=2, test_acc=47.5))
     refused(capsys, args, "epoch002", "checkpoint_hash")
+    # An AlexNet RotNet's snapshots: refused as such, not by the probe's flags, which figures.py has not
+    alexnet = tmp_path / "alexnet_run"
+    alexnet.mkdir()
+    conftest.save_alexnet(alexnet / "model_epoch001.pt")
+    refused(capsys, ["rotation-vs-object", str(alexnet), *args[2:]], "model_epoch001.pt is an AlexNet's",
+            "a NIN RotNet's ConvB2")
+    assert not (alexnet / "figure5a_probes").exists()
 
 
 def test_rotation_vs_object_probes_on_the_runs_own_images(tmp_path, monkeypatch, capsys):
