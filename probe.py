@@ -272,7 +272,7 @@ def train_classifier(model, s: runs.Run, dataset, *, kind, epochs, describe, sub
     extra = dict(model_config=model.config) if isinstance(model, NIN) else {}
     steps = train.epoch_steps(ctx, epoch_size or len(train_x), batch_size)  # a run of no step: refused before config.json
     first, metrics = runs.restore(ctx, s.out, config, s.resume, model, opt, sched)
-    train.say_start(ctx, s.out, s.data, len(train_x), len(test_x), len(steps), epochs, first)
+    train.say_start(ctx, s.out, s.data, train_x, test_x, len(steps), epochs, first, s.image_size)
     train.say_if_too_few_steps(ctx, model, len(steps), epochs, first)
     for epoch in range(first, epochs + 1):
         lr, t0 = opt.param_groups[0]["lr"], time.perf_counter()

@@ -118,7 +118,7 @@ def pretrain(s: Pretraining):
                       cache=dataset.cache, networks=NETWORKS)
         steps = epoch_steps(ctx, len(train_x), s.batch_size)  # a run of no step is refused before config.json is written
         first, metrics = restore(ctx, s.out, config, s.resume, model, opt, sched)
-        say_start(ctx, s.out, s.data, len(train_x), len(test_x), len(steps), s.epochs, first)
+        say_start(ctx, s.out, s.data, train_x, test_x, len(steps), s.epochs, first, s.image_size)
         say_if_too_few_steps(ctx, model, len(steps), s.epochs, first)
 
         def save_model(name, metrics):

@@ -7,7 +7,7 @@ A script's own loop reads (rotnet.pretrain, probe.train_classifier):
 
     steps = epoch_steps(ctx, len(train), batch_size)  # refuses a run of no step before restore writes
     first, metrics = runs.restore(ctx, out, config, resume, model, opt, sched)
-    say_start(ctx, out, data, len(train), len(test), len(steps), epochs, first)
+    say_start(ctx, out, data, train, test, len(steps), epochs, first, image_size)
     say_if_too_few_steps(ctx, model, len(steps), epochs, first)
     for epoch in range(first, epochs + 1):
         loss, acc, seen = train_epoch(ctx, net, opt, train, ...)
@@ -198,15 +198,20 @@ def epoch_steps(ctx, n, batch_size):
     return steps
 
 
-def say_start(ctx, out, data, train_images, test_images, steps, epochs, first=1):
+def say_start(ctx, out, data, train, test, steps, epochs, first=1, image_size=None):
     """One line before a run trains: its folder, the images it found where (the full set or a
-    sample, a folder's readable files), its steps and epochs, and its device. Said where epochs
-    first..epochs are still to train, after restore (an error stays one line)."""
+    sample, a folder's readable files) and their size, its steps and epochs, and its device.
+    image_size: the size asked for, said where the images have another (CIFAR-10's, whatever
+    is asked). Said where epochs first..epochs are still to train, after restore and every
+    refusal (an error stays one line)."""
     if ctx.main and first <= epochs:
+        size = train.shape[-1]
+        unused = f" (not at {image_size}: --image-size is for image folders)" if image_size not in (None, size) else ""
         ranks = f" x {ctx.world} ranks" if ctx.distributed else ""
         to_train = f"epoch {first}" if first == epochs else f"epochs {first} to {epochs}"
-        print(f"{out}: {train_images:,} training and {test_images:,} test images from {data}; {steps:,} step"
-              f"{'s' * (steps != 1)} an epoch, {to_train}, on {ctx.device}{ranks}", file=sys.stderr, flush=True)
+        print(f"{out}: {len(train):,} training and {len(test):,} test images of {size} x {size} from {data}; "
+              f"{steps:,} step{'s' * (steps != 1)} an epoch, {to_train}, on {ctx.device}{ranks}{unused}",
+              file=sys.stderr, flush=True)
 
 
 def say_if_too_few_steps(ctx, model, steps, epochs, first=1):

@@ -95,7 +95,8 @@ def test_a_probe_writes_every_file(cifar_dir, tmp_path):
     proc = run_probe("--checkpoint", tmp_path / "model.pt", "--block", 2, "--classifier", "nonlinear", "--data",
                      cifar_dir, "--epochs", 2, "--device", "cpu", "--out", out, "--batch-size", 32, "--width", 0.5,
                      "--blocks", 5)
-    assert f"{out}: 200 training and 60 test images from {cifar_dir}; 7 steps an epoch, epochs 1 to 2, on cpu\n" \
+    assert f"{out}: 200 training and 60 test images of 32 x 32 from {cifar_dir}; 7 steps an epoch, epochs 1 to 2, " \
+        "on cpu\n" \
         in proc.stderr
     assert sorted(os.listdir(out)) == ["checkpoint.prev.pt", "checkpoint.pt", "config.json", "metrics.jsonl",
                                        "results.json"]

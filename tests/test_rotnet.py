@@ -31,13 +31,25 @@ from errors import UserError
 from conftest import REPO, cli_command, cli_env, free_port, metrics_of, run_cli, tiny_run_flags
 
 
+def test_an_image_size_cifar_does_not_use_is_said(cifar_dir, tmp_path, capsys):
+    # CIFAR-10 is 32 x 32 whatever --image-size says (it is for image folders): said, not silent
+    settings = dict(data=str(cifar_dir), epochs=1, width=0.125, batch_size=32, device="cpu")
+    said = lambda: [line for line in capsys.readouterr().err.splitlines() if " test images of " in line]
+    rotnet.pretrain(rotnet.Pretraining(**settings, image_size=64, out=str(tmp_path / "a")))
+    [line] = said()
+    assert " images of 32 x 32 from " in line and line.endswith("on cpu (not at 64: --image-size is for image folders)")
+    rotnet.pretrain(rotnet.Pretraining(**settings, out=str(tmp_path / "b")))  # (the NIN's own: 32)
+    [line] = said()
+    assert line.endswith("on cpu")
+
+
 def test_cli_short_run_writes_its_files(cifar_dir, tmp_path):
     out = tmp_path / "out"
     proc = run_cli(*tiny_run_flags(os.path.relpath(cifar_dir, REPO), out, "--epochs", "2"))  # (run from REPO)
     assert {"config.json", "metrics.jsonl", "checkpoint.pt", "model.pt"} <= set(os.listdir(out))
     # What it trains on, said before it does: which data (a sample, the full set), how long
-    assert re.search(rf"^{re.escape(str(out))}: 300 training and \d+ test images from \S+; 10 steps an epoch, "
-                     r"epochs 1 to 2, on cpu$", proc.stderr, re.M), proc.stderr
+    assert re.search(rf"^{re.escape(str(out))}: 300 training and \d+ test images of 32 x 32 from \S+; "
+                     r"10 steps an epoch, epochs 1 to 2, on cpu$", proc.stderr, re.M), proc.stderr
     # 300 images in steps of up to 32: too few for BatchNorm's running statistics, said once
     assert proc.stderr.count("note: 10 steps an epoch, 20 in all: too few for BatchNorm's running statistics") == 1
     config = json.loads((out / "config.json").read_text())
