@@ -112,6 +112,10 @@ def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=
               "source_fields": ["path", "size", "mtime_ns", "label"],
               "splits": {s: {"images": s + ".u8", "labels": None if layout in listing.UNLABELLED else s + ".labels.npy",
                              "shape": None, "count": None, "skipped": None, "sources": sources[s]} for s in SPLITS}}
+    made, missing = [], root  # the folders made here, deepest first: a refusal leaves none of them
+    while not os.path.exists(missing):
+        made.append(missing)
+        missing = os.path.dirname(missing)
     try:
         os.makedirs(root, exist_ok=True)
     except OSError as err:  # under /proc, below a file, a file itself, no permission: the user's to fix
@@ -134,8 +138,13 @@ def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=
         if unwritable:  # a shared preparation is used as it is, but cannot be made or finished here
             need = f"; it would be {'rebuilt: ' + why if why else 'made or finished'}" if old else ""
             raise UserError(f"{root}: cannot write in the cache folder ({unwritable.strerror or unwritable}){need}")
-        # Before anything is deleted or said: a run refused for space leaves the old cache whole.
-        _check_space(root, wanted, reset=not old or bool(why))
+        # Before anything is deleted or said: a run refused for space leaves the old cache whole,
+        # and a new one unmade.
+        try:
+            _check_space(root, wanted, reset=not old or bool(why))
+        except UserError:
+            _unmake(made)
+            raise
         if old and why:
             print(f"{root}: {'rebuilding' if old.get('complete') is True else 'starting over'}: {why}",
                   file=sys.stderr)
@@ -493,6 +502,18 @@ def _locked(root):
                     print(f"waiting for another process preparing {root}", file=sys.stderr)
                 fcntl.flock(f, fcntl.LOCK_EX)
         yield None
+
+
+def _unmake(made):
+    """Removes the folders prepare made (deepest first) and the lock it put in the first, up to
+    one that holds anything else."""
+    if made:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(made[0], ".lock"))
+    for path in made:
+        if os.listdir(path):
+            break
+        os.rmdir(path)
 
 
 def _lock_file(root):

@@ -102,14 +102,17 @@ class Run:
         check_out: two processes training into one folder would overwrite each other's
         checkpoints and interleave their metrics. A lock on the folder itself, which the OS
         lets go however the process ends, so a killed run never leaves it held. A run that
-        stops before writing anything leaves no folder it made. An --out inside the image
-        folder is refused (refuse_out_in_images)."""
+        stops before writing anything leaves no folder it made, parents included. An --out
+        inside the image folder is refused (refuse_out_in_images)."""
         refuse_out_in_images(self.out, self.data)
         if not main_rank():
             self.check_out()
             yield
             return
-        made = not os.path.isdir(self.out)
+        made, missing = [], os.path.abspath(self.out)  # the folders made here, deepest first (a
+        while not os.path.exists(missing):              # table's run makes the table's --out too)
+            made.append(missing)
+            missing = os.path.dirname(missing)
         try:
             os.makedirs(self.out, exist_ok=True)
             folder = os.open(self.out, os.O_RDONLY)
@@ -128,8 +131,10 @@ class Run:
             self.check_out()
             yield
         except BaseException:
-            if made and not os.listdir(self.out):
-                os.rmdir(self.out)
+            for path in made:  # (up to one written to)
+                if os.listdir(path):
+                    break
+                os.rmdir(path)
             raise
         finally:
             os.close(folder)

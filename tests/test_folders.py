@@ -267,7 +267,8 @@ def test_a_disk_too_small_for_the_preparation_is_refused_before_it_starts(tmp_pa
     free = shutil._ntuple_diskusage(10**6, 10**6 - 4096, 4096)
     monkeypatch.setattr(folders.shutil, "disk_usage", lambda path: free)
     with pytest.raises(UserError, match=r"preparing 12 images at 16x16 needs 9\.2 kB, but only 4\.1 kB are free"):
-        folders.prepare(str(root), image_size=16, cache=str(tmp_path / "cache"), progress=False)
+        folders.prepare(str(root), image_size=16, cache=str(tmp_path / "cache" / "pictures-16"), progress=False)
+    assert not (tmp_path / "cache").exists()  # refused before the folder is made: nothing left behind
     assert [folders.size_text(n) for n in (2.5e11, 3.2e6)] == ["250.0 GB", "3.2 MB"]
 
 

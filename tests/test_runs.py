@@ -114,10 +114,13 @@ def test_an_out_that_cannot_be_made_is_one_line_before_any_data_is_read(tmp_path
         proc = run_cli("--data", tmp_path / "no-data", "--out", tmp_path / "a-file" / "out", "--device", "cpu",
                        *extra, script=script, check=False)
         assert_one_line_error(proc, "--out", "a-file", "cannot create the folder")
-    # A run stopped before it wrote anything leaves no folder behind.
-    proc = run_cli("--data", tmp_path / "no-data", "--out", tmp_path / "new" / "out", "--device", "cpu", check=False)
+    # A run stopped before it wrote anything leaves no folder behind, nor the parents it made
+    # (a table's --out, made by its first run), and the folders that were there stay.
+    (tmp_path / "there").mkdir()
+    proc = run_cli("--data", tmp_path / "no-data", "--out", tmp_path / "there" / "new" / "out", "--device", "cpu",
+                   check=False)
     assert_one_line_error(proc, "no-data")
-    assert os.listdir(tmp_path / "new") == []
+    assert os.listdir(tmp_path / "there") == []
 
 
 def test_run_files_are_written_whole_or_not_at_all(cifar_dir, tmp_path, monkeypatch):
