@@ -112,10 +112,7 @@ def prepare(data, image_size=256, cache=None, val_fraction=0.1, seed=0, workers=
               "source_fields": ["path", "size", "mtime_ns", "label"],
               "splits": {s: {"images": s + ".u8", "labels": None if layout in listing.UNLABELLED else s + ".labels.npy",
                              "shape": None, "count": None, "skipped": None, "sources": sources[s]} for s in SPLITS}}
-    made, missing = [], root  # the folders made here, deepest first: a refusal leaves none of them
-    while not os.path.exists(missing):
-        made.append(missing)
-        missing = os.path.dirname(missing)
+    made = folders_to_make(root)  # (a refusal leaves none of them)
     try:
         os.makedirs(root, exist_ok=True)
     except OSError as err:  # under /proc, below a file, a file itself, no permission: the user's to fix
@@ -505,11 +502,25 @@ def _locked(root):
 
 
 def _unmake(made):
-    """Removes the folders prepare made (deepest first) and the lock it put in the first, up to
-    one that holds anything else."""
+    """Removes the folders prepare made, and the lock it put in the deepest."""
     if made:
         with contextlib.suppress(OSError):
             os.remove(os.path.join(made[0], ".lock"))
+    remove_made(made)
+
+
+def folders_to_make(path):
+    """The folders that os.makedirs(path) would make, deepest first."""
+    made = []
+    while not os.path.exists(path):
+        made.append(path)
+        path = os.path.dirname(path)
+    return made
+
+
+def remove_made(made):
+    """Removes folders_to_make's folders once made, deepest first, while they are empty: what
+    a run or a preparation refused before it wrote anything leaves behind."""
     for path in made:
         if os.listdir(path):
             break

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 import data
+import folders
 import listing
 import rot_kernel
 from errors import UserError, require
@@ -109,10 +110,7 @@ class Run:
             self.check_out()
             yield
             return
-        made, missing = [], os.path.abspath(self.out)  # the folders made here, deepest first (a
-        while not os.path.exists(missing):              # table's run makes the table's --out too)
-            made.append(missing)
-            missing = os.path.dirname(missing)
+        made = folders.folders_to_make(os.path.abspath(self.out))  # (a table's run makes the table's --out too)
         try:
             os.makedirs(self.out, exist_ok=True)
             folder = os.open(self.out, os.O_RDONLY)
@@ -131,10 +129,7 @@ class Run:
             self.check_out()
             yield
         except BaseException:
-            for path in made:  # (up to one written to)
-                if os.listdir(path):
-                    break
-                os.rmdir(path)
+            folders.remove_made(made)
             raise
         finally:
             os.close(folder)
