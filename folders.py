@@ -294,8 +294,10 @@ def _check_space(root, manifest, reset):
 
 def size_text(n):
     """A number of bytes as a disk's free space is told: in GB, MB or kB (never "0.0 GB")."""
-    unit, scale = next((u, x) for u, x in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if n >= x or u == "kB")
-    return f"{n / scale:,.1f} {unit}"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n / 1e3:,.1f} kB"
 
 
 def _count(manifest):
